@@ -1,0 +1,40 @@
+# Set-up and the two main commands. The virtual environment lives outside the clone, keyed by a hash of
+# the dependency pins, so a fresh clone on the same machine reuses it; a new machine builds it once.
+SHELL := /bin/bash
+PYTHON ?= python3
+PIN_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+VENV ?= $(HOME)/.cache/gmot/venv-$(PIN_HASH)
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo_run
+
+.PHONY: venv sysdeps test test-fast lint demo clean
+
+sysdeps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  echo "installing espeak-ng (Debian package)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null; fi; }
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,dev]'
+	touch $@
+
+venv: sysdeps $(VENV)/.ready
+	@# the editable install points at this clone; re-point it when run from another clone
+	@$(BIN)/python -c "import gmot_cli, pathlib, sys; sys.exit(0 if pathlib.Path(gmot_cli.__file__).resolve().parent.parent == pathlib.Path('.').resolve() else 1)" \
+	  || $(BIN)/pip install -q --no-deps -e .
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -n 2 -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: corpus readers, the embedded demo corpus, features, vocabulary, storage, batching, scoring."""

@@ -1,0 +1,1 @@
+"""torch code: transport solvers, graph structures, the GM-OT loss, encoder, PLM teacher, decoding, training."""
