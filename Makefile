@@ -2,7 +2,7 @@
 # the dependency pins, so a fresh clone on the same machine reuses it; a new machine builds it once.
 SHELL := /bin/bash
 PYTHON ?= python3
-PIN_HASH := $(shell cat pyproject.toml Makefile | sha256sum | cut -c1-16)
+PIN_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
 VENV ?= $(HOME)/.cache/gmot/venv-$(PIN_HASH)
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_run
