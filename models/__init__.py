@@ -1,1 +1,1 @@
-"""torch code: transport solvers, graph structures, the GM-OT loss, encoder, PLM teacher, decoding, training."""
+"""torch code: transport, graph structures, the GM-OT loss, encoder, PLM teacher, decoding, training."""
