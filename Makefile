@@ -9,11 +9,16 @@ DEMO_DIR ?= demo_run
 
 .PHONY: venv sysdeps test test-fast lint demo clean
 
+# Debian packages: espeak-ng speaks the demo corpus; a CJK font lets plot-alignment label Mandarin tokens.
+DEB_PACKAGES := espeak-ng fonts-wqy-zenhei
+
 sysdeps:
-	@command -v espeak-ng >/dev/null 2>&1 || { \
-	  echo "installing espeak-ng (Debian package)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null; fi; }
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
