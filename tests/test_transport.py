@@ -1,0 +1,315 @@
+"""models.transport against POT 0.9.7 (float64), padding, stability, gradients and input validation."""
+
+from __future__ import annotations
+
+import ot
+import pytest
+import torch
+
+from models.transport import fused_gromov_wasserstein, sinkhorn
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+# ragged batch with lengths of 1 on both sides
+N_LENS = [1, 4, 6, 3, 5]
+M_LENS = [3, 1, 4, 5, 2]
+
+
+def ragged_problem(seed: int = 0, dtype: torch.dtype = F64, scale: float = 1.0):
+    """Padded costs/structures with garbage at padding, and marginals (uniform over valid entries)."""
+    g = torch.Generator().manual_seed(seed)
+    batch, n, m = len(N_LENS), max(N_LENS), max(M_LENS)
+    cost = torch.rand(batch, n, m, generator=g, dtype=dtype)
+    xa = torch.rand(batch, n, 2, generator=g, dtype=dtype)
+    xb = torch.rand(batch, m, 2, generator=g, dtype=dtype)
+    struct_a, struct_b = torch.cdist(xa, xa) * scale, torch.cdist(xb, xb) * scale
+    a = torch.zeros(batch, n, dtype=dtype)
+    b = torch.zeros(batch, m, dtype=dtype)
+    for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        a[i, :ni] = torch.rand(ni, generator=g, dtype=dtype) + 0.5
+        b[i, :mi] = torch.rand(mi, generator=g, dtype=dtype) + 0.5
+        # garbage (finite) at padded positions must not matter
+        cost[i, ni:, :] = 7.0
+        cost[i, :, mi:] = -3.0
+        struct_a[i, ni:, :] = struct_a[i, :, ni:] = 5.0
+        struct_b[i, mi:, :] = struct_b[i, :, mi:] = 5.0
+    return cost, struct_a, struct_b, a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+
+
+def valid_block(x: torch.Tensor, i: int) -> torch.Tensor:
+    return x[i, : N_LENS[i], : M_LENS[i]]
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+def assert_padding_zero(plan: torch.Tensor) -> None:
+    for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        assert torch.all(plan[i, ni:, :] == 0)
+        assert torch.all(plan[i, :, mi:] == 0)
+
+
+def test_sinkhorn_matches_pot_sinkhorn_log_on_ragged_batch():
+    cost, _, _, a, b = ragged_problem()
+    res = sinkhorn(cost, a, b, epsilon=0.05, max_iter=3000, tol=1e-13)
+    for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        ref = ot.bregman.sinkhorn_log(
+            a[i, :ni], b[i, :mi], cost[i, :ni, :mi], 0.05, numItermax=20000, stopThr=1e-14
+        )
+        assert rel_err(valid_block(res.plan, i), ref) < 1e-6
+    assert_padding_zero(res.plan)
+    assert res.plan.shape == cost.shape and res.iterations.dtype == torch.int64
+
+
+@pytest.mark.parametrize("solver", ["pgd", "ppa"])
+def test_fgw_matches_pot_per_pair_on_ragged_batch(solver):
+    cost, sa, sb, a, b = ragged_problem(1)
+    outer = 12
+    res = fused_gromov_wasserstein(
+        cost, sa, sb, a, b, alpha=0.6, epsilon=0.08, outer_iter=outer, inner_iter=3000, solver=solver
+    )
+    assert_padding_zero(res.plan)
+    for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        ref, log = ot.gromov.entropic_fused_gromov_wasserstein(
+            cost[i, :ni, :mi],
+            sa[i, :ni, :ni],
+            sb[i, :mi, :mi],
+            a[i, :ni],
+            b[i, :mi],
+            alpha=0.6,
+            epsilon=0.08,
+            solver=solver.upper(),
+            max_iter=outer,
+            tol=0.0,
+            numItermax=20000,
+            stopThr=1e-14,
+            log=True,
+        )
+        assert rel_err(valid_block(res.plan, i), ref) < 1e-6
+        assert float(res.transport_cost[i]) == pytest.approx(float(log["fgw_dist"]), rel=1e-6, abs=1e-9)
+
+
+def test_fgw_pgd_run_to_convergence_matches_pot():
+    cost, sa, sb, a, b = ragged_problem(2)
+    res = fused_gromov_wasserstein(
+        cost, sa, sb, a, b, alpha=0.5, epsilon=0.1, outer_iter=300, inner_iter=200, tol=1e-12, check_every=5
+    )
+    assert int(res.iterations.max()) < 300  # the tolerance stopped it
+    for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        ref = ot.gromov.entropic_fused_gromov_wasserstein(
+            cost[i, :ni, :mi],
+            sa[i, :ni, :ni],
+            sb[i, :mi, :mi],
+            a[i, :ni],
+            b[i, :mi],
+            alpha=0.5,
+            epsilon=0.1,
+            max_iter=1000,
+            tol=1e-13,
+            numItermax=20000,
+            stopThr=1e-14,
+        )
+        assert rel_err(valid_block(res.plan, i), ref) < 1e-6
+
+
+def test_fgw_matches_pot_batch_solver_on_equal_lengths():
+    g = torch.Generator().manual_seed(3)
+    cost = torch.rand(3, 6, 4, generator=g, dtype=F64)
+    xa, xb = torch.rand(3, 6, 3, generator=g, dtype=F64), torch.rand(3, 4, 3, generator=g, dtype=F64)
+    sa, sb = torch.cdist(xa, xa), torch.cdist(xb, xb)
+    # POT's batch solver is the proximal point method started from a b^T
+    ref = ot.batch.solve_gromov_batch(
+        sa, sb, reg=0.1, M=cost, alpha=0.3, max_iter=15, tol=0.0, max_iter_inner=5000, tol_inner=1e-14
+    )
+    res = fused_gromov_wasserstein(
+        cost, sa, sb, alpha=0.3, epsilon=0.1, outer_iter=15, inner_iter=3000, solver="ppa"
+    )
+    for i in range(3):
+        assert rel_err(res.plan[i], ref.plan[i]) < 1e-6
+    assert torch.allclose(res.transport_cost, ref.value, rtol=1e-6)
+    assert torch.allclose(res.value, res.transport_cost)  # ppa: no entropic term
+
+
+def test_marginals_met_at_convergence():
+    cost, sa, sb, a, b = ragged_problem(4)
+    sk = sinkhorn(cost, a, b, epsilon=0.1, max_iter=2000, tol=1e-10)
+    fgw = fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.1, outer_iter=50, inner_iter=300, tol=1e-10)
+    for res in (sk, fgw):
+        assert torch.allclose(res.plan.sum(2), a, atol=1e-6, rtol=0)
+        assert torch.allclose(res.plan.sum(1), b, atol=1e-6, rtol=0)
+        assert bool((res.plan >= 0).all())
+
+
+def test_tolerance_is_per_item_and_converged_items_stop():
+    cost = torch.rand(2, 5, 4, dtype=F64, generator=torch.Generator().manual_seed(5))
+    cost[0] = 0.3  # a constant cost is solved by the first iteration
+    res = sinkhorn(cost, epsilon=0.02, max_iter=500, tol=1e-9, check_every=5)
+    assert int(res.iterations[0]) == 5
+    assert int(res.iterations[1]) > 5
+    fixed = sinkhorn(cost, epsilon=0.02, max_iter=500)
+    assert bool((fixed.iterations == 500).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_finite_at_small_epsilon_and_large_structures(dtype):
+    g = torch.Generator().manual_seed(6)
+    cost = 2 * torch.rand(4, 12, 7, generator=g, dtype=dtype)
+    xa, xb = torch.rand(4, 12, 3, generator=g, dtype=dtype), torch.rand(4, 7, 3, generator=g, dtype=dtype)
+    sa, sb = torch.cdist(xa, xa), torch.cdist(xb, xb)
+    a = torch.full((4, 12), 1 / 12, dtype=dtype)
+    a[1, 9:] = 0
+    a[1, :9] = 1 / 9
+    cases = [
+        sinkhorn(cost.requires_grad_(), a, epsilon=1e-3, max_iter=200),
+        fused_gromov_wasserstein(cost, sa, sb, a, epsilon=1e-3, outer_iter=5, inner_iter=50),
+        fused_gromov_wasserstein(cost, sa, sb, a, epsilon=1e-3, outer_iter=5, inner_iter=50, solver="ppa"),
+        fused_gromov_wasserstein(cost, sa * 1e3, sb * 1e3, a, epsilon=1e-3, outer_iter=5, inner_iter=50),
+        fused_gromov_wasserstein(cost, sa * 1e3, sb * 1e3, a, epsilon=0.1, outer_iter=5, inner_iter=50),
+    ]
+    for k, res in enumerate(cases):
+        for t in (res.plan, res.value, res.log_u, res.log_v):
+            assert bool(torch.isfinite(t).all())
+        assert bool((res.plan >= 0).all())
+        # columns are exact after each projection: the total mass is 1 (float32 cannot resolve
+        # G / epsilon ~ 1e7..1e9 of the structures x 1e3 cases: there only finiteness is asked for)
+        if dtype == F64 or k < 3:
+            assert torch.allclose(res.plan.sum((1, 2)), torch.ones(4, dtype=dtype), atol=1e-4)
+        (grad,) = torch.autograd.grad(res.value.sum(), cost)
+        assert bool(torch.isfinite(grad).all())
+        assert bool((res.plan[1, 9:] == 0).all())
+
+
+def test_kernel_domain_alone_fails_where_the_fallback_is_needed():
+    cost = 2 * torch.rand(2, 30, 20, dtype=torch.float32, generator=torch.Generator().manual_seed(7))
+    kernel_only = sinkhorn(cost, epsilon=1e-3, max_iter=50, domain="kernel")
+    auto = sinkhorn(cost, epsilon=1e-3, max_iter=50)
+    log = sinkhorn(cost, epsilon=1e-3, max_iter=50, domain="log")
+    assert not bool(torch.isfinite(kernel_only.plan).all())
+    assert torch.allclose(auto.plan, log.plan)
+
+
+def test_alpha_zero_is_exactly_sinkhorn():
+    cost, sa, sb, a, b = ragged_problem(8)
+    fgw = fused_gromov_wasserstein(cost, sa, sb, a, b, alpha=0.0, epsilon=0.05, outer_iter=7, inner_iter=10)
+    sk = sinkhorn(cost, a, b, epsilon=0.05, max_iter=70, check_every=10)
+    assert torch.equal(fgw.plan, sk.plan)
+    assert torch.equal(fgw.value, sk.value)
+    assert torch.equal(fgw.log_u, sk.log_u) and torch.equal(fgw.log_v, sk.log_v)
+
+
+def test_padded_plan_and_gradients_are_exactly_zero():
+    cost, sa, sb, a, b = ragged_problem(9)
+    for grad in ("envelope", "unrolled"):
+        c, da, dl = (t.clone().requires_grad_() for t in (cost, sa, sb))
+        res = fused_gromov_wasserstein(c, da, dl, a, b, epsilon=0.1, outer_iter=4, inner_iter=10, grad=grad)
+        assert res.plan.requires_grad == (grad == "unrolled")
+        assert_padding_zero(res.plan.detach())
+        gc, ga, gl = torch.autograd.grad(res.value.sum(), (c, da, dl))
+        assert_padding_zero(gc)
+        for i, (ni, mi) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+            assert bool((ga[i, ni:] == 0).all()) and bool((ga[i, :, ni:] == 0).all())
+            assert bool((gl[i, mi:] == 0).all()) and bool((gl[i, :, mi:] == 0).all())
+            assert bool(valid_block(gc, i).abs().sum() > 0)
+
+
+def test_envelope_gradients_match_unrolled_when_converged():
+    cost, sa, sb, a, b = ragged_problem(10)
+    grads, values = [], []
+    for grad in ("envelope", "unrolled"):
+        ins = tuple(t.clone().requires_grad_() for t in (cost, sa, sb))
+        res = fused_gromov_wasserstein(
+            *ins, a, b, alpha=0.5, epsilon=0.3, outer_iter=40, inner_iter=40, grad=grad
+        )
+        grads.append(torch.autograd.grad(res.value.sum(), ins))
+        values.append(res.value.detach())
+    for g_e, g_u in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(g_e, g_u, atol=1e-7, rtol=1e-5)
+        assert bool(g_e.abs().sum() > 0)
+    assert torch.allclose(values[0], values[1], atol=1e-12)
+
+
+def test_sinkhorn_envelope_gradient_matches_unrolled():
+    cost, _, _, a, b = ragged_problem(11)
+    grads = []
+    for grad in ("envelope", "unrolled"):
+        c = cost.clone().requires_grad_()
+        res = sinkhorn(c, a, b, epsilon=0.3, max_iter=300, grad=grad)
+        grads.append(torch.autograd.grad(res.value.sum(), c)[0])
+    assert torch.allclose(grads[0], grads[1], atol=1e-8, rtol=1e-6)
+
+
+def test_envelope_passes_gradcheck_on_a_tiny_converged_problem():
+    g = torch.Generator().manual_seed(12)
+    cost = torch.rand(1, 3, 2, generator=g, dtype=F64, requires_grad=True)
+    x, y = torch.rand(1, 3, 2, generator=g, dtype=F64), torch.rand(1, 2, 2, generator=g, dtype=F64)
+    sa = torch.cdist(x, x).requires_grad_()
+    sb = torch.cdist(y, y).requires_grad_()
+
+    def value(c, da, dl):
+        return fused_gromov_wasserstein(
+            c, da, dl, alpha=0.5, epsilon=0.5, outer_iter=200, inner_iter=100, tol=1e-14, check_every=5
+        ).value
+
+    assert torch.autograd.gradcheck(value, (cost, sa, sb), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    cost, sa, sb, a, b = ragged_problem(13, dtype=torch.float32)
+    res16 = fused_gromov_wasserstein(cost.half(), sa.half(), sb.half(), a, b, outer_iter=3, inner_iter=10)
+    res32 = fused_gromov_wasserstein(
+        cost.half().float(), sa.half().float(), sb.half().float(), a, b, outer_iter=3, inner_iter=10
+    )
+    assert res16.plan.dtype == torch.float32 and res16.value.dtype == torch.float32
+    assert torch.equal(res16.plan, res32.plan)
+    bf = sinkhorn(cost.bfloat16(), a, b)
+    assert bf.plan.dtype == torch.float32 and bool(torch.isfinite(bf.plan).all())
+
+
+def _bad(**changes):
+    cost, sa, sb, a, b = ragged_problem(14)
+    args = {"cost": cost, "struct_a": sa, "struct_b": sb, "a": a, "b": b}
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("changes", "name"),
+    [
+        ({"cost": torch.rand(5, 6)}, "cost"),
+        ({"struct_a": torch.rand(5, 6, 5)}, "struct_a"),
+        ({"struct_b": torch.rand(5, 4, 4)}, "struct_b"),
+        ({"a": torch.full((5, 5), 0.2)}, "a"),
+        ({"b": torch.full((5, 4), 0.25, dtype=F64)}, "b"),
+        ({"a": torch.tensor([[1.5, -0.5, 0, 0, 0, 0]] * 5, dtype=F64)}, "a"),
+        ({"b": torch.full((5, 5), 0.1, dtype=F64)}, "b"),
+        ({"a": torch.full((5, 6), float("nan"), dtype=F64)}, "a"),
+        ({"cost": torch.full((5, 6, 5), float("inf"), dtype=F64)}, "cost"),
+        ({"struct_b": torch.full((5, 5, 5), float("nan"), dtype=F64)}, "struct_b"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": -1.0}, "epsilon"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"solver": "newton"}, "solver"),
+        ({"grad": "magic"}, "grad"),
+        ({"domain": "fourier"}, "domain"),
+        ({"outer_iter": 0}, "outer_iter"),
+        ({"tol": -1.0}, "tol"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_the_argument(changes, name):
+    with pytest.raises(ValueError, match=rf"^{name}"):
+        fused_gromov_wasserstein(**_bad(**changes))
+
+
+def test_sinkhorn_bad_input():
+    cost = torch.rand(2, 3, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"^epsilon"):
+        sinkhorn(cost, epsilon=0)
+    with pytest.raises(ValueError, match=r"^max_iter"):
+        sinkhorn(cost, max_iter=0)
+    with pytest.raises(ValueError, match=r"^b"):
+        sinkhorn(cost, b=torch.ones(2, 4, dtype=F64))
+    with pytest.raises(ValueError, match=r"^cost"):
+        sinkhorn(cost.long())
