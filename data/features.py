@@ -1,0 +1,186 @@
+"""Audio loading (any rate / channel count -> 16 kHz mono), 80-dim Kaldi fbank and global CMVN."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import soundfile
+
+if TYPE_CHECKING:  # torch is imported inside the functions so that `gmot --help` stays fast
+    import torchaudio
+
+SAMPLE_RATE = 16_000
+NUM_MEL_BINS = 80
+FRAME_LENGTH_MS = 25.0
+FRAME_SHIFT_MS = 10.0
+FRAME_SHIFT_S = FRAME_SHIFT_MS / 1000.0
+_WINDOW = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400 samples
+_SHIFT = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)  # 160 samples
+
+
+class AudioError(Exception):
+    """Audio that cannot be read (missing, truncated, unknown format). The message names the file."""
+
+
+def resample(wave: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono float32 wave (N,) from `orig_rate` to `new_rate` (torchaudio's sinc interpolation)."""
+    if orig_rate == new_rate:
+        return wave
+    import torch
+
+    with torch.no_grad():
+        out = _resampler(orig_rate, new_rate)(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
+    return out.numpy().astype(np.float32, copy=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
+    """A Resample module per rate pair (its sinc kernel is computed once)."""
+    import torchaudio
+
+    return torchaudio.transforms.Resample(orig_rate, new_rate)
+
+
+def wav_truncation(path: Path) -> str | None:
+    """For a RIFF/WAVE file, a description of the truncation when its data chunk declares more bytes than the
+    file holds (libsndfile silently reads what is there); None for complete or non-WAV files."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            size = path.stat().st_size
+            pos = 12
+            while pos + 8 <= size:
+                f.seek(pos)
+                chunk = f.read(8)
+                declared = int.from_bytes(chunk[4:8], "little")
+                if chunk[:4] == b"data":
+                    have = size - pos - 8
+                    # 0 and 0xFFFFFFFF are placeholders written by streaming encoders
+                    if declared not in (0, 0xFFFFFFFF) and declared > have:
+                        return (
+                            f"truncated: its header declares {declared} bytes of audio, the file holds {have}"
+                        )
+                    return None
+                pos += 8 + declared + (declared & 1)
+    except OSError:
+        return None
+    return None
+
+
+def load_audio(path: str | Path, start: float | None = None, end: float | None = None) -> np.ndarray:
+    """Read an audio file with soundfile and return (N,) float32 mono samples at 16 kHz in [-1, 1].
+
+    Multi-channel audio is averaged over channels; other sample rates are resampled. `start` / `end`
+    (seconds, optional) select a segment (Kaldi `segments`); `end` None or <= 0 means to the end of the file.
+    Raises AudioError with the file name for a missing, unreadable or truncated file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    truncated = wav_truncation(path)
+    if truncated:
+        raise AudioError(f"cannot read audio {path}: {truncated}")
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            rate = f.samplerate
+            first = round((start or 0.0) * rate)
+            last = f.frames if end is None or end <= 0 else min(round(end * rate), f.frames)
+            if first > 0:
+                f.seek(min(first, f.frames))
+            data = f.read(max(last - first, 0), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, ValueError) as exc:
+        raise AudioError(f"cannot read audio {path}: {exc}") from exc
+    wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    return resample(np.ascontiguousarray(wave, dtype=np.float32), rate)
+
+
+def num_frames(num_samples: int) -> int:
+    """Number of fbank frames for `num_samples` samples at 16 kHz (25 ms window, 10 ms shift, snip edges)."""
+    return 0 if num_samples < _WINDOW else 1 + (num_samples - _WINDOW) // _SHIFT
+
+
+def duration_to_frames(seconds: float) -> int:
+    """Number of fbank frames for a duration in seconds (same rule as `num_frames`)."""
+    return num_frames(math.floor(seconds * SAMPLE_RATE))
+
+
+def compute_fbank(wave: np.ndarray) -> np.ndarray:
+    """80-dim log Mel filterbank of a (N,) float32 16 kHz wave -> (T, 80) float32.
+
+    torchaudio.compliance.kaldi.fbank with 25 ms windows, 10 ms shift, dither 0, samples scaled to the int16
+    range as Kaldi does. T = 1 + (N - 400) // 160, and 0 when N < 400 (an empty (0, 80) array).
+    """
+    if wave.shape[0] < _WINDOW:
+        return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
+    import torch
+    import torchaudio.compliance.kaldi
+
+    signal = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0) * 32768.0
+    feats = torchaudio.compliance.kaldi.fbank(
+        signal,
+        num_mel_bins=NUM_MEL_BINS,
+        frame_length=FRAME_LENGTH_MS,
+        frame_shift=FRAME_SHIFT_MS,
+        dither=0.0,
+        energy_floor=0.0,
+        sample_frequency=float(SAMPLE_RATE),
+    )
+    return feats.numpy()
+
+
+def apply_cmvn(feats, mean, std):
+    """Global CMVN: (feats - mean) / std.
+
+    feats (T, 80) or (B, T, 80), mean and std (80,); works for numpy arrays and torch tensors alike
+    (all three of the same kind). Returns the same kind and shape as `feats`.
+    """
+    return (feats - mean) / std
+
+
+class CMVNStats:
+    """Running per-dimension sums for global CMVN (float64), mergeable across workers."""
+
+    def __init__(self, dim: int = NUM_MEL_BINS):
+        self.frames = 0
+        self.sum = np.zeros(dim, dtype=np.float64)
+        self.sumsq = np.zeros(dim, dtype=np.float64)
+
+    def update(self, feats: np.ndarray) -> None:
+        """Add the frames of a (T, dim) array."""
+        f = feats.astype(np.float64, copy=False)
+        self.frames += f.shape[0]
+        self.sum += f.sum(axis=0)
+        self.sumsq += np.square(f).sum(axis=0)
+
+    def merge(self, other: CMVNStats) -> None:
+        """Add another accumulator's sums into this one."""
+        self.frames += other.frames
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+
+    def to_dict(self) -> dict:
+        """JSON-able form (used in shard part files so resumed runs need not re-read features)."""
+        return {"frames": self.frames, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CMVNStats:
+        """Inverse of `to_dict`."""
+        s = cls(len(d["sum"]))
+        s.frames = int(d["frames"])
+        s.sum = np.asarray(d["sum"], dtype=np.float64)
+        s.sumsq = np.asarray(d["sumsq"], dtype=np.float64)
+        return s
+
+    def mean_std(self, floor: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (dim,), std (dim,)) as float64; std floored at `floor`. Raises ValueError with no frames."""
+        if self.frames == 0:
+            raise ValueError("no frames to compute statistics from")
+        mean = self.sum / self.frames
+        var = np.maximum(self.sumsq / self.frames - np.square(mean), 0.0)
+        return mean, np.maximum(np.sqrt(var), floor)

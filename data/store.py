@@ -1,0 +1,267 @@
+"""Sharded on-disk storage of a prepared data folder (the format is in CONTRACTS.md section 2).
+
+```
+OUT/lang/vocab.txt  cmvn.json  plm.json (optional)
+OUT/<split>/manifest.jsonl  feats/shard-NNNNN.npy  plm/shard-NNNNN.npy (optional)  prepare_report.json
+```
+Feature shards are float16 (total_frames, 80) arrays of raw fbank, utterances concatenated in manifest order;
+PLM shards are float16 (total_tokens, D). Readers memory-map shards lazily, so a training epoch reads them
+sequentially without loading whole files. Every writer is atomic (temp file in the same folder + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from data.vocab import Vocabulary
+
+MANIFEST = "manifest.jsonl"
+REPORT = "prepare_report.json"
+FEATS_DIR = "feats"
+PLM_DIR = "plm"
+
+
+class StoreError(Exception):
+    """A prepared folder that is missing a file or is inconsistent; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# atomic writers
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write a JSON file (UTF-8, indented) atomically."""
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
+
+
+def shard_name(index: int) -> str:
+    """File name of shard `index`: shard-00000.npy."""
+    return f"shard-{index:05d}.npy"
+
+
+def write_shard(path: Path, arrays: Sequence[np.ndarray], dim: int) -> list[int]:
+    """Concatenate 2-D arrays (T_i, dim) into one float16 .npy file, written atomically.
+
+    Returns the row offset of each array. An empty list writes a (0, dim) array.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    offsets, total = [], 0
+    for a in arrays:
+        if a.ndim != 2 or a.shape[1] != dim:
+            raise ValueError(f"expected arrays of shape (T, {dim}), got {a.shape}")
+        offsets.append(total)
+        total += a.shape[0]
+    out = np.empty((total, dim), dtype=np.float16)
+    for a, off in zip(arrays, offsets, strict=True):
+        out[off : off + a.shape[0]] = a
+    tmp = _tmp(path)
+    with open(tmp, "wb") as f:
+        np.save(f, out)
+    os.replace(tmp, path)
+    return offsets
+
+
+def write_manifest(split_dir: Path, records: Iterable[dict]) -> None:
+    """Write `split_dir/manifest.jsonl` (one JSON object per line) atomically."""
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+    write_text_atomic(Path(split_dir) / MANIFEST, "".join(lines))
+
+
+def write_vocab(lang_dir: Path, vocab: Vocabulary) -> None:
+    """Write `lang_dir/vocab.txt`."""
+    Path(lang_dir).mkdir(parents=True, exist_ok=True)
+    vocab.to_file(Path(lang_dir) / "vocab.txt")
+
+
+def write_cmvn(lang_dir: Path, mean: np.ndarray, std: np.ndarray, frames: int) -> None:
+    """Write `lang_dir/cmvn.json`: {"dim", "frames", "mean", "std"}; mean and std are (dim,)."""
+    write_json_atomic(
+        Path(lang_dir) / "cmvn.json",
+        {
+            "dim": len(mean),
+            "frames": int(frames),
+            "mean": [float(x) for x in mean],
+            "std": [float(x) for x in std],
+        },
+    )
+
+
+def write_plm_info(
+    lang_dir: Path, *, name: str, source: str, width: int, layer: int, mean: np.ndarray, std: np.ndarray
+) -> None:
+    """Write `lang_dir/plm.json` naming the teacher and the per-dimension mean/std (D,) of train tokens."""
+    write_json_atomic(
+        Path(lang_dir) / "plm.json",
+        {
+            "name": name,
+            "source": source,
+            "width": int(width),
+            "layer": int(layer),
+            "mean": [float(x) for x in mean],
+            "std": [float(x) for x in std],
+        },
+    )
+
+
+def write_split(
+    split_dir: Path,
+    utterances: Sequence[dict],
+    *,
+    vocab: Vocabulary,
+    shard_frames: int = 500_000,
+) -> list[dict]:
+    """Write a whole split from in-memory utterances (used by tests and small tools).
+
+    Each utterance dict has "id", "text" (normalised), "feats" (T, 80) array, optional "speaker",
+    optional "duration" (default T * 10 ms), optional "plm_tokens" (list[str]) with "plm_feats" (M, D).
+    Shards are cut every `shard_frames` frames. Returns the manifest records (also written to disk).
+    """
+    split_dir = Path(split_dir)
+    groups: list[list[dict]] = [[]]
+    frames = 0
+    for u in utterances:
+        if groups[-1] and frames + len(u["feats"]) > shard_frames:
+            groups.append([])
+            frames = 0
+        groups[-1].append(u)
+        frames += len(u["feats"])
+    records = []
+    for index, group in enumerate(groups):
+        if not group:
+            continue
+        feat_offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), [u["feats"] for u in group], 80)
+        plm_offsets = None
+        if "plm_feats" in group[0]:
+            dim = group[0]["plm_feats"].shape[1]
+            plm_offsets = write_shard(
+                split_dir / PLM_DIR / shard_name(index), [u["plm_feats"] for u in group], dim
+            )
+        for i, u in enumerate(group):
+            rec = {
+                "id": u["id"],
+                "duration": float(u.get("duration", round(len(u["feats"]) * 0.01, 3))),
+                "num_frames": len(u["feats"]),
+                "text": u["text"],
+                "token_ids": vocab.encode(u["text"]),
+                "speaker": u.get("speaker"),
+                "feats": {"shard": f"{FEATS_DIR}/{shard_name(index)}", "offset": feat_offsets[i]},
+            }
+            if plm_offsets is not None:
+                rec["plm"] = {
+                    "shard": f"{PLM_DIR}/{shard_name(index)}",
+                    "offset": plm_offsets[i],
+                    "num_tokens": len(u["plm_feats"]),
+                    "tokens": list(u["plm_tokens"]),
+                }
+            records.append(rec)
+    write_manifest(split_dir, records)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# readers
+
+
+def read_manifest(split_dir: Path) -> list[dict]:
+    """Read `split_dir/manifest.jsonl` into a list of record dicts (format in CONTRACTS.md section 2)."""
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise StoreError(f"no manifest: {path} (run `gmot prepare` first)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise StoreError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+    return records
+
+
+class SplitReader:
+    """Random access to a prepared split's features; shards are memory-mapped lazily on first use.
+
+    Safe to use in DataLoader workers: the open memory maps are not pickled, each process maps its own.
+    """
+
+    def __init__(self, split_dir: Path):
+        self.split_dir = Path(split_dir)
+        self.records: list[dict] = read_manifest(self.split_dir)
+        self._maps: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def _shard(self, rel: str) -> np.ndarray:
+        arr = self._maps.get(rel)
+        if arr is None:
+            path = self.split_dir / rel
+            if not path.is_file():
+                raise StoreError(f"missing shard {path}")
+            arr = np.load(path, mmap_mode="r")
+            self._maps[rel] = arr
+        return arr
+
+    def features(self, record: dict) -> np.ndarray:
+        """Raw fbank of one record: (num_frames, 80) float32 (no CMVN)."""
+        loc = record["feats"]
+        off = loc["offset"]
+        return np.array(self._shard(loc["shard"])[off : off + record["num_frames"]], dtype=np.float32)
+
+    def plm_features(self, record: dict) -> np.ndarray | None:
+        """Raw PLM token features of one record: (num_tokens, D) float32, or None without a PLM cache."""
+        loc = record.get("plm")
+        if loc is None:
+            return None
+        off = loc["offset"]
+        return np.array(self._shard(loc["shard"])[off : off + loc["num_tokens"]], dtype=np.float32)
+
+
+def read_vocab(lang_dir: Path) -> list[str]:
+    """Units of `lang_dir/vocab.txt`, index = id (0 = <blank>, 1 = <unk>)."""
+    path = Path(lang_dir) / "vocab.txt"
+    if not path.is_file():
+        raise StoreError(f"no vocabulary: {path}")
+    return Vocabulary.from_file(path).units
+
+
+def read_cmvn(lang_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (80,), std (80,)) float32 from `lang_dir/cmvn.json`."""
+    path = Path(lang_dir) / "cmvn.json"
+    if not path.is_file():
+        raise StoreError(f"no CMVN statistics: {path}")
+    d = json.loads(path.read_text(encoding="utf-8"))
+    return np.asarray(d["mean"], dtype=np.float32), np.asarray(d["std"], dtype=np.float32)
+
+
+def read_plm_info(lang_dir: Path) -> dict | None:
+    """Content of `lang_dir/plm.json` (name, source, width, layer, mean, std), or None when absent."""
+    path = Path(lang_dir) / "plm.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,286 @@
+"""`gmot prepare {demo,aishell1,kaldi,jsonl}`: corpora -> training-ready folders (data/preparation.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from data.corpora import CorpusError, read_aishell1, read_jsonl, read_kaldi_dir
+from data.preparation import (
+    DEFAULT_MAX_DURATION,
+    DEFAULT_SHARD_FRAMES,
+    PrepareError,
+    PrepareOptions,
+    PrepareResult,
+    SplitInput,
+    prepare,
+)
+
+prepare_app = typer.Typer(
+    name="prepare",
+    help="Turn a corpus into a prepared folder: fbank shards, CMVN, vocabulary, PLM cache, reports.",
+    no_args_is_help=True,
+)
+
+
+class _Common:
+    """Options shared by every prepare command."""
+
+    def __init__(self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames):
+        self.plm = plm
+        self.plm_layer = plm_layer
+        self.no_plm_cache = no_plm_cache
+        self.options = PrepareOptions(
+            max_duration=max_duration if max_duration and max_duration > 0 else None,
+            jobs=max(1, jobs),
+            shard_frames=shard_frames,
+        )
+
+
+def _plm_opt():
+    return typer.Option(
+        None, "--plm", help="PLM teacher: e5-small (default), a local model folder or a cached hub id."
+    )
+
+
+def _layer_opt():
+    return typer.Option(-1, "--plm-layer", help="Teacher hidden state to cache (0 = embeddings, -1 = last).")
+
+
+def _no_cache_opt():
+    return typer.Option(False, "--no-plm-cache", help="Do not compute PLM token features (pretrain only).")
+
+
+def _jobs_opt():
+    return typer.Option(1, "--jobs", "-j", help="Parallel feature-extraction processes.")
+
+
+def _maxdur_opt():
+    return typer.Option(
+        DEFAULT_MAX_DURATION,
+        "--max-duration",
+        help="Skip utterances longer than this (seconds; 0 = no limit).",
+    )
+
+
+def _shard_opt():
+    return typer.Option(DEFAULT_SHARD_FRAMES, "--shard-frames", help="Frames (10 ms) per feature shard.")
+
+
+def _lang_opt():
+    return typer.Option(
+        None, "--lang", help="Existing prepared lang folder (vocab, CMVN) for runs without a train split."
+    )
+
+
+_err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    _err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load_teacher(common: _Common):
+    """The PLM teacher (or None with --no-plm-cache); a clear error and exit 2 for an unknown --plm."""
+    if common.no_plm_cache:
+        return None
+    from models.plm import PLMError, load_teacher
+
+    try:
+        with _err.status(f"loading the PLM teacher {common.plm or 'e5-small'} ..."):
+            return load_teacher(common.plm, common.plm_layer)
+    except PLMError as exc:
+        raise _fail(f"{exc} (or pass --no-plm-cache to prepare without a PLM cache)") from None
+
+
+def _summary_table(result: PrepareResult) -> Table:
+    table = Table(title=f"prepared {result.out_dir}")
+    for col in ("split", "utterances", "hours", "PLM tokens", "skipped", "skipped by reason"):
+        table.add_column(col, justify="left" if col in ("split", "skipped by reason") else "right")
+    for s in result.splits:
+        reasons = "\n".join(f"{r}: {len(v)}" for r, v in s.skipped_by_reason().items())
+        table.add_row(
+            s.name,
+            str(s.utterances),
+            f"{s.hours:.3f}",
+            "-" if s.plm_tokens is None else str(s.plm_tokens),
+            str(len(s.skipped)),
+            reasons or "-",
+        )
+    return table
+
+
+def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang: Path | None = None) -> None:
+    """Run the pipeline with a progress bar, print the summary; exit 1 when a split ends empty."""
+    console = Console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>5.1f}%"),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=_err, transient=True) as progress:
+            result = prepare(
+                out_dir, splits, teacher=teacher, lang_dir=lang, options=common.options, progress=progress
+            )
+    except (PrepareError, CorpusError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(_summary_table(result))
+    for s in result.splits:
+        shown = s.skipped[:5]
+        for skip in shown:
+            console.print(
+                f"  [yellow]skipped[/yellow] {escape(s.name)}/{escape(skip.id)}: {escape(skip.detail)}"
+            )
+        if len(s.skipped) > len(shown):
+            console.print(
+                f"  ... {len(s.skipped) - len(shown)} more in {out_dir / s.name / 'prepare_report.json'}"
+            )
+    if result.error:
+        raise _fail(result.error, 1)
+    if result.empty_splits:
+        raise _fail(f"split(s) ended empty: {', '.join(result.empty_splits)}", 1)
+
+
+def _parse_splits(values: list[str], what: str) -> list[tuple[str, Path]]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise _fail(f"--split expects NAME={what}, got {v!r}")
+        out.append((name, Path(path)))
+    return out
+
+
+@prepare_app.command("kaldi")
+def kaldi(
+    out_dir: Path = typer.Argument(..., help="Output folder."),
+    split: list[str] = typer.Option(..., "--split", help="NAME=DIR, a Kaldi data dir (repeatable)."),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+) -> None:
+    """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "DIR"):
+            records, skips = read_kaldi_dir(path)
+            splits.append(SplitInput(name, records, skips, source=str(path)))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
+@prepare_app.command("jsonl")
+def jsonl(
+    out_dir: Path = typer.Argument(..., help="Output folder."),
+    split: list[str] = typer.Option(..., "--split", help="NAME=FILE, a JSONL manifest (repeatable)."),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+) -> None:
+    """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "FILE"):
+            records, skips = read_jsonl(path)
+            splits.append(SplitInput(name, records, skips, source=str(path)))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
+@prepare_app.command("aishell1")
+def aishell1(
+    corpus_dir: Path = typer.Argument(..., help="Folder holding data_aishell/ (or data_aishell itself)."),
+    out_dir: Path = typer.Argument(..., help="Output folder."),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+) -> None:
+    """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    try:
+        found = read_aishell1(corpus_dir)
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    splits = [
+        SplitInput(name, recs, skips, source=f"AISHELL-1 {name}") for name, (recs, skips) in found.items()
+    ]
+    _run(out_dir, splits, common, _load_teacher(common))
+
+
+@prepare_app.command("demo")
+def demo(
+    out_dir: Path = typer.Argument(
+        ..., help="Output folder (the synthesized corpus goes to OUT_DIR/corpus)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for sentences, voices, rates, pitches and noise."),
+    train_sentences: int | None = typer.Option(
+        None, "--train-sentences", help="Number of train sentences (default: the corpus default)."
+    ),
+    voices_per_sentence: int = typer.Option(2, "--voices-per-sentence", help="Training voices per sentence."),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+) -> None:
+    """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
+    from data import demo as demo_corpus
+
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    if not demo_corpus.espeak_available():
+        raise _fail(
+            "espeak-ng was not found on PATH; the demo corpus needs it: install it with "
+            "`apt-get install espeak-ng` (Debian/Ubuntu; `make sysdeps` does this)",
+            1,
+        )
+    teacher = _load_teacher(common)  # fail fast on an unknown --plm before synthesis
+    try:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_err, transient=True
+        ) as progress:
+            task = progress.add_task("espeak-ng", total=None)
+            dirs = demo_corpus.synthesize_demo_corpus(
+                out_dir / "corpus",
+                seed=seed,
+                train_sentences=train_sentences,
+                voices_per_sentence=voices_per_sentence,
+                jobs=max(1, jobs),
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except demo_corpus.DemoCorpusError as exc:
+        raise _fail(str(exc), 1) from None
+    splits = []
+    for name, path in dirs.items():
+        records, skips = read_kaldi_dir(path)
+        splits.append(SplitInput(name, records, skips, source=f"demo corpus {path}"))
+    _run(out_dir, splits, common, teacher)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `prepare` command group to the gmot app."""
+    app.add_typer(prepare_app, name="prepare")

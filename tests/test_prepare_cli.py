@@ -1,0 +1,230 @@
+"""`gmot prepare jsonl | aishell1 | demo` through the CLI, and the PLM cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prepare_helpers import GOOD_TEXTS, TinyTeacher, good_kaldi_dir, write_wav
+from typer.testing import CliRunner
+
+from data.corpora import read_kaldi_dir
+from data.preparation import PrepareError, SplitInput, prepare
+from data.store import SplitReader, read_manifest, read_plm_info, read_vocab
+from gmot_cli.app import app
+
+runner = CliRunner()
+
+
+def _reasons(out: Path, split: str) -> dict[str, list[str]]:
+    report = json.loads((out / split / "prepare_report.json").read_text(encoding="utf-8"))
+    return {reason: [i["id"] for i in items] for reason, items in report["skipped"].items()}
+
+
+# ------------------------------------------------------------------------------------------ jsonl
+
+
+def test_jsonl_cli(tmp_path: Path) -> None:
+    audio = tmp_path / "audio"
+    lines = []
+    for i, text in enumerate(GOOD_TEXTS):
+        write_wav(audio / f"utt{i}.wav", 0.8, seed=i)
+        entry = {"audio_filepath": f"audio/utt{i}.wav", "text": text}  # relative to the JSONL file
+        if i == 0:
+            entry["duration"] = 0.8
+        if i == 1:
+            entry["id"] = "custom-id"
+        lines.append(json.dumps(entry, ensure_ascii=False).encode())
+    lines.append(b"{not json")
+    lines.append(b'{"audio_filepath": "audio/utt0.wav", "text": "\xff\xfe"}')
+    lines.append(json.dumps({"audio_filepath": "audio/utt0.wav", "text": "你好"}).encode())  # duplicate id
+    lines.append(json.dumps({"text": "no audio field"}).encode())
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    dev = {"audio_filepath": str(write_wav(tmp_path / "d.wav", 0.7)), "text": "世界，你好！"}
+    (tmp_path / "dev.jsonl").write_text(json.dumps(dev, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "prepare", "jsonl", str(out), "--split", f"train={tmp_path / 'train.jsonl'}",
+            "--split", f"dev={tmp_path / 'dev.jsonl'}", "--no-plm-cache",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    ids = [r["id"] for r in read_manifest(out / "train")]
+    assert ids == ["custom-id", "utt2", "utt3", "utt4"]  # utt0 is a duplicate id (line 1 and 8)
+    reasons = _reasons(out, "train")
+    jsonl = str(tmp_path / "train.jsonl")
+    assert reasons["duplicate_id"] == ["utt0"]
+    assert reasons["malformed_line"] == [f"{jsonl}:6", f"{jsonl}:9"]
+    assert reasons["non_utf8_text"] == [f"{jsonl}:7"]
+    assert read_manifest(out / "dev")[0]["text"] == "世界你好"
+
+
+def test_jsonl_missing_file(tmp_path: Path) -> None:
+    res = runner.invoke(
+        app,
+        [
+            "prepare",
+            "jsonl",
+            str(tmp_path / "o"),
+            "--split",
+            f"train={tmp_path / 'x.jsonl'}",
+            "--no-plm-cache",
+        ],
+    )
+    assert res.exit_code == 2 and "x.jsonl" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------ AISHELL-1
+
+
+def _mini_aishell(root: Path) -> Path:
+    """data_aishell/{wav/{train,dev,test}/S*/*.wav, transcript/aishell_transcript_v0.8.txt} in miniature."""
+    base = root / "data_aishell"
+    lines = []
+    layout = {"train": ["S0002", "S0003"], "dev": ["S0724"], "test": ["S0764"]}
+    words = ["而 对 楼市", "成交 抑制 作用", "最 大 的 限 购", "也 成为 地方 政府"]
+    k = 0
+    for split, speakers in layout.items():
+        for spk in speakers:
+            for j in range(2):
+                uid = f"BAC009{spk}W{j:04d}"
+                write_wav(base / "wav" / split / spk / f"{uid}.wav", 1.0, seed=k)
+                lines.append(f"{uid} {words[k % len(words)]}")
+                k += 1
+    # a wav with no transcript line, and a transcript line for a wav that is not there
+    write_wav(base / "wav" / "train" / "S0002" / "BAC009S0002W9999.wav", 1.0)
+    lines.append("BAC009S0999W0001 不 在")
+    (base / "transcript").mkdir(parents=True)
+    (base / "transcript" / "aishell_transcript_v0.8.txt").write_text(
+        "\n".join(lines) + "\n", encoding="utf-8"
+    )
+    return root
+
+
+def test_aishell1_cli(tmp_path: Path) -> None:
+    corpus = _mini_aishell(tmp_path / "corpus")
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prepare", "aishell1", str(corpus), str(out), "--no-plm-cache", "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    train = read_manifest(out / "train")
+    assert len(train) == 4 and {r["speaker"] for r in train} == {"S0002", "S0003"}
+    assert train[0]["id"] == "BAC009S0002W0000" and train[0]["text"] == "而对楼市"
+    assert len(read_manifest(out / "dev")) == 2 and len(read_manifest(out / "test")) == 2
+    assert _reasons(out, "train") == {"no_transcript": ["BAC009S0002W9999"]}
+    assert "楼" in read_vocab(out / "lang")
+    # data_aishell itself is accepted as CORPUS_DIR too
+    res = runner.invoke(
+        app, ["prepare", "aishell1", str(corpus / "data_aishell"), str(out), "--no-plm-cache"]
+    )
+    assert res.exit_code == 0, res.output
+
+
+def test_aishell1_missing_tree(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["prepare", "aishell1", str(tmp_path), str(tmp_path / "o"), "--no-plm-cache"])
+    assert res.exit_code == 2
+    assert "aishell_transcript_v0.8.txt" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------ demo
+
+
+def test_demo_without_espeak_says_how_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if "espeak" in name else real_which(name))
+    res = runner.invoke(app, ["prepare", "demo", str(tmp_path / "o"), "--no-plm-cache"])
+    assert res.exit_code == 1
+    assert "apt-get install espeak-ng" in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o" / "corpus").exists()
+
+
+# ------------------------------------------------------------------------------------------ PLM cache
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        from tiny_plm import make_tiny_bert_dir
+    except ImportError:  # pragma: no cover - the helper belongs to another test module
+        pytest.fail("tests/tiny_plm.py is required")
+    return make_tiny_bert_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def test_plm_cache_with_a_teacher_object(tmp_path: Path, tiny_bert: Path) -> None:
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS)
+    good_kaldi_dir(tmp_path, "dev", ["你好吗"], seed=9)
+    teacher = TinyTeacher(tiny_bert)
+    splits = [SplitInput(n, *read_kaldi_dir(tmp_path / n)) for n in ("train", "dev")]
+    out = tmp_path / "out"
+    result = prepare(out, splits, teacher=teacher)
+    assert result.splits[0].plm_tokens == sum(len(t) for t in GOOD_TEXTS)
+    info = read_plm_info(out / "lang")
+    assert info is not None
+    assert (info["name"], info["width"], info["layer"]) == ("tiny-bert", 16, -1)
+    reader = SplitReader(out / "train")
+    stored = []
+    for rec in reader.records:
+        feats = reader.plm_features(rec)
+        assert feats is not None and feats.shape == (len(rec["text"]), 16)
+        tokens, fresh = teacher.encode([rec["text"]])[0]
+        assert rec["plm"]["tokens"] == tokens and len(tokens) == len(rec["text"])  # character-level tokenizer
+        np.testing.assert_allclose(feats, fresh, atol=5e-3, rtol=5e-3)
+        stored.append(feats)
+    allf = np.concatenate(stored).astype(np.float64)
+    np.testing.assert_allclose(info["mean"], allf.mean(0), atol=1e-6)
+    np.testing.assert_allclose(info["std"], allf.std(0), rtol=1e-5)
+    dev = SplitReader(out / "dev")
+    assert dev.plm_features(dev.records[0]).shape == (3, 16)
+    # resuming does not call the teacher again
+    teacher.calls = 0
+    prepare(out, splits, teacher=teacher)
+    assert teacher.calls == 0
+    # preparing again without a teacher removes the PLM entries and plm.json
+    prepare(out, splits)
+    assert "plm" not in read_manifest(out / "train")[0]
+    assert read_plm_info(out / "lang") is None
+
+
+def test_plm_cache_lang_mismatch_is_refused(tmp_path: Path, tiny_bert: Path) -> None:
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:2])
+    prepare(tmp_path / "out", [SplitInput("train", *read_kaldi_dir(tmp_path / "train"))])  # no PLM
+    good_kaldi_dir(tmp_path, "test", ["你好"], seed=3)
+    with pytest.raises(PrepareError, match=r"no plm\.json"):
+        prepare(
+            tmp_path / "out2",
+            [SplitInput("test", *read_kaldi_dir(tmp_path / "test"))],
+            teacher=TinyTeacher(tiny_bert),
+            lang_dir=tmp_path / "out" / "lang",
+        )
+
+
+@pytest.mark.slow
+def test_plm_cli_with_a_local_folder(tmp_path: Path, tiny_bert: Path) -> None:
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:3])
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["prepare", "kaldi", str(out), "--split", f"train={tmp_path / 'train'}", "--plm", str(tiny_bert)]
+    )
+    assert res.exit_code == 0, res.output
+    info = read_plm_info(out / "lang")
+    assert info is not None and info["width"] == 16
+    rec = read_manifest(out / "train")[0]
+    assert rec["plm"]["num_tokens"] == len(rec["text"])
+
+
+def test_unknown_plm_is_a_clear_error(tmp_path: Path) -> None:
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:1])
+    res = runner.invoke(
+        app,
+        ["prepare", "kaldi", str(tmp_path / "o"), "--split", f"train={tmp_path / 'train'}", "--plm",
+         "no-such-org/no-such-model-xyz"],
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "no-such-model-xyz" in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o" / "train").exists()  # nothing was computed

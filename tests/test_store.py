@@ -1,0 +1,87 @@
+"""data.store: the prepared-folder format, through the tiny_prepared fixture and direct writes."""
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data.store import (
+    SplitReader,
+    StoreError,
+    read_cmvn,
+    read_manifest,
+    read_plm_info,
+    read_vocab,
+    write_shard,
+)
+
+
+def test_tiny_prepared_layout(tiny_prepared: Path) -> None:
+    vocab = read_vocab(tiny_prepared / "lang")
+    assert vocab[:2] == ["<blank>", "<unk>"] and len(vocab) == 12
+    mean, std = read_cmvn(tiny_prepared / "lang")
+    assert mean.shape == std.shape == (80,) and (std > 0).all()
+    info = read_plm_info(tiny_prepared / "lang")
+    assert info is not None and info["width"] == 16 and len(info["mean"]) == 16
+    for split in ("train", "dev", "test"):
+        reader = SplitReader(tiny_prepared / split)
+        assert len(reader) == 12
+        shards = {r["feats"]["shard"] for r in reader.records}
+        assert len(shards) > 1
+        for rec in reader.records:
+            feats = reader.features(rec)
+            assert feats.dtype == np.float32 and feats.shape == (rec["num_frames"], 80)
+            assert 40 <= rec["num_frames"] <= 120
+            assert [vocab[i] for i in rec["token_ids"]] == list(rec["text"])
+            plm = reader.plm_features(rec)
+            assert plm is not None and plm.shape == (rec["plm"]["num_tokens"], 16)
+            assert len(rec["plm"]["tokens"]) == rec["plm"]["num_tokens"]
+
+
+def test_offsets_are_contiguous_within_a_shard(tiny_prepared: Path) -> None:
+    records = read_manifest(tiny_prepared / "train")
+    by_shard: dict[str, list[dict]] = {}
+    for r in records:
+        by_shard.setdefault(r["feats"]["shard"], []).append(r)
+    for rel, recs in by_shard.items():
+        arr = np.load(tiny_prepared / "train" / rel, mmap_mode="r")
+        assert arr.dtype == np.float16
+        expected = 0
+        for r in recs:
+            assert r["feats"]["offset"] == expected
+            expected += r["num_frames"]
+        assert arr.shape == (expected, 80)
+
+
+def test_reader_pickles_without_open_maps(tiny_prepared: Path) -> None:
+    reader = SplitReader(tiny_prepared / "dev")
+    first = reader.features(reader.records[0])
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._maps == {}
+    np.testing.assert_array_equal(clone.features(clone.records[0]), first)
+
+
+def test_write_shard_is_atomic_and_float16(tmp_path: Path) -> None:
+    arrays = [np.ones((3, 4)), np.zeros((0, 4)), np.full((2, 4), 2.5)]
+    offsets = write_shard(tmp_path / "s" / "shard-00000.npy", arrays, 4)
+    assert offsets == [0, 3, 3]
+    arr = np.load(tmp_path / "s" / "shard-00000.npy")
+    assert arr.dtype == np.float16 and arr.shape == (5, 4) and arr[4, 0] == 2.5
+    assert list((tmp_path / "s").iterdir()) == [tmp_path / "s" / "shard-00000.npy"]
+    with pytest.raises(ValueError):
+        write_shard(tmp_path / "x.npy", [np.ones((2, 3))], 4)
+
+
+def test_missing_files_raise_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="manifest"):
+        read_manifest(tmp_path)
+    with pytest.raises(StoreError, match="vocab"):
+        read_vocab(tmp_path)
+    with pytest.raises(StoreError, match="cmvn"):
+        read_cmvn(tmp_path)
+    assert read_plm_info(tmp_path) is None
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "a"}) + "\n{broken\n")
+    with pytest.raises(StoreError, match=":2"):
+        read_manifest(tmp_path)
