@@ -1,0 +1,366 @@
+"""CTC decoding: batched greedy search, beam search with flashlight-text (optional KenLM), and the loop that
+turns a loaded model plus raw fbank features into transcripts with timings.
+
+Beam search uses flashlight-text's `LexiconFreeDecoder` with the CTC criterion over the character vocabulary
+(no lexicon, no word boundary). flashlight needs a "silence" token index; a character vocabulary has no word
+separator, so the blank doubles as the silence token with a silence score of 0: this adds nothing to any
+path score and makes flashlight's CTC rules (collapse repeats, blank separates repeats) the usual ones.
+Hypotheses that reach the same label prefix are merged with log-add (`log_add=True`), i.e. the search ranks
+label sequences by (an approximation of) their summed path probability, not single best paths. With a KenLM
+model (ARPA or KenLM binary whose words are the vocabulary's characters), each emitted character adds
+`lm_weight` times its LM log-probability (KenLM's log10 converted to natural log by flashlight) and the end
+of sentence is scored when the utterance ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from data.features import FRAME_SHIFT_S, apply_cmvn
+from data.vocab import Vocabulary
+
+BLANK_ID = 0
+METHODS = ("greedy", "beam")
+
+
+class DecodingError(Exception):
+    """A decoding set-up that cannot work (unreadable LM file, bad option); the message names the cause."""
+
+
+def greedy_ctc(log_probs: Tensor, lengths: Tensor, blank: int = BLANK_ID) -> list[list[int]]:
+    """Best-path CTC decoding of a batch.
+
+    log_probs (B, T, V) (log-)probabilities, lengths (B,) valid frames per item -> for each item the label ids
+    of its best path with repeats collapsed and blanks removed. Frames past an item's length are ignored.
+    """
+    if log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be (B, T, V), got {tuple(log_probs.shape)}")
+    best = log_probs.argmax(dim=-1)  # (B, T)
+    t = best.shape[1]
+    valid = torch.arange(t, device=best.device)[None, :] < lengths.to(best.device)[:, None]
+    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=-1)
+    keep = valid & (best != blank) & (best != prev)
+    best, keep = best.cpu(), keep.cpu()
+    return [best[b][keep[b]].tolist() for b in range(best.shape[0])]
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C/C++ writes to file descriptor 2 (KenLM prints a progress bar while loading an ARPA file)."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no fd 2
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def load_kenlm(path: Path, vocab: Sequence[str]):
+    """Load a KenLM model (ARPA text or KenLM binary) over `vocab`'s units for flashlight.
+
+    Raises DecodingError naming the file when it is missing, unreadable or not an n-gram model (KenLM also
+    refuses unigram-only ARPA files: it needs at least a bigram model).
+    """
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
+
+    path = Path(path)
+    if not path.is_file():
+        raise DecodingError(f"language model {path} does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise DecodingError(f"language model {path} is not readable (permissions)")
+    try:
+        with _quiet_stderr():
+            return KenLM(str(path), Dictionary(list(vocab)))
+    except RuntimeError as err:
+        lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+        reason = lines[-1] if lines else "unknown error"
+        raise DecodingError(f"cannot read language model {path}: {reason}") from None
+
+
+class BeamSearchDecoder:
+    """Lexicon-free CTC beam search over a character vocabulary (flashlight-text), optional KenLM n-gram.
+
+    beam_size: hypotheses kept per frame; beam_size_token: tokens tried per frame (default: all, at most 32
+    best); beam_threshold: drop hypotheses this far (natural log) below the best; lm_weight: weight of the LM
+    log-probability (natural log) added per emitted character and at the end of the utterance.
+    """
+
+    def __init__(
+        self,
+        vocab: Sequence[str],
+        beam_size: int = 10,
+        lm_path: Path | None = None,
+        lm_weight: float = 0.0,
+        beam_size_token: int | None = None,
+        beam_threshold: float = 25.0,
+        blank: int = BLANK_ID,
+    ) -> None:
+        from flashlight.lib.text.decoder import (
+            CriterionType,
+            LexiconFreeDecoder,
+            LexiconFreeDecoderOptions,
+            ZeroLM,
+        )
+
+        if beam_size < 1:
+            raise DecodingError(f"beam size must be at least 1, got {beam_size}")
+        if lm_path is None and lm_weight != 0.0:
+            lm_weight = 0.0  # no LM: a weight would only scale zeros
+        self.vocab = list(vocab)
+        self.blank = blank
+        self.lm = load_kenlm(lm_path, self.vocab) if lm_path is not None else ZeroLM()
+        token_beam = min(len(self.vocab), beam_size_token or max(32, beam_size))
+        self.options = LexiconFreeDecoderOptions(
+            beam_size=beam_size,
+            beam_size_token=token_beam,
+            beam_threshold=beam_threshold,
+            lm_weight=lm_weight,
+            sil_score=0.0,  # added at frames emitting the silence token, here the blank: must stay 0
+            log_add=True,
+            criterion_type=CriterionType.CTC,
+        )
+        self._decoder = LexiconFreeDecoder(self.options, self.lm, blank, blank, [])
+
+    def decode_one(self, log_probs: np.ndarray) -> list[int]:
+        """(T, V) float32 log-probabilities of one utterance -> label ids of the best hypothesis."""
+        emissions = np.ascontiguousarray(log_probs, dtype=np.float32)
+        t, v = emissions.shape
+        if t == 0:
+            return []
+        if v != len(self.vocab):
+            raise DecodingError(f"emissions have {v} units but the vocabulary has {len(self.vocab)}")
+        results = self._decoder.decode(emissions.ctypes.data, t, v)
+        if not results:
+            return []
+        tokens = list(results[0].tokens)
+        out: list[int] = []
+        prev = -1
+        for tok in tokens:
+            if tok != prev and tok != self.blank and tok >= 0:
+                out.append(int(tok))
+            prev = tok
+        return out
+
+    def decode(self, log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
+        """Batch version: log_probs (B, T, V), lengths (B,) -> one list of label ids per item."""
+        lp = log_probs.detach().float().cpu().numpy()
+        return [self.decode_one(lp[b, : int(n)]) for b, n in enumerate(lengths.tolist())]
+
+
+def make_decoder(
+    method: str,
+    vocab: Sequence[str],
+    beam_size: int = 10,
+    lm_path: Path | None = None,
+    lm_weight: float = 0.0,
+):
+    """A callable (log_probs (B,T,V), lengths (B,)) -> list[list[int]] for `method` ("greedy" or "beam").
+
+    An LM is only used by beam search; asking greedy for one raises DecodingError.
+    """
+    if method == "greedy":
+        if lm_path is not None:
+            raise DecodingError("an LM needs beam search: pass --method beam with --lm")
+        return greedy_ctc
+    if method == "beam":
+        return BeamSearchDecoder(vocab, beam_size, lm_path, lm_weight).decode
+    raise DecodingError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+@dataclass
+class Utterance:
+    """One utterance to decode: raw (T, 80) fbank (no CMVN) and its duration in seconds."""
+
+    id: str
+    feats: np.ndarray
+    duration: float
+
+
+@dataclass
+class Hypothesis:
+    """A decoded utterance: label ids, text, audio duration and the decode time charged to it (seconds)."""
+
+    id: str
+    ids: list[int]
+    text: str
+    duration: float
+    decode_time: float
+
+
+def batches_by_frames(lengths: Sequence[int], max_frames: int) -> list[list[int]]:
+    """Group indices into batches whose padded size (longest * count) stays within `max_frames`.
+
+    Indices are sorted by length (longest first) so padding is small; an utterance longer than `max_frames`
+    forms a batch of its own. Returns lists of indices into `lengths`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        n = lengths[i]
+        if current and max(longest, n) * (len(current) + 1) > max_frames:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_batch(feats: Sequence[np.ndarray], mean: Tensor, std: Tensor, device: str | torch.device):
+    """Raw fbank arrays (T_i, 80) -> CMVN-normalised zero-padded (B, T_max, 80) tensor and (B,) lengths."""
+    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
+    out = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1], dtype=torch.float32)
+    for b, f in enumerate(feats):
+        out[b, : f.shape[0]] = torch.from_numpy(np.asarray(f, dtype=np.float32))
+    out = out.to(device)
+    valid = (torch.arange(out.shape[1], device=out.device)[None, :] < lengths.to(out.device)[:, None])[
+        ..., None
+    ]
+    out = apply_cmvn(out, mean.to(out.device), std.to(out.device)) * valid
+    return out, lengths.to(device)
+
+
+def transcribe(
+    model: torch.nn.Module,
+    vocab: Sequence[str],
+    cmvn_mean: Tensor,
+    cmvn_std: Tensor,
+    utterances: Sequence[Utterance],
+    decoder,
+    batch_frames: int = 20000,
+    device: str | torch.device = "cpu",
+    progress=None,
+) -> list[Hypothesis]:
+    """Decode utterances with `model` (eval mode) and `decoder` (see `make_decoder`).
+
+    Batches by padded frames (`batches_by_frames`); each batch's wall time (CMVN, forward, search) is shared
+    among its utterances in proportion to their frames. Utterances shorter than the model's minimum input
+    (7 frames) decode to an empty hypothesis. `progress(n)` is called after each batch with its size.
+    Returns hypotheses in the input order.
+    """
+    from models.encoder import MIN_INPUT_FRAMES
+
+    units = Vocabulary(list(vocab))
+    results: list[Hypothesis | None] = [None] * len(utterances)
+    usable = [i for i, u in enumerate(utterances) if u.feats.shape[0] >= MIN_INPUT_FRAMES]
+    for i, u in enumerate(utterances):
+        if u.feats.shape[0] < MIN_INPUT_FRAMES:
+            results[i] = Hypothesis(u.id, [], "", u.duration, 0.0)
+    lengths = [utterances[i].feats.shape[0] for i in usable]
+    for batch in batches_by_frames(lengths, batch_frames):
+        idx = [usable[j] for j in batch]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            feats, lens = padded_batch([utterances[i].feats for i in idx], cmvn_mean, cmvn_std, device)
+            out = model(feats, lens)
+            ids = decoder(out["log_probs"], out["lengths"])
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        total = float(lens.sum())
+        for k, i in enumerate(idx):
+            u = utterances[i]
+            share = elapsed * float(lens[k]) / total
+            results[i] = Hypothesis(u.id, ids[k], units.decode(ids[k]), u.duration, share)
+        if progress is not None:
+            progress(len(idx))
+    return [r for r in results if r is not None]
+
+
+def real_time_factor(hyps: Sequence[Hypothesis]) -> float:
+    """Total decode time / total audio duration (nan when there is no audio)."""
+    audio = sum(h.duration for h in hyps)
+    return sum(h.decode_time for h in hyps) / audio if audio > 0 else math.nan
+
+
+def frames_to_seconds(num_frames: int) -> float:
+    """Duration in seconds of `num_frames` 10 ms fbank frames."""
+    return num_frames * FRAME_SHIFT_S
+
+
+def split_utterances(split_dir: Path) -> tuple[list[Utterance], dict[str, str]]:
+    """Utterances of a prepared split (raw fbank from its shards) and its references {id: text}.
+
+    Raises data.store.StoreError when the split is not prepared (no manifest) or a shard is missing.
+    """
+    from data.store import SplitReader
+
+    reader = SplitReader(Path(split_dir))
+    utts = [
+        Utterance(
+            str(r["id"]),
+            reader.features(r),
+            float(r.get("duration") or frames_to_seconds(int(r["num_frames"]))),
+        )
+        for r in reader.records
+    ]
+    refs = {str(r["id"]): str(r.get("text") or "") for r in reader.records if "text" in r}
+    return utts, refs
+
+
+def wav_utterances(paths: Sequence[Path]) -> list[Utterance]:
+    """Utterances from audio files: any sample rate (resampled to 16 kHz), multi-channel averaged to mono.
+
+    The id is the file name without its extension (the full path when two files share a name). Raises
+    data.features.AudioError naming the file when one cannot be read.
+    """
+    from data.features import SAMPLE_RATE, compute_fbank, load_audio
+
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths]
+    out = []
+    for p, stem in zip(paths, stems, strict=True):
+        wave = load_audio(p)
+        utt_id = stem if stems.count(stem) == 1 else str(p)
+        out.append(Utterance(utt_id, compute_fbank(wave), wave.shape[0] / SAMPLE_RATE))
+    return out
+
+
+def write_hypotheses(out_dir: Path, hyps: Sequence[Hypothesis], summary: dict) -> None:
+    """Write OUT/text (Kaldi style: id, space, hypothesis), OUT/details.jsonl (id, hyp, duration,
+    decode_time) and OUT/rtf.json (`summary`), each atomically (temp file + os.replace)."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "text": "".join(f"{h.id} {h.text}\n" if h.text else f"{h.id}\n" for h in hyps),
+        "details.jsonl": "".join(
+            json.dumps(
+                {
+                    "id": h.id,
+                    "hyp": h.text,
+                    "duration": round(h.duration, 4),
+                    "decode_time": round(h.decode_time, 6),
+                },
+                ensure_ascii=False,
+            )
+            + "\n"
+            for h in hyps
+        ),
+        "rtf.json": json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+    }
+    for name, content in files.items():
+        tmp = out_dir / (name + ".tmp")
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, out_dir / name)

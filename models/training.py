@@ -1,0 +1,903 @@
+"""The training engine shared by `gmot pretrain` (gmot.mode = none) and `gmot distill` (wd / fgw ...).
+
+loss = ctc + train.kt_weight * kt, where kt is `models.gmot.GMOTLoss` between the adapter output and the PLM
+token features of the transcript (read from the prepare cache; computed online with a warning only when the
+prepared folder has none).
+
+What a run does, in order: build the model (or resume from the newest checkpoint in EXP_DIR, or initialise
+from `--init-from`), write config.yaml and command.txt, then per epoch: train over duration-bucketed batches
+(AdamW, warm-up + decay, gradient clipping and accumulation, bf16 autocast on CUDA), a dev pass with greedy
+CER, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch checkpoints by dev CER.
+
+Determinism: every batch reseeds torch's RNG from (seed, epoch, the batch's position in the epoch's global
+order), so dropout and SpecAugment draw the same numbers whether a run was interrupted and resumed, and
+whether the batches ran on one process with W-fold accumulation or on W DDP ranks.
+
+Faults: a batch whose CTC loss is infinite (a transcript longer than its frames allow) is skipped and counted;
+a NaN loss or gradient skips the step and is counted; `train.max_nan_steps` NaN steps in a row stop the run
+with TrainingError. Under DDP the ranks agree on every skip, and gradients are all-reduced on every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from data.loader import BucketBatchSampler, SpecAugment, SpeechDataset, bucket_batches, collate
+from data.scoring import score_pairs
+from data.store import StoreError, read_cmvn, read_plm_info, read_vocab
+from models.checkpoint import (
+    AVERAGE_NAME,
+    CheckpointError,
+    average_checkpoints,
+    check_state_dict_compatible,
+    checkpoint_path,
+    init_from_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from models.config import ExperimentConfig, config_to_dict, dump_config
+from models.decoding import greedy_ctc
+from models.encoder import MIN_INPUT_FRAMES, ConformerCTC
+from models.gmot import GMOTLoss
+
+METRICS = "metrics.jsonl"
+INDEX = "checkpoints.json"
+COMMAND = "command.txt"
+CONFIG = "config.yaml"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on (bad data folder, NaN storm, GPU out of memory); says what to do."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished `train` call did (rank 0's view)."""
+
+    exp_dir: Path
+    epochs_done: int
+    step: int
+    resumed_from: Path | None
+    dev_cer: dict[int, float] = field(default_factory=dict)
+    """Dev CER (fraction) per epoch trained or found in the experiment's index."""
+    skipped_inf: int = 0
+    """Batches skipped because their CTC loss was infinite (this call)."""
+    skipped_nan: int = 0
+    """Steps skipped because the loss or gradient was NaN (this call)."""
+    average: Path | None = None
+    """avg.pt when it was written."""
+    average_cer: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed set-up
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_type: str) -> _Dist:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group (gloo on CPU, nccl on
+    CUDA). A single process needs no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world
+        )
+        owns = True
+    return _Dist(rank, local, world, owns)
+
+
+def _pick_device(requested: str | None, ddp: _Dist) -> torch.device:
+    """ "auto"/None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU."""
+    req = (requested or "auto").lower()
+    if req == "auto":
+        req = "cuda" if torch.cuda.is_available() else "cpu"
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError(f"--device {requested} asked for CUDA but no CUDA device is available")
+        if req == "cuda":
+            req = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(torch.device(req))
+    return torch.device(req)
+
+
+def _all_reduce(values: list[float], dd: _Dist, device: torch.device, op: str = "sum") -> list[float]:
+    if dd.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pieces
+
+
+def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
+    """Learning rate for optimiser step `step` (0-based): linear warm-up to train.lr, then train.schedule."""
+    t = cfg.train
+    warm = max(t.warmup_steps, 0)
+    s = step + 1
+    if s <= warm:
+        return t.lr * s / warm
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "noam":
+        return t.lr * math.sqrt(max(warm, 1) / s)
+    frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+    floor = t.min_lr_ratio * t.lr
+    if t.schedule == "linear":
+        return floor + (t.lr - floor) * (1.0 - frac)
+    return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _batch_seed(seed: int, epoch: int, position: int) -> int:
+    """A reproducible seed for the batch at `position` of `epoch`'s global order."""
+    return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
+
+
+def ctc_losses(out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor) -> Tensor:
+    """Per-utterance CTC losses (B,) with zero_infinity=False, so an impossible alignment stays inf."""
+    log_probs = out["log_probs"].float().transpose(0, 1)  # (T', B, V)
+    return nn.functional.ctc_loss(
+        log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=False
+    )
+
+
+def _unwrap(model: nn.Module) -> ConformerCTC:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+class _Logger:
+    """metrics.jsonl (always) and TensorBoard (when installed) on rank 0; no-op elsewhere."""
+
+    def __init__(self, exp_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = exp_dir / METRICS
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(exp_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: metrics.jsonl only
+                self.tb = None
+
+    def log(self, event: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
+                    self.tb.add_scalar(f"{event}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_index(exp_dir: Path) -> list[dict[str, Any]]:
+    path = exp_dir / INDEX
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_index(exp_dir: Path, index: list[dict[str, Any]]) -> None:
+    tmp = exp_dir / (INDEX + ".tmp")
+    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, exp_dir / INDEX)
+
+
+def _record_command(exp_dir: Path, command: list[str] | None) -> None:
+    """Append the command line (one per run; the first line is the original, later ones are resumptions)."""
+    if command is None:
+        prog = Path(sys.argv[0]).name
+        head = ["python", "-m", "gmot_cli"] if prog == "__main__.py" else [prog]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
+            head = ["torchrun", f"--nproc_per_node={per_node}", "-m", "gmot_cli"]
+        command = [*head, *sys.argv[1:]]
+    argv = command
+    with open(exp_dir / COMMAND, "a", encoding="utf-8") as f:
+        f.write(shlex.join(argv) + "\n")
+
+
+@contextmanager
+def _progress(enabled: bool, console: Console | None) -> Iterator[Progress | None]:
+    if not enabled:
+        yield None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[terms]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
+        yield progress
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the engine
+
+
+class Trainer:
+    """One training run from a prepared folder into an experiment folder; `run()` trains, returns the outcome.
+
+    `init_from`: a checkpoint whose encoder weights initialise the model (vocabulary and widths must match;
+    the adapter may be new) unless EXP_DIR already holds checkpoints: then the run resumes from the newest.
+    `command`: the command line to record (default sys.argv). `progress`: show a rich progress bar (rank 0).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        exp_dir: Path,
+        cfg: ExperimentConfig,
+        *,
+        init_from: Path | None = None,
+        device: str | None = None,
+        command: list[str] | None = None,
+        console: Console | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.exp_dir = Path(exp_dir)
+        self.cfg = cfg
+        self.init_from = Path(init_from) if init_from is not None else None
+        self.command = command
+        self.console = console or Console(stderr=True)
+        self.show_progress = progress
+        requested = (device or "auto").lower()
+        dev_type = (
+            "cuda"
+            if requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        self.dd = _init_distributed(dev_type)
+        self.device = _pick_device(device, self.dd)
+        self.mode = str(cfg.gmot.mode)
+        self.use_kt = self.mode != "none"
+        self.outcome = TrainOutcome(self.exp_dir, 0, 0, None)
+
+    # --- set-up -------------------------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.dd.main:
+            self.console.print(text)
+
+    def _load_data(self) -> None:
+        lang = self.data_dir / "lang"
+        train_dir = self.data_dir / "train"
+        if not (train_dir / "manifest.jsonl").is_file():
+            raise TrainingError(
+                f"{train_dir / 'manifest.jsonl'} not found: is {self.data_dir} a folder written by "
+                "`gmot prepare`?"
+            )
+        try:
+            self.vocab = read_vocab(lang)
+            mean, std = read_cmvn(lang)
+            self.plm_info = read_plm_info(lang)
+        except StoreError as err:
+            raise TrainingError(str(err)) from None
+        self.cmvn = (mean, std)
+        t = self.cfg.train
+        # raw PLM features: GMOTLoss standardises them itself (gmot.standardise) with plm.json's statistics
+        self.train_set = SpeechDataset(train_dir, mean, std, use_plm=self.use_kt)
+        dev_dir = self.data_dir / t.dev_split
+        self.dev_set = (
+            SpeechDataset(dev_dir, mean, std, use_plm=False)
+            if (dev_dir / "manifest.jsonl").is_file()
+            else None
+        )
+        if self.dev_set is None:
+            self._say(
+                f"[yellow]warning:[/] no dev split at {dev_dir}: no dev CER, avg.pt averages the last epochs"
+            )
+        self.teacher = None
+        self.plm_width: int | None = None
+        if self.use_kt:
+            if self.train_set.has_plm and self.plm_info is not None:
+                self.plm_width = int(self.plm_info["width"])
+            else:
+                from models.plm import PLMError, load_teacher
+
+                if self.dd.main:
+                    warnings.warn(
+                        f"{self.data_dir} has no PLM feature cache: computing PLM features online in every "
+                        "step (slow); run `gmot prepare` with a PLM to cache them",
+                        stacklevel=2,
+                    )
+                try:
+                    self.teacher = load_teacher(t.plm, layer=t.plm_layer, device=str(self.device))
+                except PLMError as err:
+                    raise TrainingError(f"no PLM cache in {self.data_dir} and no online PLM: {err}") from None
+                self.plm_width = int(self.teacher.width)
+        batches, dropped = bucket_batches(
+            self.train_set.lengths(), t.max_frames, t.max_utts, MIN_INPUT_FRAMES
+        )
+        if dropped:
+            ids = ", ".join(self.train_set.records[i]["id"] for i in dropped[:3])
+            self._say(
+                f"[yellow]warning:[/] {len(dropped)} train utterances shorter than {MIN_INPUT_FRAMES} frames "
+                f"are left out ({ids}{' ...' if len(dropped) > 3 else ''})"
+            )
+        if not batches:
+            raise TrainingError(f"no usable train utterances in {train_dir}")
+        self.sampler = BucketBatchSampler(
+            batches, shuffle=t.shuffle, seed=t.seed, rank=self.dd.rank, world_size=self.dd.world
+        )
+        self.steps_per_epoch = math.ceil(len(self.sampler) / max(t.accum_grad, 1))
+
+    def _build(self) -> None:
+        t = self.cfg.train
+        if self.device.type == "cpu":
+            # Adam moments and late-training gradients reach subnormal floats, which x86 CPUs process
+            # many times slower than normal ones; flushing them to zero changes nothing measurable.
+            torch.set_flush_denormal(True)
+        torch.manual_seed(t.seed)
+        self.model: nn.Module = ConformerCTC(self.cfg.model, len(self.vocab), self.plm_width).to(self.device)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=tuple(t.betas),
+            foreach=True,
+        )
+        self.kt_loss = None
+        if self.use_kt:
+            gcfg = self.cfg.gmot
+            if (
+                self.teacher is not None and gcfg.standardise
+            ):  # online PLM: no corpus statistics to standardise
+                gcfg = dataclasses.replace(gcfg, standardise=False)
+            self.kt_loss = GMOTLoss.from_plm_info(gcfg, self.plm_info if self.teacher is None else None)
+            self.kt_loss.to(self.device)
+        self.spec_augment = SpecAugment(
+            t.freq_masks, t.freq_mask_width, t.time_masks, t.time_mask_width, t.time_mask_ratio
+        )
+        self.step = 0
+        self.epoch = 1
+        self.nan_streak = 0
+
+    def _resume_or_init(self) -> None:
+        ckpts = list_checkpoints(self.exp_dir) if self.exp_dir.is_dir() else []
+        if ckpts:
+            path = ckpts[-1]
+            state = load_checkpoint(path, map_location="cpu")
+            if list(state["vocab"]) != list(self.vocab):
+                raise CheckpointError(
+                    f"{self.exp_dir} holds checkpoints ({path.name}) trained on a different vocabulary "
+                    f"({len(state['vocab'])} units, {self.data_dir} has {len(self.vocab)}); use a new EXP_DIR"
+                )
+            old_model = state["config"].get("model", {})
+            new_model = config_to_dict(self.cfg.model)
+            if old_model != new_model:
+                diff = sorted(k for k in new_model if old_model.get(k) != new_model[k])
+                raise CheckpointError(
+                    f"{self.exp_dir} holds checkpoints ({path.name}) of a different model "
+                    f"(model.{', model.'.join(diff)}); use a new EXP_DIR or the same model options"
+                )
+            old_cfg, new_cfg = state["config"], config_to_dict(self.cfg)
+            changed = [
+                f"{sec}.{k}"
+                for sec in ("gmot", "train")
+                for k, v in new_cfg[sec].items()
+                if old_cfg.get(sec, {}).get(k) != v and f"{sec}.{k}" != "train.epochs"
+            ]
+            if changed:
+                self._say(f"[yellow]note:[/] resuming with changed options: {', '.join(changed)}")
+            if self.init_from is not None:
+                self._say(
+                    f"[yellow]note:[/] {self.exp_dir} holds checkpoints already: --init-from is ignored"
+                )
+            model = _unwrap(self.model)
+            check_state_dict_compatible(path, state["model"], model)
+            model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.epoch = int(state["epoch"]) + (1 if state.get("epoch_complete") else 0)
+            self.sampler.load_state_dict(state["sampler"])
+            if state.get("epoch_complete"):
+                self.sampler.set_epoch(self.epoch)
+            self.nan_streak = int(state.get("counters", {}).get("nan_streak", 0))
+            self.epoch_sums = dict(state.get("epoch_sums", {})) if not state.get("epoch_complete") else {}
+            rng = state.get("rng", {})
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            self.outcome.resumed_from = path
+            self._say(f"resuming from {path} (epoch {state['epoch']}, step {self.step})")
+            return
+        self.epoch_sums = {}
+        if self.init_from is not None:
+            init_from_checkpoint(_unwrap(self.model), self.init_from, self.vocab)
+            self._say(f"initialised the encoder from {self.init_from}")
+
+    # --- one batch ----------------------------------------------------------------------------------------
+
+    def _teacher_batch(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        assert self.teacher is not None
+        encoded = self.teacher.encode(texts)
+        feats = [torch.from_numpy(np.asarray(f, np.float32)) for _, f in encoded]
+        lens = torch.tensor([len(f) for f in feats], dtype=torch.long)
+        return nn.utils.rnn.pad_sequence(feats, batch_first=True), lens
+
+    def _forward(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, Tensor], Tensor]:
+        """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,)."""
+        feats = batch["feats"].to(self.device, non_blocking=True)
+        lens = batch["feat_lens"].to(self.device)
+        if train and self.cfg.train.spec_augment:
+            feats = self.spec_augment(feats, lens)
+        use_bf16 = self.device.type == "cuda" and self.cfg.train.bf16
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+        with ctx:
+            out = self.model(feats, lens)
+        per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
+        ctc = per_utt.sum() / per_utt.numel()
+        terms: dict[str, Tensor] = {"ctc": ctc}
+        loss = ctc
+        if self.use_kt and train:
+            if batch["plm"] is not None:
+                plm, plm_lens = batch["plm"], batch["plm_lens"]
+            else:
+                plm, plm_lens = self._teacher_batch(batch["texts"])
+            assert self.kt_loss is not None
+            kt = self.kt_loss(
+                out["adapted"].float(), out["lengths"], plm.to(self.device), plm_lens.to(self.device)
+            )
+            for k, v in kt.items():
+                if k != "plan" and isinstance(v, Tensor) and v.dim() == 0:
+                    terms[k] = v
+            loss = ctc + self.cfg.train.kt_weight * kt["kt"]
+        terms["loss"] = loss
+        return terms, per_utt
+
+    def _oom_message(self, batch: dict[str, Any]) -> str:
+        t = self.cfg.train
+        return (
+            f"GPU out of memory on a batch of {len(batch['ids'])} utterances x {batch['feats'].shape[1]} "
+            "frames; "
+            f"lower the frames-per-batch budget, e.g. --set train.max_frames={t.max_frames // 2} "
+            f"(now {t.max_frames}), or train.max_utts (now {t.max_utts})"
+        )
+
+    def _skip_backward(self) -> None:
+        """Under DDP a skipped batch still joins the gradient all-reduce, with zero gradients."""
+        if self.dd.world > 1:
+            (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
+
+    def _optimizer_step(self, good: int) -> bool:
+        """Clip and apply accumulated gradients (`good` = batches that contributed); False when skipped."""
+        t = self.cfg.train
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if good == 0 or not params:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        if good != t.accum_grad:  # a skipped batch or the end of an epoch: mean over the batches that counted
+            for p in params:
+                p.grad.mul_(t.accum_grad / good)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._count_nan("gradient")
+            return False
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(self.step, self.cfg, self.total_steps)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.nan_streak = 0
+        return True
+
+    def _count_nan(self, what: str) -> None:
+        self.outcome.skipped_nan += 1
+        self.epoch_sums["skipped_nan"] = self.epoch_sums.get("skipped_nan", 0) + 1
+        self.nan_streak += 1
+        limit = self.cfg.train.max_nan_steps
+        if self.nan_streak >= limit:
+            raise TrainingError(
+                f"the {what} was NaN in {self.nan_streak} consecutive steps (epoch {self.epoch}, "
+                f"step {self.step}); "
+                f"stopping (train.max_nan_steps={limit}). Lower the learning rate (--set train.lr=...), "
+                "raise train.warmup_steps or check the data; the last good checkpoint is in "
+                f"{self.exp_dir}"
+            )
+
+    # --- epochs -------------------------------------------------------------------------------------------
+
+    def _train_epoch(self, progress: Progress | None) -> None:
+        t = self.cfg.train
+        self.sampler.set_epoch(self.epoch)
+        self.model.train()
+        done = self.sampler.consumed
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=t.num_workers,
+            persistent_workers=False,
+            pin_memory=self.device.type == "cuda",
+        )
+        task = None
+        if progress is not None:
+            task = progress.add_task(
+                f"epoch {self.epoch}/{t.epochs}", total=len(self.sampler), completed=done, terms=""
+            )
+        good = 0
+        window: dict[str, float] = {}
+        window_n = 0
+        for batch in loader:
+            position = done * self.dd.world + self.dd.rank
+            torch.manual_seed(_batch_seed(t.seed, self.epoch, position))
+            try:
+                terms, per_utt = self._forward(batch, train=True)
+            except torch.cuda.OutOfMemoryError:
+                raise TrainingError(self._oom_message(batch)) from None
+            loss = terms["loss"]
+            bad_inf = float(bool(torch.isinf(per_utt).any()) and not bool(torch.isnan(per_utt).any()))
+            bad_nan = float(bool(torch.isnan(loss)) or (not bad_inf and not bool(torch.isfinite(loss))))
+            bad_inf, bad_nan = _all_reduce([bad_inf, bad_nan], self.dd, self.device, op="max")
+            if bad_inf:
+                self.outcome.skipped_inf += 1
+                self.epoch_sums["skipped_inf"] = self.epoch_sums.get("skipped_inf", 0) + 1
+                self._skip_backward()
+                if self.dd.main:
+                    bad = [batch["ids"][i] for i in torch.nonzero(torch.isinf(per_utt)).flatten().tolist()]
+                    self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=bad)
+            elif bad_nan:
+                self._skip_backward()
+                self.logger.log(
+                    "skip", self.step, epoch=self.epoch, reason="nan_loss", utterances=batch["ids"]
+                )
+                self._count_nan("loss")
+            else:
+                try:
+                    (loss / t.accum_grad).backward()
+                except torch.cuda.OutOfMemoryError:
+                    raise TrainingError(self._oom_message(batch)) from None
+                good += 1
+                for k, v in terms.items():
+                    window[k] = window.get(k, 0.0) + float(v.detach())
+                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v.detach())
+                window_n += 1
+                self.epoch_sums["batches"] = self.epoch_sums.get("batches", 0) + 1
+            done += 1
+            last = done == len(self.sampler)
+            if done % t.accum_grad == 0 or last:
+                stepped = self._optimizer_step(good)
+                good = 0
+                if stepped and self.step % t.log_interval == 0 and window_n:
+                    means = {k: v / window_n for k, v in window.items()}
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means)
+                    window, window_n = {}, 0
+                    if progress is not None and task is not None:
+                        shown = " ".join(
+                            f"{k} {v:.3f}" for k, v in means.items() if k in ("loss", "ctc", "kt")
+                        )
+                        progress.update(task, terms=f"{shown} lr {lr:.2e}")
+                if stepped and t.save_every_steps and self.step % t.save_every_steps == 0 and not last:
+                    self._save(epoch_complete=False, consumed=done)
+            if progress is not None and task is not None:
+                progress.update(task, completed=done)
+        if progress is not None and task is not None:
+            progress.remove_task(task)
+
+    @torch.no_grad()
+    def _dev_cer(self) -> tuple[float, float] | None:
+        """(dev CER as a fraction, mean dev CTC loss); ranks score disjoint shares and sum the counts."""
+        if self.dev_set is None:
+            return None
+        model = _unwrap(self.model)
+        model.eval()
+        lengths = self.dev_set.lengths()
+        keep = [i for i, n in enumerate(lengths) if n >= MIN_INPUT_FRAMES]
+        if self.cfg.train.dev_max_utts:
+            keep = keep[: self.cfg.train.dev_max_utts]
+        mine = keep[self.dd.rank :: self.dd.world]
+        sub_lengths = [lengths[i] for i in mine]
+        batches, _ = (
+            bucket_batches(sub_lengths, self.cfg.train.max_frames, self.cfg.train.max_utts)
+            if mine
+            else ([], [])
+        )
+        errors = ref_len = loss_sum = n_utts = 0.0
+        for b in batches:
+            batch = collate([self.dev_set[mine[i]] for i in b])
+            feats, lens = batch["feats"].to(self.device), batch["feat_lens"].to(self.device)
+            use_bf16 = self.device.type == "cuda" and self.cfg.train.bf16
+            with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+                out = model(feats, lens)
+            per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
+            finite = per_utt[torch.isfinite(per_utt)]
+            loss_sum += float(finite.sum())
+            n_utts += finite.numel()
+            hyps = greedy_ctc(out["log_probs"], out["lengths"])
+            pairs = [
+                (uid, ref, "".join(self.vocab[i] if i > 1 else "\u2047" for i in h))
+                for uid, ref, h in zip(batch["ids"], batch["texts"], hyps, strict=True)
+            ]
+            for s in score_pairs(pairs):
+                errors += s.errors
+                ref_len += s.ref_len
+        errors, ref_len, loss_sum, n_utts = _all_reduce(
+            [errors, ref_len, loss_sum, n_utts], self.dd, self.device
+        )
+        self.model.train()
+        return errors / max(ref_len, 1.0), loss_sum / max(n_utts, 1.0)
+
+    def _state(self, epoch_complete: bool, consumed: int) -> dict[str, Any]:
+        return {
+            "model": _unwrap(self.model).state_dict(),
+            "config": config_to_dict(self.cfg),
+            "vocab": list(self.vocab),
+            "cmvn": {
+                "mean": torch.from_numpy(self.cmvn[0].copy()),
+                "std": torch.from_numpy(self.cmvn[1].copy()),
+            },
+            "plm": self.plm_info,
+            "mode": self.mode,
+            "epoch": self.epoch,
+            "epoch_complete": epoch_complete,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {
+                "name": self.cfg.train.schedule,
+                "step": self.step,
+                "total_steps": self.total_steps,
+            },
+            "scaler": None,
+            "sampler": self.sampler.state_dict(consumed),
+            "rng": _rng_state(self.device),
+            "counters": {"nan_streak": self.nan_streak},
+            "epoch_sums": dict(self.epoch_sums),
+        }
+
+    def _save(self, epoch_complete: bool, consumed: int, dev_cer: float | None = None) -> None:
+        """Write ckpt-<step>.pt atomically (rank 0), update checkpoints.json, prune to keep_last + best n."""
+        if self.dd.main:
+            path = checkpoint_path(self.exp_dir, self.step)
+            state = self._state(epoch_complete, consumed)
+            state["dev_cer"] = dev_cer
+            save_checkpoint(path, state)
+            index = [e for e in _read_index(self.exp_dir) if e["file"] != path.name]
+            index.append(
+                {
+                    "file": path.name,
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "epoch_complete": epoch_complete,
+                    "dev_cer": dev_cer,
+                }
+            )
+            keep = {e["file"] for e in index[-max(self.cfg.train.keep_last, 1) :]}
+            keep |= {e["file"] for e in self._best(index)}
+            _write_index(self.exp_dir, [e for e in index if e["file"] in keep])
+            for e in index:
+                if e["file"] not in keep:
+                    (self.exp_dir / e["file"]).unlink(missing_ok=True)
+        if self.dd.world > 1:
+            dist.barrier()
+
+    def _best(self, index: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        n = self.cfg.train.average_best
+        if n <= 0:
+            return []
+        done = [e for e in index if e.get("epoch_complete")]
+        scored = [e for e in done if e.get("dev_cer") is not None]
+        if scored:
+            return sorted(scored, key=lambda e: (e["dev_cer"], -e["step"]))[:n]
+        return done[-n:]
+
+    def _average(self) -> None:
+        """Write avg.pt: the mean of the best `average_best` epochs by dev CER.
+
+        An average of checkpoints far apart in training can be worse than its best member (early in a short
+        run); then fewer of the best are averaged, down to the single best, and the first that is no worse on
+        dev than the best single checkpoint is kept.
+        """
+        index = [e for e in _read_index(self.exp_dir) if (self.exp_dir / e["file"]).is_file()]
+        best = self._best(index)
+        if not best:
+            return
+        single_best = best[0].get("dev_cer")
+        for k in range(len(best), 0, -1):
+            chosen = best[:k]
+            paths = [self.exp_dir / e["file"] for e in chosen]
+            if self.dd.main:
+                state = load_checkpoint(max(paths), map_location="cpu")
+                keep = {k: state[k] for k in ("config", "vocab", "cmvn", "plm", "mode", "epoch", "step")}
+                save_checkpoint(
+                    self.exp_dir / AVERAGE_NAME,
+                    {
+                        **keep,
+                        "model": average_checkpoints(paths),
+                        "averaged_from": [p.name for p in paths],
+                        "dev_cer_of_sources": [e.get("dev_cer") for e in chosen],
+                    },
+                )
+            if self.dd.world > 1:
+                dist.barrier()
+            model = _unwrap(self.model)
+            model.load_state_dict(load_checkpoint(self.exp_dir / AVERAGE_NAME)["model"])
+            result = self._dev_cer()
+            self.outcome.average = self.exp_dir / AVERAGE_NAME
+            if result is None:
+                return
+            self.outcome.average_cer = result[0]
+            self.logger.log("average", self.step, files=[p.name for p in paths], dev_cer=result[0])
+            self._say(f"avg.pt = mean of {', '.join(p.name for p in paths)}: dev CER {100 * result[0]:.2f} %")
+            if k == 1 or single_best is None or result[0] <= single_best:
+                return
+            self._say(f"  worse than the best single checkpoint ({100 * single_best:.2f} %): averaging fewer")
+
+    # --- the run ------------------------------------------------------------------------------------------
+
+    def run(self) -> TrainOutcome:
+        """Train up to cfg.train.epochs epochs (resuming if EXP_DIR has checkpoints); return the outcome."""
+        try:
+            return self._run()
+        finally:
+            if self.dd.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def _run(self) -> TrainOutcome:
+        t = self.cfg.train
+        self._load_data()
+        self._build()
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if self.dd.main:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+        if self.dd.world > 1:
+            dist.barrier()
+        self._resume_or_init()
+        if self.dd.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.logger = _Logger(self.exp_dir, self.dd.main)
+        if self.dd.main:
+            dump_config(self.cfg, self.exp_dir / CONFIG)
+            _record_command(self.exp_dir, self.command)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self._say(
+            f"{self.mode if self.use_kt else 'pretrain'}: {n_params / 1e6:.2f} M parameters, "
+            f"{len(self.train_set)} train utterances in {len(self.sampler.batches)} batches, "
+            f"device {self.device}, {self.dd.world} process(es)"
+        )
+        for e in _read_index(self.exp_dir) if self.dd.main else []:
+            if e.get("dev_cer") is not None:
+                self.outcome.dev_cer[int(e["epoch"])] = float(e["dev_cer"])
+        try:
+            with _progress(self.show_progress and self.dd.main, self.console) as progress:
+                while self.epoch <= t.epochs:
+                    started = time.time()
+                    self._train_epoch(progress)
+                    dev = self._dev_cer()
+                    dev_cer = None if dev is None else dev[0]
+                    sums = self.epoch_sums
+                    n = max(sums.get("batches", 0), 1)
+                    summary = {
+                        k: v / n
+                        for k, v in sums.items()
+                        if k not in ("batches", "skipped_inf", "skipped_nan")
+                    }
+                    summary.update(
+                        skipped_inf=int(sums.get("skipped_inf", 0)),
+                        skipped_nan=int(sums.get("skipped_nan", 0)),
+                    )
+                    if dev is not None:
+                        summary.update(dev_cer=dev[0], dev_ctc=dev[1])
+                        self.outcome.dev_cer[self.epoch] = dev[0]
+                    self.logger.log(
+                        "epoch",
+                        self.step,
+                        epoch=self.epoch,
+                        seconds=round(time.time() - started, 2),
+                        **summary,
+                    )
+                    self._say(
+                        f"epoch {self.epoch}: loss {summary.get('loss', float('nan')):.4f}"
+                        + (f", dev CER {100 * dev[0]:.2f} %" if dev is not None else "")
+                        + (
+                            f", skipped {summary['skipped_inf']} inf / {summary['skipped_nan']} NaN batches"
+                            if summary["skipped_inf"] or summary["skipped_nan"]
+                            else ""
+                        )
+                    )
+                    self._save(epoch_complete=True, consumed=len(self.sampler), dev_cer=dev_cer)
+                    self.outcome.epochs_done = self.epoch
+                    self.epoch += 1
+                    self.epoch_sums = {}
+            if t.average_best > 0:
+                self._average()
+        finally:
+            self.logger.close()
+        self.outcome.step = self.step
+        self.outcome.epochs_done = self.epoch - 1
+        return self.outcome
+
+
+def train(
+    data_dir: Path,
+    exp_dir: Path,
+    cfg: ExperimentConfig,
+    *,
+    init_from: Path | None = None,
+    device: str | None = None,
+    command: list[str] | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train (or resume) an experiment; see `Trainer`. Raises TrainingError / CheckpointError with clear
+    messages for the user."""
+    return Trainer(
+        data_dir,
+        exp_dir,
+        cfg,
+        init_from=init_from,
+        device=device,
+        command=command,
+        console=console,
+        progress=progress,
+    ).run()

@@ -1,0 +1,157 @@
+"""GM-OT knowledge-transfer loss: modes, marginals, gradients and padding, standardisation, learning."""
+
+import pytest
+import torch
+
+from models.encoder import PRESETS, ConformerCTC
+from models.gmot import GMOTConfig, GMOTLoss, order_prior
+
+torch.set_num_threads(1)
+
+
+def _batch(seed: int = 0, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    n_len, m_len = torch.tensor([12, 7, 9]), torch.tensor([5, 3, 4])
+    acoustic = torch.randn(3, 12, d, generator=g)
+    plm = torch.randn(3, 5, d, generator=g) + 2.0
+    return acoustic, n_len, plm, m_len
+
+
+def _stats(d: int = 8):
+    return torch.full((d,), 2.0), torch.full((d,), 1.5)
+
+
+def _loss(**kw) -> GMOTLoss:
+    return GMOTLoss(GMOTConfig(**kw), *_stats())
+
+
+def test_mode_wd_is_fgw_with_alpha_zero() -> None:
+    acoustic, n_len, plm, m_len = _batch()
+    kw = {"epsilon": 0.1, "outer_iter": 20, "inner_iter": 50, "structure": "cosine"}
+    wd = _loss(mode="wd", alpha=0.7, **kw)(acoustic, n_len, plm, m_len)
+    fgw0 = _loss(mode="fgw", alpha=0.0, **kw)(acoustic, n_len, plm, m_len)
+    fgw = _loss(mode="fgw", alpha=0.7, **kw)(acoustic, n_len, plm, m_len)
+    assert torch.allclose(wd["plan"], fgw0["plan"], atol=1e-5)
+    assert torch.allclose(wd["kt"], fgw0["kt"], atol=1e-5)
+    assert not torch.allclose(wd["plan"], fgw["plan"], atol=1e-3)  # alpha matters in mode fgw
+    assert GMOTConfig(mode="wd", alpha=0.7).effective_alpha == 0.0
+
+
+@pytest.mark.parametrize("structure", ["cosine", "temporal", "hybrid"])
+def test_plan_has_the_marginals_and_zero_padding(structure: str) -> None:
+    acoustic, n_len, plm, m_len = _batch(1)
+    out = _loss(structure=structure, outer_iter=10, inner_iter=50)(acoustic, n_len, plm, m_len)
+    plan = out["plan"]
+    assert plan.shape == (3, 12, 5) and not plan.requires_grad
+    for i in range(3):
+        n, m = int(n_len[i]), int(m_len[i])
+        assert plan[i, n:].abs().sum() == 0 and plan[i, :, m:].abs().sum() == 0
+        assert torch.allclose(plan[i, :n].sum(1), torch.full((n,), 1 / n), atol=1e-4)
+        assert torch.allclose(plan[i, :, :m].sum(0), torch.full((m,), 1 / m), atol=1e-4)
+    for key in ("kt", "kt_ot", "kt_align"):
+        assert out[key].dim() == 0 and torch.isfinite(out[key])
+
+
+def test_an_item_alone_gets_the_same_plan_as_in_a_padded_batch() -> None:
+    acoustic, n_len, plm, m_len = _batch(2)
+    loss = _loss(outer_iter=5, inner_iter=30)
+    batch_plan = loss(acoustic, n_len, plm, m_len)["plan"]
+    alone = loss(acoustic[1:2, :7], n_len[1:2], plm[1:2, :3], m_len[1:2])["plan"]
+    assert torch.allclose(alone[0], batch_plan[1, :7, :3], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["wd", "fgw"])
+@pytest.mark.parametrize("terms", ["ot", "align", "both"])
+def test_gradients_reach_valid_frames_and_are_zero_at_padding(mode: str, terms: str) -> None:
+    acoustic, n_len, plm, m_len = _batch(3)
+    acoustic.requires_grad_(True)
+    out = _loss(mode=mode, terms=terms)(acoustic, n_len, plm, m_len)
+    out["kt"].backward()
+    grad = acoustic.grad
+    assert grad[1, 7:].abs().max() == 0 and grad[2, 9:].abs().max() == 0
+    for i in range(3):
+        assert grad[i, : int(n_len[i])].abs().sum(-1).min() > 0
+    if terms == "both":
+        assert torch.allclose(out["kt"], out["kt_ot"] + out["kt_align"])
+
+
+def test_gradients_reach_the_adapter_and_encoder_through_the_model() -> None:
+    torch.manual_seed(4)
+    model = ConformerCTC(PRESETS["tiny"], vocab_size=9, plm_width=8)
+    out = model(torch.randn(2, 40, 80), torch.tensor([40, 30]))
+    plm, m_len = torch.randn(2, 4, 8), torch.tensor([4, 2])
+    _loss()(out["adapted"], out["lengths"], plm, m_len)["kt"].backward()
+    assert model.adapter.weight.grad.abs().sum() > 0
+    assert model.layers[0].ffn1.sequential[1].weight.grad.abs().sum() > 0
+    assert model.ctc_head.weight.grad is None  # kt does not touch the CTC head
+
+
+def test_standardisation_uses_the_given_statistics() -> None:
+    acoustic, n_len, plm, m_len = _batch(5)
+    mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)
+    with_stats = GMOTLoss(GMOTConfig(standardise=True), mean, std)(acoustic, n_len, plm, m_len)
+    by_hand = GMOTLoss(GMOTConfig(standardise=False))(acoustic, n_len, (plm - mean) / std, m_len)
+    raw = GMOTLoss(GMOTConfig(standardise=False))(acoustic, n_len, plm, m_len)
+    assert torch.allclose(with_stats["kt"], by_hand["kt"], atol=1e-6)
+    assert not torch.allclose(with_stats["kt"], raw["kt"], atol=1e-3)
+    info = GMOTLoss.from_plm_info(
+        GMOTConfig(), {"name": "x", "width": 8, "mean": mean.tolist(), "std": std.tolist()}
+    )
+    assert torch.allclose(info(acoustic, n_len, plm, m_len)["kt"], with_stats["kt"], atol=1e-6)
+    assert "plm_mean" in dict(info.named_buffers())
+    with pytest.raises(ValueError, match="no PLM feature statistics"):
+        GMOTLoss(GMOTConfig(standardise=True))(acoustic, n_len, plm, m_len)
+    with pytest.raises(ValueError, match="width 4"):
+        GMOTLoss(GMOTConfig(), torch.zeros(4), torch.ones(4))(acoustic, n_len, plm, m_len)
+
+
+def test_mode_none_costs_nothing() -> None:
+    acoustic, n_len, plm, m_len = _batch(6)
+    out = _loss(mode="none")(acoustic, n_len, plm, m_len)
+    assert out["kt"].item() == 0.0 and out["plan"].shape == (3, 12, 5)
+
+
+def test_order_prior_pulls_the_plan_to_the_diagonal() -> None:
+    acoustic, n_len, plm, m_len = _batch(7)
+    a_mask = torch.arange(12)[None] < n_len[:, None]
+    b_mask = torch.arange(5)[None] < m_len[:, None]
+    prior = order_prior(a_mask, b_mask)
+    assert prior.shape == (3, 12, 5) and prior[1, 7:].abs().max() == 0
+    assert torch.isclose(prior[0, 0, 0], torch.tensor(abs(0.5 / 12 - 0.5 / 5)))
+    off = (_loss(tot_weight=0.0)(acoustic, n_len, plm, m_len)["plan"] * prior).sum()
+    on = (_loss(tot_weight=5.0)(acoustic, n_len, plm, m_len)["plan"] * prior).sum()
+    assert on < 0.5 * off
+
+
+@pytest.mark.parametrize("mode", ["wd", "fgw"])
+def test_kt_decreases_when_matching_is_possible(mode: str) -> None:
+    # acoustic frames are a hidden linear image of the tokens, each token held for 3 frames;
+    # a learnable linear adapter can undo it, so the transfer loss must fall.
+    g = torch.Generator().manual_seed(8)
+    d = 8
+    z = torch.randn(4, 5, d, generator=g)
+    m_len = torch.tensor([5, 4, 5, 3])
+    frames = z.repeat_interleave(3, dim=1)  # (4, 15, d)
+    n_len = m_len * 3
+    mix = torch.randn(d, d, generator=g)
+    x = frames @ mix + 0.05 * torch.randn(4, 15, d, generator=g)
+    adapter = torch.nn.Linear(d, d)
+    loss = GMOTLoss(GMOTConfig(mode=mode, standardise=False, structure="hybrid", epsilon=0.05))
+    opt = torch.optim.Adam(adapter.parameters(), lr=0.05)
+    values = []
+    for _ in range(40):
+        out = loss(adapter(x), n_len, z, m_len)
+        opt.zero_grad()
+        out["kt"].backward()
+        opt.step()
+        values.append(out["kt"].item())
+    assert values[-1] < 0.5 * values[0]
+    assert sum(values[-5:]) < sum(values[:5])
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        GMOTConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="unknown gmot config keys"):
+        GMOTConfig.from_dict({"alhpa": 0.1})
+    assert GMOTConfig.from_dict(GMOTConfig(mode="wd").to_dict()) == GMOTConfig(mode="wd")

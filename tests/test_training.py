@@ -1,0 +1,211 @@
+"""The training engine and the pretrain / distill commands on the tiny prepared folder (CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import models.training as training
+from gmot_cli.app import app
+from models.checkpoint import list_checkpoints, load_checkpoint, load_model
+from models.config import resolve_config
+from models.training import lr_at, train
+
+
+def _metrics(exp: Path) -> list[dict]:
+    return [json.loads(line) for line in (exp / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    cfg = resolve_config("tiny", overrides=["train.lr=0.01", "train.warmup_steps=4", "train.schedule=noam"])
+    lrs = [lr_at(s, cfg, 20) for s in range(20)]
+    assert lrs[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert lrs[15] == pytest.approx(0.01 * (4 / 16) ** 0.5)
+    cfg.train.schedule = "cosine"
+    assert lr_at(19, cfg, 20) == pytest.approx(cfg.train.min_lr_ratio * 0.01)
+    cfg.train.schedule = "linear"
+    assert lr_at(3, cfg, 20) > lr_at(10, cfg, 20) > lr_at(19, cfg, 20)
+    cfg.train.schedule = "constant"
+    assert lr_at(17, cfg, 20) == 0.01
+
+
+@pytest.mark.slow
+def test_pretrain_then_distill_both_modes_from_the_cli(tiny_prepared: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    pre = tmp_path / "pre"
+    common = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--epochs", "2"]
+    result = runner.invoke(
+        app, ["pretrain", str(tiny_prepared), str(pre), *common, "--set", "train.lr=0.003"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "best dev CER" in result.output
+    for name in ("config.yaml", "command.txt", "metrics.jsonl", "avg.pt", "checkpoints.json"):
+        assert (pre / name).is_file(), name
+    assert (
+        "train.lr=0.003" in (pre / "config.yaml").read_text() or "0.003" in (pre / "config.yaml").read_text()
+    )
+    events = _metrics(pre)
+    assert {e["event"] for e in events} >= {"train", "epoch", "average"}
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(0.0 <= e["dev_cer"] <= 5.0 and e["loss"] > 0 for e in epochs)
+    assert epochs[1]["loss"] < epochs[0]["loss"]  # it learns
+    state = load_checkpoint(list_checkpoints(pre)[-1])
+    for key in (
+        "model",
+        "config",
+        "vocab",
+        "cmvn",
+        "plm",
+        "epoch",
+        "step",
+        "optimizer",
+        "scheduler",
+        "sampler",
+        "rng",
+    ):
+        assert key in state, key
+    assert state["config"]["gmot"]["mode"] == "none"
+    assert not any(k.startswith("adapter.") for k in state["model"])
+    assert load_model(pre).model.adapter is None  # avg.pt rebuilds for decoding
+
+    for mode in ("wd", "fgw"):
+        exp = tmp_path / mode
+        args = [
+            "distill",
+            str(tiny_prepared),
+            str(exp),
+            *common,
+            "--mode",
+            mode,
+            "--init-from",
+            str(pre / "avg.pt"),
+            "--kt-weight",
+            "0.7",
+            "--epsilon",
+            "0.2",
+            "--structure",
+            "temporal",
+        ]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        state = load_checkpoint(exp / "avg.pt")
+        assert state["config"]["gmot"]["mode"] == mode
+        assert state["config"]["gmot"]["structure"] == "temporal"
+        assert state["config"]["train"]["kt_weight"] == 0.7
+        assert any(k.startswith("adapter.") for k in state["model"])
+        train_events = [e for e in _metrics(exp) if e["event"] == "train"]
+        assert all(e["kt"] > 0 and "kt_ot" in e and "kt_align" in e for e in train_events)
+        first = train_events[0]
+        assert first["loss"] == pytest.approx(first["ctc"] + 0.7 * first["kt"], rel=1e-4)
+        # initialised from the pretrained encoder: the first CTC loss is that of the pretrained model
+        assert first["ctc"] < _metrics(pre)[0]["ctc"]
+
+
+def _tiny(*extra: str):
+    return resolve_config("tiny", overrides=["train.max_utts=3", "train.epochs=2", *extra])
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["epoch", "mid-epoch"])
+def test_interrupted_run_resumes_to_the_same_weights(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # dropout and SpecAugment on: resuming must redraw the same masks
+    # mid-epoch: DataLoader workers prefetch ahead of training, the resume point must not move with them
+    workers = 2 if where == "mid-epoch" else 0
+    extra = ("model.dropout=0.1", "train.save_every_steps=1", "gmot.mode=fgw", f"train.num_workers={workers}")
+    straight = train(tiny_prepared, tmp_path / "a", _tiny(*extra), device="cpu", progress=False)
+    assert straight.resumed_from is None
+
+    original = training.Trainer._save
+    calls = {"n": 0}
+
+    def crashing_save(self, epoch_complete, consumed, dev_cer=None):
+        original(self, epoch_complete, consumed, dev_cer)
+        calls["n"] += 1
+        if (where == "epoch" and epoch_complete) or (where == "mid-epoch" and calls["n"] == 2):
+            raise _Crash
+
+    monkeypatch.setattr(training.Trainer, "_save", crashing_save)
+    with pytest.raises(_Crash):
+        train(tiny_prepared, tmp_path / "b", _tiny(*extra), device="cpu", progress=False)
+    monkeypatch.setattr(training.Trainer, "_save", original)
+    last = load_checkpoint(list_checkpoints(tmp_path / "b")[-1])
+    assert last["epoch_complete"] is (where == "epoch")
+    resumed = train(tiny_prepared, tmp_path / "b", _tiny(*extra), device="cpu", progress=False)
+    assert resumed.resumed_from is not None and resumed.resumed_from.name.endswith(f"{last['step']:09d}.pt")
+    assert resumed.step == straight.step
+    a, b = _params(list_checkpoints(tmp_path / "a")[-1]), _params(list_checkpoints(tmp_path / "b")[-1])
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    la = [e for e in _metrics(tmp_path / "a") if e["event"] == "train"]
+    lb = [e for e in _metrics(tmp_path / "b") if e["event"] == "train"]
+    assert [e["step"] for e in lb] == [e["step"] for e in la]
+    assert [e["loss"] for e in lb] == pytest.approx([e["loss"] for e in la], rel=1e-5)
+    # the command line is recorded once per run
+    assert len((tmp_path / "b" / "command.txt").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_keep_last_and_average_best(tiny_prepared: Path, tmp_path: Path) -> None:
+    cfg = _tiny("train.epochs=4", "train.keep_last=1", "train.average_best=2")
+    out = train(tiny_prepared, tmp_path / "e", cfg, device="cpu", progress=False)
+    index = json.loads((tmp_path / "e" / "checkpoints.json").read_text())
+    best = sorted((e for e in index if e["epoch_complete"]), key=lambda e: (e["dev_cer"], -e["step"]))[:2]
+    kept = {p.name for p in list_checkpoints(tmp_path / "e")}
+    assert kept == {e["file"] for e in index}
+    assert len(kept) <= 3  # the last one + the best two
+    avg = load_checkpoint(tmp_path / "e" / "avg.pt")
+    assert sorted(avg["averaged_from"]) == sorted(e["file"] for e in best)
+    assert set(out.dev_cer) == {1, 2, 3, 4}
+    # re-running a finished run trains nothing more and keeps the weights
+    before = _params(list_checkpoints(tmp_path / "e")[-1])
+    again = train(tiny_prepared, tmp_path / "e", cfg, device="cpu", progress=False)
+    assert again.step == out.step
+    after = _params(list_checkpoints(tmp_path / "e")[-1])
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*no PLM feature cache")
+def test_distill_without_a_plm_cache_warns_and_runs_the_teacher_online(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tiny_plm import make_tiny_bert_dir
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_prepared, data)
+    (data / "lang" / "plm.json").unlink()
+    for split in ("train", "dev", "test"):
+        manifest = data / split / "manifest.jsonl"
+        records = [json.loads(x) for x in manifest.read_text(encoding="utf-8").splitlines()]
+        for r in records:
+            r.pop("plm", None)
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        manifest.write_text("".join(lines), encoding="utf-8")
+    bert = make_tiny_bert_dir(tmp_path / "bert", width=24)
+    cfg = _tiny("train.epochs=1", "gmot.mode=wd", f"train.plm={bert}")
+    with pytest.warns(UserWarning, match="no PLM feature cache"):
+        train(data, tmp_path / "exp", cfg, device="cpu", progress=False)
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert state["model"]["adapter.weight"].shape[0] == 24  # the online teacher's width
+    events = [e for e in _metrics(tmp_path / "exp") if e["event"] == "train"]
+    assert events and all(e["kt"] > 0 for e in events)
+    bad = _tiny("train.epochs=1", "gmot.mode=wd", f"train.plm={tmp_path / 'nowhere'}")
+    with pytest.raises(training.TrainingError, match="no PLM cache"):
+        train(data, tmp_path / "exp2", bad, device="cpu", progress=False)

@@ -1,0 +1,229 @@
+"""Bad input and faults: infinite CTC, NaN losses, SIGKILL and resume, incompatible or corrupt checkpoints,
+unknown --set keys, GPU out of memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import models.training as training
+from gmot_cli.app import app
+from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from models.config import config_to_dict, resolve_config
+from models.encoder import ConformerCTC
+from models.training import TrainingError, train
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
+
+
+def _tiny(*extra: str):
+    return resolve_config("tiny", overrides=["train.max_utts=3", "train.epochs=1", "gmot.mode=none", *extra])
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_batch_with_infinite_ctc_is_skipped_and_counted(tiny_prepared: Path, tmp_path: Path) -> None:
+    data = _copy(tiny_prepared, tmp_path / "data")
+    manifest = data / "train" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    bad = records[4]
+    bad["token_ids"] = [2, 3] * bad["num_frames"]  # far more labels than the ~T/4 output frames allow
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = train(data, tmp_path / "exp", _tiny("train.epochs=2"), device="cpu", progress=False)
+    assert out.skipped_inf == 2  # once per epoch
+    assert out.skipped_nan == 0
+    events = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
+    skips = [e for e in events if e["event"] == "skip"]
+    assert len(skips) == 2 and all(bad["id"] in e["utterances"] and e["reason"] == "inf_ctc" for e in skips)
+    assert [e["skipped_inf"] for e in events if e["event"] == "epoch"] == [1, 1]
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["step"] > 0
+
+
+def _nan_on(calls: set[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Make the training CTC loss NaN on the given (1-based) training forward calls."""
+    original = training.Trainer._forward
+    seen = {"n": 0}
+
+    def forward(self, batch, train):
+        terms, per_utt = original(self, batch, train)
+        if train:
+            seen["n"] += 1
+            if seen["n"] in calls or -1 in calls:
+                terms = {**terms, "loss": terms["loss"] * float("nan")}
+        return terms, per_utt
+
+    monkeypatch.setattr(training.Trainer, "_forward", forward)
+    return seen
+
+
+def test_nan_loss_skips_the_step_and_goes_on(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_on({2}, monkeypatch)
+    out = train(tiny_prepared, tmp_path / "exp", _tiny(), device="cpu", progress=False)
+    assert out.skipped_nan == 1 and out.skipped_inf == 0
+    assert out.step == 3  # 4 batches, one skipped
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nan_storm_stops_with_a_clear_message(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _nan_on({-1}, monkeypatch)
+    with pytest.raises(TrainingError, match=r"NaN in 3 consecutive steps.*max_nan_steps=3.*learning rate"):
+        train(tiny_prepared, tmp_path / "exp", _tiny("train.max_nan_steps=3"), device="cpu", progress=False)
+
+
+def test_gpu_out_of_memory_names_the_budget(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(self, feats, lengths):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ConformerCTC, "forward", oom)
+    with pytest.raises(TrainingError, match=r"out of memory.*train\.max_frames=1500 \(now 3000\)"):
+        train(tiny_prepared, tmp_path / "exp", _tiny(), device="cpu", progress=False)
+
+
+def _run_cli(args: list[str]) -> tuple[int, str]:
+    result = CliRunner().invoke(app, args)
+    return result.exit_code, result.output
+
+
+def test_unknown_set_key_lists_close_matches(tiny_prepared: Path, tmp_path: Path) -> None:
+    code, output = _run_cli(["pretrain", str(tiny_prepared), str(tmp_path / "x"), "--preset", "tiny",
+                             "--set", "train.lerning_rate=1", "--set", "train.epochs=1"])  # fmt: skip
+    assert code == 2
+    assert "unknown config key 'train.lerning_rate'" in output and "train.lr" in output
+    code, output = _run_cli(["distill", str(tiny_prepared), str(tmp_path / "x"), "--preset", "tiny",
+                             "--set", "gmot.alpah=0.3"])  # fmt: skip
+    assert code == 2
+    assert "unknown config key 'gmot.alpah'" in output and "gmot.alpha" in output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "truncated", "foreign"])
+def test_init_from_missing_or_corrupt_is_a_clear_error(
+    tiny_prepared: Path, tmp_path: Path, kind: str
+) -> None:
+    path = tmp_path / "init.pt"
+    if kind == "corrupt":
+        path.write_bytes(b"this is not a checkpoint" * 10)
+    elif kind == "truncated":
+        model = ConformerCTC(_tiny().model, 12)
+        save_checkpoint(path, {"model": model.state_dict(), "config": {}, "vocab": []})
+        path.write_bytes(path.read_bytes()[:3000])
+    elif kind == "foreign":
+        torch.save(ConformerCTC(_tiny().model, 12).state_dict(), path)
+    code, output = _run_cli(
+        ["distill", str(tiny_prepared), str(tmp_path / "x"), *CLI, "--init-from", str(path)]
+    )
+    assert code == 1
+    expected = {"missing": "does not exist", "corrupt": "corrupt", "truncated": "truncated or corrupt",
+                "foreign": "not a gmot checkpoint"}[kind]  # fmt: skip
+    assert expected in " ".join(output.split()), output
+    assert "Traceback" not in output
+
+
+def _fake_checkpoint(path: Path, vocab: list[str], **model_overrides) -> None:
+    cfg = _tiny(*(f"model.{k}={v}" for k, v in model_overrides.items()))
+    model = ConformerCTC(cfg.model, len(vocab))
+    save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "config": config_to_dict(cfg),
+            "vocab": vocab,
+            "cmvn": {"mean": torch.zeros(80), "std": torch.ones(80)},
+            "epoch": 1,
+            "step": 1,
+        },
+    )
+
+
+@pytest.mark.parametrize("problem", ["vocab-size", "vocab-units", "width"])
+def test_init_from_another_vocabulary_or_width(tiny_prepared: Path, tmp_path: Path, problem: str) -> None:
+    vocab = (tiny_prepared / "lang" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "other.pt"
+    if problem == "vocab-size":
+        _fake_checkpoint(path, [*vocab, "多"])
+    elif problem == "vocab-units":
+        _fake_checkpoint(path, [*vocab[:-1], "多"])
+    else:
+        _fake_checkpoint(path, vocab, d_model=16)
+    code, output = _run_cli(
+        ["distill", str(tiny_prepared), str(tmp_path / "x"), *CLI, "--init-from", str(path)]
+    )
+    assert code == 1
+    flat = " ".join(output.split())
+    expected = {"vocab-size": "vocabulary of 13 units", "vocab-units": "different vocabulary",
+                "width": "does not match the model"}[problem]  # fmt: skip
+    assert expected in flat, output
+
+
+def test_resuming_into_a_folder_of_another_model_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    train(tiny_prepared, exp, _tiny(), device="cpu", progress=False)
+    code, output = _run_cli(["pretrain", str(tiny_prepared), str(exp), "--preset", "tiny", "--device", "cpu",
+                             "--no-progress", "--set", "model.d_model=16"])  # fmt: skip
+    assert code == 1
+    assert "different model (model.d_model)" in " ".join(output.split())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_rerun_resumes(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = tmp_path / "exp"
+    sets = ["train.max_utts=1", "train.epochs=2", "train.save_every_steps=1", "train.keep_last=2",
+            "train.average_best=0"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gmot_cli", "pretrain", str(tiny_prepared), str(exp), "--preset", "tiny",
+           "--device", "cpu", "--no-progress"]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        ckpts = list_checkpoints(exp) if exp.is_dir() else []
+        if len(ckpts) >= 1 and int(ckpts[-1].stem.split("-")[1]) >= 5:  # mid-epoch 1 (12 steps an epoch)
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = list_checkpoints(exp)
+    for path in killed_at:  # every checkpoint left behind is complete
+        load_checkpoint(path)
+    last = load_checkpoint(killed_at[-1])
+    assert last["step"] < 24
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resuming from" in " ".join(rerun.stderr.split())
+    torch.set_num_threads(1)
+    cfg = resolve_config("tiny", overrides=[*sets, "gmot.mode=none"])
+    straight = train(tiny_prepared, tmp_path / "straight", cfg, device="cpu",
+                     progress=False)  # fmt: skip
+    a = load_checkpoint(list_checkpoints(tmp_path / "straight")[-1])
+    b = load_checkpoint(list_checkpoints(exp)[-1])
+    assert a["step"] == b["step"] == straight.step == 24
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=1e-5), k
+    assert not list(exp.glob("*.tmp"))
