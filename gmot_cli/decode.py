@@ -1,0 +1,160 @@
+"""`gmot decode`: CTC transcripts of a prepared split or of audio files, with the real-time factor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from data.features import AudioError
+from data.scoring import ScoringError, score_transcripts
+from data.store import StoreError
+from gmot_cli.score import print_score
+from models.checkpoint import CheckpointError, load_model
+from models.decoding import (
+    METHODS,
+    DecodingError,
+    make_decoder,
+    real_time_factor,
+    split_utterances,
+    transcribe,
+    wav_utterances,
+    write_hypotheses,
+)
+
+
+def _fail(console: Console, message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _default_out(model: Path, split: str, method: str) -> Path:
+    exp_dir = model if model.is_dir() else model.parent
+    return exp_dir / f"decode_{split}_{method}"
+
+
+def decode(
+    model: Path = typer.Argument(
+        ..., help="Experiment folder (uses avg.pt, else the newest checkpoint) or .pt."
+    ),
+    inputs: list[Path] = typer.Argument(
+        None, help="DATA_DIR (a prepared folder), or audio files with --wav."
+    ),
+    wav: bool = typer.Option(False, "--wav", help="Treat the inputs after the model as audio files."),
+    split: str = typer.Option("test", "--split", help="Split of DATA_DIR to decode."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Output folder (default: EXP/decode_<split>_<method>; none for --wav)."
+    ),
+    method: str = typer.Option("greedy", "--method", help="greedy or beam."),
+    beam_size: int = typer.Option(10, "--beam-size", help="Beam width for --method beam."),
+    lm: Path | None = typer.Option(None, "--lm", help="KenLM n-gram over characters (ARPA or binary)."),
+    lm_weight: float = typer.Option(0.5, "--lm-weight", help="Weight of the LM log-probability (with --lm)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch_frames: int = typer.Option(20000, "--batch-frames", help="Padded input frames per batch."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+) -> None:
+    """Decode a prepared split (or audio files) with greedy CTC or beam search; write text, details, RTF."""
+    console = Console()
+    err = Console(stderr=True)
+    inputs = list(inputs or [])
+    if method not in METHODS:
+        raise _fail(err, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    if not inputs:
+        raise _fail(err, "give DATA_DIR (a prepared folder) or --wav with audio files after the model")
+    if not wav and len(inputs) != 1:
+        raise _fail(err, "give one DATA_DIR, or pass --wav to decode audio files")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _fail(err, "--device cuda was asked for but no CUDA device is available")
+    if batch_frames < 1:
+        raise _fail(err, "--batch-frames must be positive")
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        loaded = load_model(model, device=device)
+        decoder = make_decoder(method, loaded.vocab, beam_size, lm, lm_weight if lm is not None else 0.0)
+        if wav:
+            utts, refs = wav_utterances(inputs), {}
+        else:
+            split_dir = inputs[0] / split
+            if not split_dir.is_dir():
+                found = sorted(m.parent.name for m in inputs[0].glob("*/manifest.jsonl"))
+                raise _fail(
+                    err,
+                    f"split {split!r} is not prepared in {inputs[0]} (no folder {split_dir}); "
+                    f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
+                )
+            utts, refs = split_utterances(split_dir)
+    except (CheckpointError, DecodingError, StoreError, AudioError) as e:
+        raise _fail(err, str(e)) from None
+    if not utts:
+        raise _fail(err, "nothing to decode (the split is empty)")
+
+    with Progress(
+        TextColumn("decoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("decode", total=len(utts))
+        hyps = transcribe(
+            loaded.model,
+            loaded.vocab,
+            loaded.cmvn_mean,
+            loaded.cmvn_std,
+            utts,
+            decoder,
+            batch_frames=batch_frames,
+            device=device,
+            progress=lambda n: bar.advance(task, n),
+        )
+    rtf = real_time_factor(hyps)
+    audio = sum(h.duration for h in hyps)
+    summary = {
+        "checkpoint": str(loaded.path),
+        "input": [str(p) for p in inputs] if wav else str(inputs[0] / split),
+        "method": method,
+        "beam_size": beam_size if method == "beam" else None,
+        "lm": str(lm) if lm is not None else None,
+        "lm_weight": lm_weight if lm is not None else None,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "utterances": len(hyps),
+        "audio_seconds": round(audio, 3),
+        "decode_seconds": round(sum(h.decode_time for h in hyps), 4),
+        "rtf": rtf,
+    }
+    result = None
+    if refs:
+        try:
+            result = score_transcripts(refs, {h.id: h.text for h in hyps}, "char")
+            summary.update({"cer": result.rate, "errors": result.errors, "ref_chars": result.ref_len})
+        except ScoringError:  # no reference text in the manifest
+            result = None
+    if wav:
+        for h in hyps:
+            console.print(f"{h.id} {h.text}", markup=False, highlight=False)
+    out_dir = out if out is not None or wav else _default_out(model, split, method)
+    if out_dir is not None:
+        try:
+            write_hypotheses(out_dir, hyps, summary)
+        except OSError as e:
+            raise _fail(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
+        console.print(f"wrote {escape(str(out_dir))}/text, details.jsonl, rtf.json", highlight=False)
+    console.print(
+        f"{len(hyps)} utterances, {audio:.1f} s of audio, RTF {rtf:.4f} ({method}, {device}, "
+        f"{torch.get_num_threads()} threads)",
+        highlight=False,
+    )
+    if result is not None:
+        print_score(result, console, title=f"{split} ({method})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `decode` command to the app."""
+    app.command("decode")(decode)

@@ -1,0 +1,143 @@
+"""`gmot decode` end to end on a tiny fitted model, audio input handling and the bad-input errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from tiny_model import build_tiny_checkpoint
+from typer.testing import CliRunner
+
+from data.features import compute_fbank, load_audio
+from data.scoring import read_kaldi_text, read_transcripts, score_transcripts
+from gmot_cli.app import app
+from models.decoding import wav_utterances
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_exp(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An experiment folder with avg.pt of a tiny model fitted on tiny_prepared/train."""
+    return build_tiny_checkpoint(tiny_prepared, tmp_path_factory.mktemp("tiny_exp"))
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.slow
+def test_decode_split_writes_text_details_rtf_and_scores(
+    tiny_exp: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "hyp"
+    res = _invoke(
+        "decode", tiny_exp, tiny_prepared, "--split", "train", "--out", out, "--batch-frames", "300"
+    )
+    assert res.exit_code == 0, res.output
+    hyps = read_kaldi_text(out / "text")
+    refs = read_transcripts(tiny_prepared / "train")
+    assert list(hyps) == list(refs)  # every utterance, manifest order
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [d["id"] for d in details] == list(refs)
+    assert all(d["duration"] > 0 and d["decode_time"] > 0 for d in details)
+    assert [d["hyp"] for d in details] == list(hyps.values())
+    summary = json.loads((out / "rtf.json").read_text(encoding="utf-8"))
+    assert summary["rtf"] == pytest.approx(
+        sum(d["decode_time"] for d in details) / sum(d["duration"] for d in details), rel=1e-3
+    )
+    # the fitted model transcribes its training data well; the printed CER is the scorer's
+    cer = score_transcripts(refs, hyps).rate
+    assert cer < 0.3
+    assert summary["cer"] == pytest.approx(cer)
+    assert f"%CER {100 * cer:.2f}" in res.output
+    assert "RTF" in res.output
+
+
+@pytest.mark.slow
+def test_beam_decode_matches_greedy_on_a_fitted_model(
+    tiny_exp: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    for method in ("greedy", "beam"):
+        res = _invoke("decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / method,
+                      "--method", method, "--beam-size", "4")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    greedy = score_transcripts(
+        read_transcripts(tiny_prepared / "dev"), read_kaldi_text(tmp_path / "greedy/text")
+    )
+    beam = score_transcripts(read_transcripts(tiny_prepared / "dev"), read_kaldi_text(tmp_path / "beam/text"))
+    assert beam.rate <= greedy.rate + 0.05
+    assert json.loads((tmp_path / "beam/rtf.json").read_text())["beam_size"] == 4
+
+
+def _tone(rate: int, seconds: float = 0.6) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * np.sin(2 * np.pi * 1200 * t)).astype(np.float32)
+
+
+def test_wav_input_resamples_and_mixes_stereo_down(tmp_path: Path) -> None:
+    mono16 = tmp_path / "mono16.wav"
+    soundfile.write(mono16, _tone(16000), 16000)
+    other = tmp_path / "tone22k.wav"
+    soundfile.write(other, _tone(22050), 22050)
+    stereo = tmp_path / "stereo.wav"
+    soundfile.write(stereo, np.stack([_tone(16000), _tone(16000)], axis=1), 16000)
+    utts = wav_utterances([mono16, other, stereo])
+    assert [u.id for u in utts] == ["mono16", "tone22k", "stereo"]
+    # 0.6 s at any rate -> 0.6 s at 16 kHz -> 58 frames of 25 ms every 10 ms
+    assert [u.feats.shape for u in utts] == [(58, 80)] * 3
+    assert [round(u.duration, 3) for u in utts] == [0.6, 0.6, 0.6]
+    assert np.allclose(utts[2].feats, utts[0].feats, atol=1e-4)  # stereo of identical channels == mono
+    # the resampled tone has its energy in the same Mel bins as the native 16 kHz one
+    assert np.argmax(utts[1].feats.mean(0)) == np.argmax(utts[0].feats.mean(0))
+    assert np.allclose(compute_fbank(load_audio(other)), utts[1].feats)
+
+
+@pytest.mark.slow
+def test_decode_wav_files_prints_one_line_each(tiny_exp: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    soundfile.write(a, _tone(22050, 1.0), 22050)
+    soundfile.write(b, np.stack([_tone(8000, 0.8)] * 2, axis=1), 8000)
+    res = _invoke("decode", tiny_exp, "--wav", a, b, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    lines = read_kaldi_text(tmp_path / "out" / "text")
+    assert list(lines) == ["a", "b"]
+    for utt_id in ("a", "b"):
+        assert any(line.split(" ")[0] == utt_id for line in res.output.splitlines())
+    summary = json.loads((tmp_path / "out" / "rtf.json").read_text())
+    assert summary["audio_seconds"] == pytest.approx(1.8, abs=0.01)
+
+
+def test_missing_and_corrupt_checkpoints_are_clear_errors(tiny_prepared: Path, tmp_path: Path) -> None:
+    res = _invoke("decode", tmp_path / "nope.pt", tiny_prepared, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    assert "nope.pt does not exist" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x02not a checkpoint at all")
+    res = _invoke("decode", bad, tiny_prepared, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    assert "bad.pt" in res.output and "corrupt" in res.output
+    empty_exp = tmp_path / "exp"
+    empty_exp.mkdir()
+    res = _invoke("decode", empty_exp, tiny_prepared)
+    assert res.exit_code == 2 and "holds no checkpoint" in res.output
+
+
+def test_unprepared_split_unreadable_lm_and_bad_audio(
+    tiny_exp: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    res = _invoke("decode", tiny_exp, tiny_prepared, "--split", "eval2000", "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    assert "split 'eval2000' is not prepared" in res.output
+    assert "dev, test, train" in res.output
+    lm = tmp_path / "lm.arpa"
+    lm.write_text("not an arpa file\n", encoding="utf-8")
+    res = _invoke("decode", tiny_exp, tiny_prepared, "--method", "beam", "--lm", lm, "--out", tmp_path / "o")
+    assert res.exit_code == 2
+    assert "cannot read language model" in res.output and "lm.arpa" in res.output
+    res = _invoke("decode", tiny_exp, "--wav", tmp_path / "missing.wav")
+    assert res.exit_code == 2 and "missing.wav" in res.output
+    assert not (tmp_path / "o").exists()
