@@ -81,6 +81,12 @@ def run_training(
 def pretrain(
     data_dir: Path = typer.Argument(..., help="Prepared data folder (written by `gmot prepare`)."),
     exp_dir: Path = typer.Argument(..., help="Experiment folder; re-running the same command resumes it."),
+    init_from: Path | None = typer.Option(
+        None,
+        "--init-from",
+        help="Checkpoint whose weights start the run (continue a baseline with a fresh schedule, "
+        "the no-transfer control of a distill run).",
+    ),
     preset: str = typer.Option("demo", "--preset", help=PRESET_HELP),
     config: Path | None = typer.Option(None, "--config", help="YAML file merged over the preset."),
     overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
@@ -114,6 +120,7 @@ def pretrain(
         config_file=config,
         overrides=overrides,
         extra=extra,
+        init_from=init_from,
         device=device,
         check=check,
         progress=progress,

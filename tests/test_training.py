@@ -209,3 +209,51 @@ def test_distill_without_a_plm_cache_warns_and_runs_the_teacher_online(
     bad = _tiny("train.epochs=1", "gmot.mode=wd", f"train.plm={tmp_path / 'nowhere'}")
     with pytest.raises(training.TrainingError, match="no PLM cache"):
         train(data, tmp_path / "exp2", bad, device="cpu", progress=False)
+
+
+def test_average_falls_back_to_fewer_checkpoints_when_the_mean_is_worse(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dev CER per epoch 0.5, 0.4, 0.3; then the mean of the best 3 scores 0.6 and of the best 2 0.35, both
+    # worse than the best single checkpoint (0.3): avg.pt must end as the best epoch alone.
+    scores = iter([0.5, 0.4, 0.3, 0.6, 0.35, 0.3])
+    monkeypatch.setattr(training.Trainer, "_dev_cer", lambda self: (next(scores), 1.0))
+    cfg = _tiny("train.epochs=3", "train.keep_last=3", "train.average_best=3")
+    out = train(tiny_prepared, tmp_path / "e", cfg, device="cpu", progress=False)
+    avg = load_checkpoint(tmp_path / "e" / "avg.pt")
+    index = json.loads((tmp_path / "e" / "checkpoints.json").read_text())
+    best = min(index, key=lambda e: e["dev_cer"])
+    assert avg["averaged_from"] == [best["file"]] and best["epoch"] == 3
+    assert out.average_cer == pytest.approx(0.3)
+    tried = [e["files"] for e in _metrics(tmp_path / "e") if e["event"] == "average"]
+    assert [len(f) for f in tried] == [3, 2, 1]
+    assert torch.equal(
+        avg["model"]["ctc_head.weight"], _params(tmp_path / "e" / best["file"])["ctc_head.weight"]
+    )
+
+
+def test_pretrain_init_from_starts_from_the_given_weights(tiny_prepared: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    common = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--epochs", "1"]
+    assert runner.invoke(app, ["pretrain", str(tiny_prepared), str(tmp_path / "a"), *common]).exit_code == 0
+    start = tmp_path / "a" / "avg.pt"
+    zero_lr = [*common, "--set", "train.lr=1e-9", "--set", "train.average_best=0"]
+    result = runner.invoke(
+        app, ["pretrain", str(tiny_prepared), str(tmp_path / "b"), "--init-from", str(start), *zero_lr]
+    )
+    assert result.exit_code == 0, result.output
+    a, b = _params(start), _params(list_checkpoints(tmp_path / "b")[-1])
+    conv = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in conv)  # lr ~0: it kept the initial weights
+    missing = runner.invoke(
+        app,
+        [
+            "pretrain",
+            str(tiny_prepared),
+            str(tmp_path / "c"),
+            "--init-from",
+            str(tmp_path / "no.pt"),
+            *common,
+        ],
+    )
+    assert missing.exit_code != 0 and "no.pt" in missing.output
