@@ -27,8 +27,9 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 venv: sysdeps $(VENV)/.ready
-	@# the editable install points at this clone; re-point it when run from another clone
-	@$(BIN)/python -c "import gmot_cli, pathlib, sys; sys.exit(0 if pathlib.Path(gmot_cli.__file__).resolve().parent.parent == pathlib.Path('.').resolve() else 1)" \
+	@# the venv is shared by clones on this machine: point its editable install at this clone (checked from
+	@# outside the clone, where the current directory cannot shadow the installed mapping)
+	@(cd / && $(BIN)/python -c "import gmot_cli, pathlib, sys; sys.exit(pathlib.Path(gmot_cli.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())") \
 	  || $(BIN)/pip install -q --no-deps -e .
 
 test: venv
@@ -37,6 +38,10 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
+
+# The main job on the embedded demo corpus (see recipes/demo/run.sh; sizes overridable from the environment).
+demo: venv
+	PATH="$(BIN):$$PATH" OUT=$(DEMO_DIR) bash recipes/demo/run.sh
 
 lint: venv
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,54 @@
+"""`make demo`'s recipe (recipes/demo/run.sh) runs end to end at a tiny size and prints its summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (make sysdeps)")
+def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OUT": str(out),
+        "TRAIN_SENTENCES": "24",
+        "VOICES": "1",
+        "PRESET": "tiny",
+        "PRETRAIN_EPOCHS": "1",
+        "CONTINUE_EPOCHS": "1",
+        "JOBS": "1",
+        "EXTRA": "--no-progress --device cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    run = subprocess.run(
+        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "gmot demo: test set" in run.stdout
+    for name in ("baseline", "gmot"):
+        rtf = json.loads((out / "exp" / name / "decode_test" / "rtf.json").read_text())
+        score = json.loads((out / "exp" / name / "decode_test" / "score.json").read_text())
+        assert rtf["cer"] == pytest.approx(score["cer"])  # decode's CER is the scorer's
+        assert rtf["utterances"] == score["sentences"] > 0
+    gmot_state = out / "exp" / "gmot" / "avg.pt"
+    assert gmot_state.is_file() and (out / "exp" / "baseline" / "avg.pt").is_file()
+    assert len(list((out / "plots").glob("*.png"))) == 3
+    # the corpus folder records the sentences' licence
+    assert "CC-BY-SA-4.0" in (out / "data" / "corpus" / "LICENSE-sentences.txt").read_text()
+    # re-running skips finished stages and ends with the same table
+    again = subprocess.run(
+        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert run.stdout.splitlines()[-6:] == again.stdout.splitlines()[-6:]
