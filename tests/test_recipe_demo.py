@@ -32,7 +32,11 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     run = subprocess.run(
-        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")], env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "gmot demo: test set" in run.stdout
@@ -48,7 +52,11 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     assert "CC-BY-SA-4.0" in (out / "data" / "corpus" / "LICENSE-sentences.txt").read_text()
     # re-running skips finished stages and ends with the same table
     again = subprocess.run(
-        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")], env=env, capture_output=True, text=True, timeout=600
+        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert run.stdout.splitlines()[-6:] == again.stdout.splitlines()[-6:]

@@ -31,7 +31,9 @@ def main(out: Path) -> int:
             missing += 1
             continue
         r = json.loads(rtf_file.read_text(encoding="utf-8"))
-        table.add_row(run, label, f"{100 * r['cer']:.2f}", f"{r['errors']} / {r['ref_chars']}", f"{r['rtf']:.4f}")
+        table.add_row(
+            run, label, f"{100 * r['cer']:.2f}", f"{r['errors']} / {r['ref_chars']}", f"{r['rtf']:.4f}"
+        )
     console = Console()
     console.print(table)
     plots = sorted((out / "plots").glob("*.png"))
