@@ -218,7 +218,7 @@ def compute_alignment(
         struct_acoustic=d_a[0].cpu().numpy(),
         struct_linguistic=d_l[0].cpu().numpy(),
         structure=base.structure,
-        frame_shift_s=FRAME_SHIFT_S * 4,
+        frame_shift_s=FRAME_SHIFT_S * model.cfg.subsampling,
         char_spans=spans,
         notes=notes,
     )

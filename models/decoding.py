@@ -255,16 +255,16 @@ def transcribe(
 
     Batches by padded frames (`batches_by_frames`); each batch's wall time (CMVN, forward, search) is shared
     among its utterances in proportion to their frames. Utterances shorter than the model's minimum input
-    (7 frames) decode to an empty hypothesis. `progress(n)` is called after each batch with its size.
+    (`model.cfg.min_input_frames`: 7 frames at x4) decode to an empty hypothesis. `progress(n)` is called
+    after each batch with its size.
     Returns hypotheses in the input order.
     """
-    from models.encoder import MIN_INPUT_FRAMES
-
+    shortest = model.cfg.min_input_frames
     units = Vocabulary(list(vocab))
     results: list[Hypothesis | None] = [None] * len(utterances)
-    usable = [i for i, u in enumerate(utterances) if u.feats.shape[0] >= MIN_INPUT_FRAMES]
+    usable = [i for i, u in enumerate(utterances) if u.feats.shape[0] >= shortest]
     for i, u in enumerate(utterances):
-        if u.feats.shape[0] < MIN_INPUT_FRAMES:
+        if u.feats.shape[0] < shortest:
             results[i] = Hypothesis(u.id, [], "", u.duration, 0.0)
     lengths = [utterances[i].feats.shape[0] for i in usable]
     for batch in batches_by_frames(lengths, batch_frames):

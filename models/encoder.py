@@ -26,6 +26,14 @@ import torch
 from torch import Tensor, nn
 from torchaudio.models.conformer import ConformerLayer
 
+SUBSAMPLING_CONVS: dict[int, int] = {4: 2, 8: 3}
+"""Number of 3x3 stride-2 convolutions of each supported subsampling factor."""
+
+
+def min_input_frames(subsampling: int = 4) -> int:
+    """The shortest input (10 ms frames) leaving one frame after the front end: 7 for x4, 15 for x8."""
+    return 2 ** (SUBSAMPLING_CONVS[subsampling] + 1) - 1
+
 
 @dataclass
 class ModelConfig:
@@ -46,7 +54,10 @@ class ModelConfig:
     dropout: float = 0.1
     """Dropout in the blocks, after the positional encoding and before the CTC head / adapter."""
     subsampling_channels: int = 256
-    """Channels of the two stride-2 3x3 Conv2d layers of the x4 subsampling front end."""
+    """Channels of the stride-2 3x3 Conv2d layers of the subsampling front end."""
+    subsampling: int = 4
+    """Time reduction of the front end: 4 (two stride-2 convolutions, 40 ms frames) or 8 (three, 80 ms frames;
+    about half the encoder cost, enough frames for Mandarin characters at normal speaking rates)."""
     adapter_layer: int = -1
     """Which conformer block's output feeds the adapter and is returned as `hidden`: a Python index into
     the blocks (0 = first block, -1 = last, -2 = second to last ...)."""
@@ -67,8 +78,18 @@ class ModelConfig:
             )
         if self.adapter not in ("linear", "mlp"):
             raise ValueError(f"adapter must be 'linear' or 'mlp', got {self.adapter!r}")
-        if self.input_dim < 7:
-            raise ValueError(f"input_dim must be at least 7 for the x4 subsampling, got {self.input_dim}")
+        if self.subsampling not in SUBSAMPLING_CONVS:
+            raise ValueError(f"subsampling must be 4 or 8, got {self.subsampling}")
+        if self.input_dim < min_input_frames(self.subsampling):
+            raise ValueError(
+                f"input_dim must be at least {min_input_frames(self.subsampling)} for the "
+                f"x{self.subsampling} subsampling, got {self.input_dim}"
+            )
+
+    @property
+    def min_input_frames(self) -> int:
+        """The shortest input (in 10 ms frames) that leaves one output frame after the subsampling."""
+        return min_input_frames(self.subsampling)
 
     @property
     def adapter_block(self) -> int:
@@ -108,15 +129,17 @@ PRESETS: dict[str, ModelConfig] = {
 }  # fmt: skip
 
 
-def subsampled_lengths(lengths: Tensor) -> Tensor:
-    """Exact output lengths of the x4 front end (two 3x3 stride-2 convolutions, no padding).
+def subsampled_lengths(lengths: Tensor, subsampling: int = 4) -> Tensor:
+    """Exact output lengths of the front end (3x3 stride-2 convolutions, no padding), each T -> (T - 1) // 2.
 
-    lengths (B,) int -> (B,) int: T -> ((T - 1) // 2 - 1) // 2.
+    lengths (B,) int -> (B,) int; x4: T -> ((T - 1) // 2 - 1) // 2.
     """
-    return torch.div(torch.div(lengths - 1, 2, rounding_mode="floor") - 1, 2, rounding_mode="floor")
+    for _ in range(SUBSAMPLING_CONVS[subsampling]):
+        lengths = torch.div(lengths - 1, 2, rounding_mode="floor")
+    return lengths
 
 
-MIN_INPUT_FRAMES = 7
+MIN_INPUT_FRAMES = min_input_frames(4)
 """The shortest input (in 10 ms frames) that leaves one frame after the x4 subsampling."""
 
 
@@ -137,17 +160,18 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
 
 
 class Conv2dSubsampling(nn.Module):
-    """Two 3x3 stride-2 Conv2d + ReLU, then a Linear to d_model: (B, T, F) -> (B, T', d_model)."""
+    """3x3 stride-2 Conv2d + ReLU (two for x4, three for x8), then a Linear to d_model:
+    (B, T, F) -> (B, T', d_model)."""
 
-    def __init__(self, input_dim: int, channels: int, d_model: int) -> None:
+    def __init__(self, input_dim: int, channels: int, d_model: int, subsampling: int = 4) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, channels, 3, stride=2),
-            nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, stride=2),
-            nn.ReLU(),
-        )
-        freq = ((input_dim - 1) // 2 - 1) // 2
+        self.subsampling = subsampling
+        layers: list[nn.Module] = []
+        freq = input_dim
+        for i in range(SUBSAMPLING_CONVS[subsampling]):
+            layers += [nn.Conv2d(1 if i == 0 else channels, channels, 3, stride=2), nn.ReLU()]
+            freq = (freq - 1) // 2
+        self.conv = nn.Sequential(*layers)
         self.out = nn.Linear(channels * freq, d_model)
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,7 +179,7 @@ class Conv2dSubsampling(nn.Module):
         y = self.conv(x.unsqueeze(1))  # (B, C, T', F')
         b, c, t, f = y.shape
         y = self.out(y.transpose(1, 2).reshape(b, t, c * f))
-        return y, subsampled_lengths(lengths)
+        return y, subsampled_lengths(lengths, self.subsampling)
 
 
 def _conv_module_forward(module: nn.Module, x: Tensor, pad: Tensor) -> Tensor:
@@ -195,7 +219,9 @@ class ConformerCTC(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.plm_width = plm_width
-        self.subsampling = Conv2dSubsampling(cfg.input_dim, cfg.subsampling_channels, cfg.d_model)
+        self.subsampling = Conv2dSubsampling(
+            cfg.input_dim, cfg.subsampling_channels, cfg.d_model, cfg.subsampling
+        )
         self.pos_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             ConformerLayer(cfg.d_model, cfg.ffn_dim, cfg.num_heads, cfg.conv_kernel, dropout=cfg.dropout)
@@ -218,14 +244,15 @@ class ConformerCTC(nn.Module):
         {"log_probs": (B, T', V) float32 log-softmax, "lengths": (B,) int64 valid output frames,
          "hidden": (B, T', d_model) output of block cfg.adapter_layer (0 at padded frames),
          "adapted": (B, T', plm_width) adapter output (only when the model has an adapter)}.
-        T' = ((T - 1) // 2 - 1) // 2. Every length must be >= MIN_INPUT_FRAMES (7).
+        T' = subsampled_lengths(T, cfg.subsampling). Every length must be >= cfg.min_input_frames.
         """
         if feats.dim() != 3 or feats.shape[-1] != self.cfg.input_dim:
             raise ValueError(f"feats must be (B, T, {self.cfg.input_dim}), got {tuple(feats.shape)}")
-        if feats.shape[1] < MIN_INPUT_FRAMES or bool((lengths < MIN_INPUT_FRAMES).any()):
+        shortest = self.cfg.min_input_frames
+        if feats.shape[1] < shortest or bool((lengths < shortest).any()):
             raise ValueError(
-                f"every utterance needs at least {MIN_INPUT_FRAMES} frames for the x4 subsampling; "
-                f"got lengths {lengths.tolist()} with padded length {feats.shape[1]}"
+                f"every utterance needs at least {shortest} frames for the x{self.cfg.subsampling} "
+                f"subsampling; got lengths {lengths.tolist()} with padded length {feats.shape[1]}"
             )
         x, out_lengths = self.subsampling(feats, lengths)
         out_lengths = out_lengths.to(torch.long)

@@ -65,7 +65,7 @@ from models.checkpoint import (
 )
 from models.config import ExperimentConfig, config_to_dict, dump_config
 from models.decoding import greedy_ctc
-from models.encoder import MIN_INPUT_FRAMES, ConformerCTC
+from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 
 METRICS = "metrics.jsonl"
@@ -371,12 +371,13 @@ class Trainer:
                     raise TrainingError(f"no PLM cache in {self.data_dir} and no online PLM: {err}") from None
                 self.plm_width = int(self.teacher.width)
         batches, dropped = bucket_batches(
-            self.train_set.lengths(), t.max_frames, t.max_utts, MIN_INPUT_FRAMES
+            self.train_set.lengths(), t.max_frames, t.max_utts, self.cfg.model.min_input_frames
         )
         if dropped:
             ids = ", ".join(self.train_set.records[i]["id"] for i in dropped[:3])
             self._say(
-                f"[yellow]warning:[/] {len(dropped)} train utterances shorter than {MIN_INPUT_FRAMES} frames "
+                f"[yellow]warning:[/] {len(dropped)} train utterances shorter than "
+                f"{self.cfg.model.min_input_frames} frames "
                 f"are left out ({ids}{' ...' if len(dropped) > 3 else ''})"
             )
         if not batches:
@@ -651,7 +652,7 @@ class Trainer:
         model = _unwrap(self.model)
         model.eval()
         lengths = self.dev_set.lengths()
-        keep = [i for i, n in enumerate(lengths) if n >= MIN_INPUT_FRAMES]
+        keep = [i for i, n in enumerate(lengths) if n >= self.cfg.model.min_input_frames]
         if self.cfg.train.dev_max_utts:
             keep = keep[: self.cfg.train.dev_max_utts]
         mine = keep[self.dd.rank :: self.dd.world]

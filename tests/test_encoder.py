@@ -101,3 +101,18 @@ def test_mlp_adapter_and_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"d_model": 64, "n_layers": 3})
     assert ModelConfig.from_dict(PRESETS["demo"].to_dict()) == PRESETS["demo"]
+
+
+def test_x8_subsampling_lengths_minimum_and_model_output() -> None:
+    conv = torch.nn.Sequential(*[torch.nn.Conv2d(1, 1, 3, stride=2) for _ in range(3)])
+    for t in range(15, 90):
+        assert int(subsampled_lengths(torch.tensor([t]), 8)[0]) == conv(torch.zeros(1, 1, t, 80)).shape[2]
+    cfg = _tiny(subsampling=8)
+    assert cfg.min_input_frames == 15 and _tiny().min_input_frames == MIN_INPUT_FRAMES == 7
+    model = ConformerCTC(cfg, vocab_size=11).eval()
+    out = model(torch.randn(2, 83, 80), torch.tensor([83, 15]))
+    assert out["lengths"].tolist() == [9, 1] and out["log_probs"].shape == (2, 9, 11)
+    with pytest.raises(ValueError, match="at least 15 frames for the x8"):
+        model(torch.randn(1, 14, 80), torch.tensor([14]))
+    with pytest.raises(ValueError, match="subsampling must be 4 or 8"):
+        _tiny(subsampling=6)
