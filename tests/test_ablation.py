@@ -1,0 +1,143 @@
+"""benchmarks/ablation.py: runs x seeds from one pretrained start, ablation.json, the report, resuming."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_ablation() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ablation_driver", ROOT / "benchmarks" / "ablation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation = _load_ablation()
+
+
+def test_mean_std_and_run_specs() -> None:
+    assert ablation.mean_std([0.1, 0.3]) == pytest.approx((0.2, math.sqrt(0.02)))
+    assert ablation.mean_std([0.25]) == (0.25, None)
+    specs = ablation.run_specs(0.7)
+    assert specs["baseline"].overrides["gmot.mode"] == "none"
+    assert specs["wd"].overrides["gmot.mode"] == "wd"
+    assert [specs[f"fgw-{s}"].overrides["gmot.structure"] for s in ("cosine", "temporal", "hybrid")] == [
+        "cosine",
+        "temporal",
+        "hybrid",
+    ]
+    assert specs["fgw-tot"].overrides["gmot.tot_weight"] == 0.7
+    assert all(specs[n].overrides["gmot.tot_weight"] == 0.0 for n in ("wd", "fgw-cosine", "fgw-hybrid"))
+
+
+def test_bad_options_exit_2(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        ablation.parse_args([str(tmp_path), str(tmp_path / "o"), "--runs", "baseline,nonsense"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        ablation.parse_args(
+            [str(tmp_path), str(tmp_path / "o"), "--init-from", "x.pt", "--pretrain-epochs", "1"]
+        )
+    quick = ablation.parse_args([str(tmp_path), str(tmp_path / "o"), "--quick", "--epochs", "5"])
+    assert (quick.epochs, quick.pretrain_epochs, quick.seeds) == (1, 1, [0])
+    assert quick.dev_max_utts > 0 and quick.test_max_utts > 0
+
+
+def test_unknown_set_key_is_a_usage_error(tiny_prepared: Path, tmp_path: Path) -> None:
+    code = ablation.main(
+        [str(tiny_prepared), str(tmp_path / "out"), "--preset", "tiny", "--set", "train.lerning_rate=1"]
+    )
+    assert code == 2
+    assert not (tmp_path / "out" / "pretrain").exists()  # nothing trained before the config was checked
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "abl"
+    report = tmp_path / "report.md"
+    argv = [
+        str(tiny_prepared),
+        str(out),
+        "--preset",
+        "tiny",
+        "--pretrain-epochs",
+        "15",
+        "--set",
+        "train.max_utts=4",
+        "--epochs",
+        "1",
+        "--seeds",
+        "0,1",
+        "--runs",
+        "baseline,wd,fgw-cosine",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--report",
+        str(report),
+    ]
+    assert ablation.main(argv) == 0
+    data = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    runs = data["runs"]
+    assert sorted((r["run"], r["seed"]) for r in runs) == sorted(
+        (name, seed) for name in ("baseline", "wd", "fgw-cosine") for seed in (0, 1)
+    )
+    for r in runs:
+        assert math.isfinite(r["test_cer"]) and 0.0 <= r["test_cer"] < 1.0  # the pretrained start learned
+        assert r["dev_cer"] is not None and math.isfinite(r["dev_cer"])
+        assert r["wall_seconds"] > 0
+        assert r["config"]["train"]["seed"] == r["seed"]
+        assert r["config"]["train"]["epochs"] == 1
+    by_run = {(r["run"], r["seed"]): r for r in runs}
+    assert by_run[("baseline", 0)]["config"]["gmot"]["mode"] == "none"
+    assert by_run[("wd", 1)]["config"]["gmot"]["mode"] == "wd"
+    assert by_run[("fgw-cosine", 0)]["config"]["gmot"]["structure"] == "cosine"
+    # one pretrained start for every run, and it is the checkpoint pretrained into OUT/pretrain
+    start = Path(data["settings"]["start_checkpoint"])
+    assert start.parent == out / "pretrain" and start.is_file()
+    assert {r["init_sha256"] for r in runs} == {ablation.sha256_of(start)}
+    assert {r["init_checkpoint"] for r in runs} == {str(start)}
+    # the same budget of updates for every run
+    assert len({r["steps"] for r in runs}) == 1 and runs[0]["steps"] > 0
+    # the decoded test set is scored against its references
+    rtf = json.loads((out / "runs" / "wd-seed1" / "decode_test" / "rtf.json").read_text(encoding="utf-8"))
+    assert rtf["cer"] == pytest.approx(by_run[("wd", 1)]["test_cer"])
+    # summary: mean and sample std of the two seeds
+    summary = {row["run"]: row for row in data["summary"]}
+    cers = [by_run[("fgw-cosine", s)]["test_cer"] for s in (0, 1)]
+    assert summary["fgw-cosine"]["test_cer_mean"] == pytest.approx(sum(cers) / 2)
+    assert summary["fgw-cosine"]["test_cer_std"] == pytest.approx(abs(cers[0] - cers[1]) / math.sqrt(2))
+    # the report: one table row per run, the exact command, machine and settings
+    text = report.read_text(encoding="utf-8")
+    for name in ("baseline", "wd", "fgw-cosine"):
+        row = summary[name]
+        assert f"| {name} | " in text
+        assert f"| {100 * row['test_cer_mean']:.2f} | {100 * row['test_cer_std']:.2f} |" in text
+    assert "python benchmarks/ablation.py " + " ".join(argv) in text
+    assert data["command"] == "python benchmarks/ablation.py " + " ".join(argv)
+    for key in ("- cpu:", "- cores:", "- torch:", "- threads:", "- alpha:", "- epsilon:", "- kt_weight:"):
+        assert key in text
+    # a second invocation reuses the finished runs: no training, the same numbers
+    ckpt_mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    started = time.perf_counter()
+    assert ablation.main(argv) == 0
+    assert time.perf_counter() - started < 5.0
+    again = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    assert [(r["run"], r["seed"], r["test_cer"]) for r in again["runs"]] == [
+        (r["run"], r["seed"], r["test_cer"]) for r in runs
+    ]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == ckpt_mtimes
+    # a finished run is not silently mixed with a run from other settings
+    assert ablation.main([*argv, "--epochs", "2"]) == 2
