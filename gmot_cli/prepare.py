@@ -31,8 +31,9 @@ prepare_app = typer.Typer(
 class _Common:
     """Options shared by every prepare command."""
 
-    def __init__(self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames):
+    def __init__(self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu"):
         self.plm = plm
+        self.plm_device = plm_device
         self.plm_layer = plm_layer
         self.no_plm_cache = no_plm_cache
         self.options = PrepareOptions(
@@ -50,6 +51,12 @@ def _plm_opt():
 
 def _layer_opt():
     return typer.Option(-1, "--plm-layer", help="Teacher hidden state to cache (0 = embeddings, -1 = last).")
+
+
+def _plm_device_opt():
+    return typer.Option(
+        "cpu", "--plm-device", help="Device for the PLM teacher's forward pass: cpu, cuda, cuda:N."
+    )
 
 
 def _no_cache_opt():
@@ -92,9 +99,16 @@ def _load_teacher(common: _Common):
         return None
     from models.plm import PLMError, load_teacher
 
+    if common.plm_device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail(
+                f"--plm-device {common.plm_device}: no CUDA device is visible here (use --plm-device cpu)"
+            )
     try:
         with _err.status(f"loading the PLM teacher {common.plm or 'e5-small'} ..."):
-            return load_teacher(common.plm, common.plm_layer)
+            return load_teacher(common.plm, common.plm_layer, device=common.plm_device)
     except PLMError as exc:
         raise _fail(f"{exc} (or pass --no-plm-cache to prepare without a PLM cache)") from None
 
@@ -167,13 +181,14 @@ def kaldi(
     lang: Path | None = _lang_opt(),
     plm: str | None = _plm_opt(),
     plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
     no_plm_cache: bool = _no_cache_opt(),
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
     splits = []
     try:
         for name, path in _parse_splits(split, "DIR"):
@@ -191,13 +206,14 @@ def jsonl(
     lang: Path | None = _lang_opt(),
     plm: str | None = _plm_opt(),
     plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
     no_plm_cache: bool = _no_cache_opt(),
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
     splits = []
     try:
         for name, path in _parse_splits(split, "FILE"):
@@ -214,13 +230,14 @@ def aishell1(
     out_dir: Path = typer.Argument(..., help="Output folder."),
     plm: str | None = _plm_opt(),
     plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
     no_plm_cache: bool = _no_cache_opt(),
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
 ) -> None:
     """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
     try:
         found = read_aishell1(corpus_dir)
     except CorpusError as exc:
@@ -243,6 +260,7 @@ def demo(
     voices_per_sentence: int = typer.Option(2, "--voices-per-sentence", help="Training voices per sentence."),
     plm: str | None = _plm_opt(),
     plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
     no_plm_cache: bool = _no_cache_opt(),
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
@@ -251,7 +269,7 @@ def demo(
     """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
     from data import demo as demo_corpus
 
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
     if not demo_corpus.espeak_available():
         raise _fail(
             "espeak-ng was not found on PATH; the demo corpus needs it: install it with "

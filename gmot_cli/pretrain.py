@@ -5,6 +5,7 @@ The options shared with `gmot distill` and the error handling live here too (`ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,8 @@ def run_training(
             Text("interrupted; re-run the same command to resume from the last checkpoint", style="yellow")
         )
         raise typer.Exit(130) from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports
+        return outcome
     out = Console()
     if outcome.dev_cer:
         best = min(outcome.dev_cer, key=lambda e: outcome.dev_cer[e])
@@ -99,13 +102,14 @@ def pretrain(
 
     def check(cfg: ExperimentConfig, console: Console) -> None:
         if cfg.gmot.mode != "none":
-            console.print(
-                Text(
-                    f"note: pretrain trains without transfer; gmot.mode {cfg.gmot.mode!r} set to 'none' "
-                    "(use `gmot distill` for transfer)",
-                    style="yellow",
+            if int(os.environ.get("RANK", "0")) == 0:
+                console.print(
+                    Text(
+                        f"note: pretrain trains without transfer; gmot.mode {cfg.gmot.mode!r} set to 'none' "
+                        "(use `gmot distill` for transfer)",
+                        style="yellow",
+                    )
                 )
-            )
             cfg.gmot.mode = "none"
 
     extra = {"train.epochs": epochs, "train.seed": seed}

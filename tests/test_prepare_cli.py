@@ -228,3 +228,20 @@ def test_unknown_plm_is_a_clear_error(tmp_path: Path) -> None:
     assert "no-such-model-xyz" in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o" / "train").exists()  # nothing was computed
+
+
+def test_plm_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available() or shutil.which("espeak-ng") is None:
+        return  # the message is about a machine without CUDA (demo checks espeak-ng before the teacher)
+    from typer.testing import CliRunner
+
+    from gmot_cli.app import app
+
+    result = CliRunner().invoke(app, ["prepare", "demo", str(tmp_path / "out"), "--plm-device", "cuda"])
+    assert result.exit_code == 2
+    assert "no CUDA device" in result.output
+    assert not (tmp_path / "out" / "corpus").exists()  # nothing synthesised before the check
