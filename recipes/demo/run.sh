@@ -12,7 +12,7 @@ SEED=${SEED:-0}                            # corpus and training seed
 TRAIN_SENTENCES=${TRAIN_SENTENCES:-}       # empty: all usable HSK sentences not held out for dev/test
 VOICES=${VOICES:-2}                        # training voices per sentence
 PRESET=${PRESET:-demo}                     # model/training preset (tiny is for tests)
-PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-3}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-6}
 CONTINUE_EPOCHS=${CONTINUE_EPOCHS:-1}      # epochs of distill, and of the baseline continued without transfer
 JOBS=${JOBS:-2}
 EXTRA=${EXTRA:-}                           # extra options for pretrain and distill, e.g. "--set train.lr=0.003"
