@@ -13,15 +13,15 @@ from rich.console import Console
 from rich.table import Table
 
 RUNS = {
-    "baseline": "conformer-CTC, continued without transfer",
-    "gmot": "conformer-CTC + GM-OT (fgw) transfer",
+    "baseline": "CTC, no transfer",
+    "gmot": "CTC + GM-OT (fgw)",
 }
 
 
 def main(out: Path) -> int:
     """Print the table for the demo folder `out`; return 1 when a run's decode result is missing."""
     table = Table(title=f"gmot demo: test set, voices held out of training ({out})")
-    for col in ("run", "model", "test CER %", "errors / chars", "RTF (greedy, CPU)"):
+    for col in ("run", "model", "test CER %", "errors / chars", "RTF greedy"):
         table.add_column(col, justify="right" if col != "model" and col != "run" else "left")
     missing = 0
     for run, label in RUNS.items():
@@ -34,7 +34,7 @@ def main(out: Path) -> int:
         table.add_row(
             run, label, f"{100 * r['cer']:.2f}", f"{r['errors']} / {r['ref_chars']}", f"{r['rtf']:.4f}"
         )
-    console = Console()
+    console = Console(width=max(Console().width, 100))
     console.print(table)
     plots = sorted((out / "plots").glob("*.png"))
     console.print(f"transport-plan plots: {', '.join(str(p) for p in plots) or 'none'}")
