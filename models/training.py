@@ -278,6 +278,12 @@ def _progress(enabled: bool, console: Console | None) -> Iterator[Progress | Non
 # the engine
 
 
+def _flushes_subnormals() -> bool:
+    """Whether the CPU currently flushes subnormal float32 results to zero (torch.set_flush_denormal)."""
+    tiny = torch.tensor([1e-38], dtype=torch.float32)
+    return bool((tiny * 1e-3).item() == 0.0)
+
+
 class Trainer:
     """One training run from a prepared folder into an experiment folder; `run()` trains, returns the outcome.
 
@@ -389,10 +395,6 @@ class Trainer:
 
     def _build(self) -> None:
         t = self.cfg.train
-        if self.device.type == "cpu":
-            # Adam moments and late-training gradients reach subnormal floats, which x86 CPUs process
-            # many times slower than normal ones; flushing them to zero changes nothing measurable.
-            torch.set_flush_denormal(True)
         torch.manual_seed(t.seed)
         self.model: nn.Module = ConformerCTC(self.cfg.model, len(self.vocab), self.plm_width).to(self.device)
         decay, no_decay = [], []
@@ -796,9 +798,15 @@ class Trainer:
 
     def run(self) -> TrainOutcome:
         """Train up to cfg.train.epochs epochs (resuming if EXP_DIR has checkpoints); return the outcome."""
+        flushing = _flushes_subnormals()
+        if self.device.type == "cpu":
+            # Adam moments and late-training gradients reach subnormal floats, which x86 CPUs process many
+            # times slower than normal ones. The setting is process-wide: restored when training ends.
+            torch.set_flush_denormal(True)
         try:
             return self._run()
         finally:
+            torch.set_flush_denormal(flushing)
             if self.dd.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 

@@ -257,3 +257,14 @@ def test_pretrain_init_from_starts_from_the_given_weights(tiny_prepared: Path, t
         ],
     )
     assert missing.exit_code != 0 and "no.pt" in missing.output
+
+
+def test_training_leaves_the_process_subnormal_setting_as_it_found_it(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    def flushes() -> bool:
+        return bool((torch.tensor([1e-38]) * 1e-3).item() == 0.0)
+
+    assert not flushes()
+    train(tiny_prepared, tmp_path / "e", _tiny("train.epochs=1"), device="cpu", progress=False)
+    assert not flushes()
