@@ -320,7 +320,12 @@ def build_e5_small(cache_dir: Path | None = None) -> Path:
             return final
         if final.exists():  # unfinished leftover or an older recipe
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _is_current_build(final):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent build got there between check and rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
