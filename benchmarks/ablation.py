@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,7 @@ from rich.text import Text
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.scoring import ScoringError, score_transcripts
-from data.store import StoreError, read_plm_info
+from data.store import StoreError, file_sha256, read_plm_info
 from models.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from models.config import ConfigError, ExperimentConfig, config_to_dict, resolve_config
 from models.decoding import DecodingError, greedy_ctc, split_utterances, transcribe, write_hypotheses
@@ -99,15 +98,6 @@ class AblationError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------
 # small helpers
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (identifies the start checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -269,13 +259,14 @@ def pretrained_start(opt: Options, console: Console) -> tuple[Path, str]:
         path = resolve_checkpoint(opt.init_from)
         if not path.is_file():
             raise AblationError(f"--init-from {opt.init_from}: no such checkpoint")
-        return path, sha256_of(path)
+        return path, file_sha256(path)
     exp = opt.out_dir / "pretrain"
     marker = exp / START_MARKER
     if marker.is_file():
         done = json.loads(marker.read_text(encoding="utf-8"))
         path = Path(done["checkpoint"])
-        if done.get("epochs") == opt.pretrain_epochs and path.is_file() and sha256_of(path) == done["sha256"]:
+        same = done.get("epochs") == opt.pretrain_epochs and path.is_file()
+        if same and file_sha256(path) == done["sha256"]:
             console.print(f"pretrained start: reusing {path} ({done['epochs']} epochs)", highlight=False)
             return path, done["sha256"]
     sets = [s for s in opt.sets if not s.strip().startswith("gmot.")]
@@ -298,7 +289,7 @@ def pretrained_start(opt: Options, console: Console) -> tuple[Path, str]:
         progress=opt.progress,
     )
     path = resolve_checkpoint(exp)
-    sha = sha256_of(path)
+    sha = file_sha256(path)
     write_json(marker, {"checkpoint": str(path), "sha256": sha, "epochs": opt.pretrain_epochs})
     return path, sha
 

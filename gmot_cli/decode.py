@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from data.features import AudioError
 from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError
+from gmot_cli.errors import error_exit
 from gmot_cli.score import print_score
 from models.checkpoint import CheckpointError, load_model
 from models.decoding import (
@@ -25,11 +26,6 @@ from models.decoding import (
     wav_utterances,
     write_hypotheses,
 )
-
-
-def _fail(console: Console, message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _default_out(model: Path, split: str, method: str) -> Path:
@@ -62,15 +58,15 @@ def decode(
     err = Console(stderr=True)
     inputs = list(inputs or [])
     if method not in METHODS:
-        raise _fail(err, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise error_exit(err, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if not inputs:
-        raise _fail(err, "give DATA_DIR (a prepared folder) or --wav with audio files after the model")
+        raise error_exit(err, "give DATA_DIR (a prepared folder) or --wav with audio files after the model")
     if not wav and len(inputs) != 1:
-        raise _fail(err, "give one DATA_DIR, or pass --wav to decode audio files")
+        raise error_exit(err, "give one DATA_DIR, or pass --wav to decode audio files")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise _fail(err, "--device cuda was asked for but no CUDA device is available")
+        raise error_exit(err, "--device cuda was asked for but no CUDA device is available")
     if batch_frames < 1:
-        raise _fail(err, "--batch-frames must be positive")
+        raise error_exit(err, "--batch-frames must be positive")
     if threads > 0:
         torch.set_num_threads(threads)
     try:
@@ -82,16 +78,16 @@ def decode(
             split_dir = inputs[0] / split
             if not split_dir.is_dir():
                 found = sorted(m.parent.name for m in inputs[0].glob("*/manifest.jsonl"))
-                raise _fail(
+                raise error_exit(
                     err,
                     f"split {split!r} is not prepared in {inputs[0]} (no folder {split_dir}); "
                     f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
                 )
             utts, refs = split_utterances(split_dir)
     except (CheckpointError, DecodingError, StoreError, AudioError) as e:
-        raise _fail(err, str(e)) from None
+        raise error_exit(err, str(e)) from None
     if not utts:
-        raise _fail(err, "nothing to decode (the split is empty)")
+        raise error_exit(err, "nothing to decode (the split is empty)")
 
     with Progress(
         TextColumn("decoding"),
@@ -144,7 +140,7 @@ def decode(
         try:
             write_hypotheses(out_dir, hyps, summary)
         except OSError as e:
-            raise _fail(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
+            raise error_exit(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
         console.print(f"wrote {escape(str(out_dir))}/text, details.jsonl, rtf.json", highlight=False)
     console.print(
         f"{len(hyps)} utterances, {audio:.1f} s of audio, RTF {rtf:.4f} ({method}, {device}, "

