@@ -211,6 +211,40 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class FrequencyWarp(nn.Module):
+    """Speaker-like augmentation on the fbank axis: each utterance's bins are stretched or squeezed by a
+    factor drawn uniformly from [1 - max_warp, 1 + max_warp] (linear interpolation, the top bin repeated
+    past the edge). A factor a moves a bin's content from bin f to bin a * f, which is what a higher or lower
+    voice (pitch harmonics and formants scaled by a) does to the low, nearly linear part of the mel axis:
+    vocal tract length perturbation applied to the prepared features instead of the audio.
+
+    forward(feats (B, T, F), lengths (B,)) -> (B, T, F); padded frames stay 0; max_warp = 0 returns feats.
+    Draws from torch's global RNG, so seed it for reproducible factors.
+    """
+
+    def __init__(self, max_warp: float = 0.1) -> None:
+        super().__init__()
+        if not 0.0 <= max_warp < 1.0:
+            raise ValueError(f"max_warp must be in [0, 1), got {max_warp}")
+        self.max_warp = max_warp
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        """feats (B, T, F), lengths (B,) -> warped copy (B, T, F)."""
+        if self.max_warp == 0.0:
+            return feats
+        b, t, f = feats.shape
+        factor = 1.0 + self.max_warp * (2.0 * torch.rand(b, 1, device=feats.device) - 1.0)  # (B, 1)
+        src = (torch.arange(f, device=feats.device, dtype=feats.dtype)[None, :] / factor).clamp(max=f - 1)
+        lo = src.floor().long()  # (B, F)
+        hi = (lo + 1).clamp(max=f - 1)
+        frac = (src - lo.to(src.dtype))[:, None, :]  # (B, 1, F)
+        x_lo = feats.gather(2, lo[:, None, :].expand(b, t, f))
+        x_hi = feats.gather(2, hi[:, None, :].expand(b, t, f))
+        out = x_lo + frac * (x_hi - x_lo)
+        valid = torch.arange(t, device=feats.device)[None, :] < lengths[:, None]
+        return out * valid.unsqueeze(-1)
+
+
 class SpecAugment(nn.Module):
     """Frequency and time masking (torchaudio.transforms) on a padded batch, a different mask per utterance.
 

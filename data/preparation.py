@@ -43,6 +43,7 @@ from data.features import (
     duration_to_frames,
     load_audio,
 )
+from data.ngram import lm_file_name, train_char_lm
 from data.store import (
     FEATS_DIR,
     MANIFEST,
@@ -94,12 +95,14 @@ class SplitInput:
 @dataclass
 class PrepareOptions:
     """Pipeline settings. `max_duration` seconds (None = no limit); `jobs` worker processes (1 = inline);
-    `shard_frames` frames per feature shard; `plm_batch_size` transcripts per teacher.encode call."""
+    `shard_frames` frames per feature shard; `plm_batch_size` transcripts per teacher.encode call;
+    `lm_order` order of the character n-gram LM of the train transcripts written to lang/ (0: none)."""
 
     max_duration: float | None = DEFAULT_MAX_DURATION
     jobs: int = 1
     shard_frames: int = DEFAULT_SHARD_FRAMES
     plm_batch_size: int = 64
+    lm_order: int = 3
 
 
 @dataclass
@@ -479,11 +482,17 @@ def prepare(
             vocab.to_file(out_lang / "vocab.txt")
             mean, std = stats.mean_std()
             write_cmvn(out_lang, mean, std, stats.frames)
+            for old in out_lang.glob("char_*gram.arpa"):
+                old.unlink()
+            if options.lm_order > 0:
+                lm_path = out_lang / lm_file_name(options.lm_order)
+                train_char_lm((k["text"] for k in kept), lm_path, options.lm_order)
     else:
         assert lang_dir is not None
         if lang_dir.resolve() != out_lang.resolve():
             out_lang.mkdir(parents=True, exist_ok=True)
-            for name in ("vocab.txt", "cmvn.json", "plm.json"):
+            lms = [p.name for p in lang_dir.glob("char_*gram.arpa")]
+            for name in ("vocab.txt", "cmvn.json", "plm.json", *lms):
                 if (lang_dir / name).is_file():
                     shutil.copyfile(lang_dir / name, out_lang / f"{name}.tmp")
                     (out_lang / f"{name}.tmp").replace(out_lang / name)
@@ -564,6 +573,8 @@ def prepare(
     if has_train and vocab is None:
         for name in ("vocab.txt", "cmvn.json", "plm.json"):  # never leave a stale lang from an earlier run
             (out_lang / name).unlink(missing_ok=True)
+        for old in out_lang.glob("char_*gram.arpa"):
+            old.unlink()
         error = (
             f"the train split ended empty (every utterance was skipped; see {out_dir / 'train' / REPORT}); "
             "no vocabulary, CMVN or manifests written"

@@ -48,10 +48,13 @@ def decode(
     method: str = typer.Option("greedy", "--method", help="greedy or beam."),
     beam_size: int = typer.Option(10, "--beam-size", help="Beam width for --method beam."),
     lm: Path | None = typer.Option(None, "--lm", help="KenLM n-gram over characters (ARPA or binary)."),
-    lm_weight: float = typer.Option(0.5, "--lm-weight", help="Weight of the LM log-probability (with --lm)."),
+    lm_weight: float = typer.Option(
+        1.0, "--lm-weight", help="Weight of the LM log10-probability (with --lm); tune it on dev."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     batch_frames: int = typer.Option(20000, "--batch-frames", help="Padded input frames per batch."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Decode a prepared split (or audio files) with greedy CTC or beam search; write text, details, RTF."""
     console = Console()
@@ -96,6 +99,7 @@ def decode(
         TimeElapsedColumn(),
         console=err,
         transient=True,
+        disable=not progress,
     ) as bar:
         task = bar.add_task("decode", total=len(utts))
         hyps = transcribe(

@@ -61,6 +61,9 @@ class TrainConfig:
     """Shuffle the order of the duration buckets each epoch (from seed + epoch)."""
     spec_augment: bool = True
     """Apply SpecAugment (frequency and time masks) to training batches."""
+    freq_warp: float = 0.0
+    """Frequency warp (vocal tract length perturbation on the fbank axis, before the masks): each training
+    utterance's bins are scaled by a factor from [1 - freq_warp, 1 + freq_warp]; 0 turns it off."""
     freq_masks: int = 2
     """SpecAugment: number of frequency masks per utterance."""
     freq_mask_width: int = 27
@@ -96,7 +99,8 @@ class TrainConfig:
     dev_max_utts: int = 0
     """Score at most this many dev utterances per epoch (0: all)."""
     bf16: bool = True
-    """Use bfloat16 autocast on CUDA (ignored on CPU)."""
+    """bfloat16 autocast for the encoder on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); ignored on
+    other CPUs. Losses stay float32."""
 
 
 @dataclass
@@ -410,3 +414,5 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    if not 0.0 <= t.freq_warp < 1.0:
+        raise ConfigError(f"train.freq_warp must be in [0, 1), got {t.freq_warp}")

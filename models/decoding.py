@@ -8,8 +8,9 @@ path score and makes flashlight's CTC rules (collapse repeats, blank separates r
 Hypotheses that reach the same label prefix are merged with log-add (`log_add=True`), i.e. the search ranks
 label sequences by (an approximation of) their summed path probability, not single best paths. With a KenLM
 model (ARPA or KenLM binary whose words are the vocabulary's characters), each emitted character adds
-`lm_weight` times its LM log-probability (KenLM's log10 converted to natural log by flashlight) and the end
-of sentence is scored when the utterance ends.
+`lm_weight` times its LM log10-probability (flashlight passes KenLM's log10 scores on unconverted, so a
+weight w on the LM is w / ln 10 in natural-log units against the acoustic log-probabilities; checked in
+tests/test_ngram.py) and the end of sentence is scored when the utterance ends.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ prepared folder has none).
 
 What a run does, in order: build the model (or resume from the newest checkpoint in EXP_DIR, or initialise
 from `--init-from`), write config.yaml and command.txt, then per epoch: train over duration-bucketed batches
-(AdamW, warm-up + decay, gradient clipping and accumulation, bf16 autocast on CUDA), a dev pass with greedy
-CER, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch checkpoints by dev CER.
+(AdamW, warm-up + decay, gradient clipping and accumulation, bf16 autocast on CUDA and bf16-capable CPUs),
+a dev pass with greedy CER, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch
+checkpoints by dev CER.
 
 Determinism: every batch reseeds torch's RNG from (seed, epoch, the batch's position in the epoch's global
 order), so dropout and SpecAugment draw the same numbers whether a run was interrupted and resumed, and
@@ -29,7 +30,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from data.loader import BucketBatchSampler, SpecAugment, SpeechDataset, bucket_batches, collate
+from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset, bucket_batches, collate
 from data.scoring import score_pairs
 from data.store import StoreError, read_cmvn, read_plm_info, read_vocab
 from models.checkpoint import (
@@ -177,6 +178,25 @@ def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
     """A reproducible seed for the batch at `position` of `epoch`'s global order."""
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_bf16(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for the encoder forward on CUDA, and on CPUs with native bf16 (1.7-1.9x faster
+    per demo training step on an AVX512-BF16 EPYC); a no-op context elsewhere or when not ``enabled``.
+    Losses are computed in float32 outside it (CTC casts its log-probs, the transport casts its inputs)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if enabled and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def ctc_losses(out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor) -> Tensor:
@@ -415,6 +435,7 @@ class Trainer:
                 gcfg = dataclasses.replace(gcfg, standardise=False)
             self.kt_loss = GMOTLoss.from_plm_info(gcfg, self.plm_info if self.teacher is None else None)
             self.kt_loss.to(self.device)
+        self.freq_warp = FrequencyWarp(t.freq_warp)
         self.spec_augment = SpecAugment(
             t.freq_masks, t.freq_mask_width, t.time_masks, t.time_mask_width, t.time_mask_ratio
         )
@@ -488,11 +509,11 @@ class Trainer:
         """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,)."""
         feats = batch["feats"].to(self.device, non_blocking=True)
         lens = batch["feat_lens"].to(self.device)
+        if train and self.cfg.train.freq_warp > 0.0:
+            feats = self.freq_warp(feats, lens)
         if train and self.cfg.train.spec_augment:
             feats = self.spec_augment(feats, lens)
-        use_bf16 = self.device.type == "cuda" and self.cfg.train.bf16
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
-        with ctx:
+        with autocast_bf16(self.device, self.cfg.train.bf16):
             out = self.model(feats, lens)
         per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
         ctc = per_utt.sum() / per_utt.numel()
@@ -668,8 +689,7 @@ class Trainer:
         for b in batches:
             batch = collate([self.dev_set[mine[i]] for i in b])
             feats, lens = batch["feats"].to(self.device), batch["feat_lens"].to(self.device)
-            use_bf16 = self.device.type == "cuda" and self.cfg.train.bf16
-            with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
+            with autocast_bf16(self.device, self.cfg.train.bf16):
                 out = model(feats, lens)
             per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
             finite = per_utt[torch.isfinite(per_utt)]

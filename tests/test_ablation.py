@@ -57,6 +57,30 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
     assert quick.dev_max_utts > 0 and quick.test_max_utts > 0
 
 
+def test_variants_add_sweep_arms_on_top_of_a_base_run(tmp_path: Path) -> None:
+    base = [str(tmp_path), str(tmp_path / "o"), "--runs", "baseline,fgw-cosine", "--preset", "tiny"]
+    opt = ablation.parse_args(
+        [
+            *base,
+            "--variant",
+            "fgw-w2=fgw-cosine:train.kt_weight=2,gmot.alpha=0.3",
+            "--variant",
+            "wd-w2=wd:train.kt_weight=2",
+        ]
+    )
+    assert opt.runs == ["baseline", "fgw-cosine", "fgw-w2", "wd-w2"]
+    spec = opt.variants["fgw-w2"]
+    assert spec.overrides["gmot.structure"] == "cosine" and spec.overrides["train.kt_weight"] == "2"
+    assert "train.kt_weight=2, gmot.alpha=0.3" in spec.description
+    cfg = ablation.run_config(opt, spec, 1)
+    assert (cfg.train.kt_weight, cfg.gmot.alpha, cfg.gmot.mode, cfg.train.seed) == (2.0, 0.3, "fgw", 1)
+    assert ablation.run_config(opt, opt.variants["wd-w2"], 0).gmot.mode == "wd"
+    for bad in ("noequals", "x=nobase:train.lr=1", "x=wd", "x=wd:train.lr", "wd=fgw-cosine:train.lr=1"):
+        with pytest.raises(SystemExit) as exc:
+            ablation.parse_args([*base, "--variant", bad])
+        assert exc.value.code == 2
+
+
 def test_unknown_set_key_is_a_usage_error(tiny_prepared: Path, tmp_path: Path) -> None:
     code = ablation.main(
         [str(tiny_prepared), str(tmp_path / "out"), "--preset", "tiny", "--set", "train.lerning_rate=1"]
@@ -89,8 +113,14 @@ def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> 
         "--no-progress",
         "--report",
         str(report),
+        "--jobs",
+        "2",
     ]
     assert ablation.main(argv) == 0
+    # --jobs 2: every run x seed was trained by a worker process, each with its own log
+    assert sorted(p.name for p in (out / "logs").glob("*.log")) == sorted(
+        f"{name}-seed{seed}.log" for name in ("baseline", "wd", "fgw-cosine") for seed in (0, 1)
+    )
     data = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
     runs = data["runs"]
     assert sorted((r["run"], r["seed"]) for r in runs) == sorted(

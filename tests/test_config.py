@@ -88,6 +88,7 @@ def test_unknown_key_lists_close_matches(override: str, expected: str) -> None:
         ("gmot.alpha=2", "alpha"),
         ("model.num_heads=3", "divisible"),
         ("train.accum_grad=0", "accum_grad"),
+        ("train.freq_warp=1.5", "freq_warp must be in"),
         ("train.lr", "key=value"),
         ("train=1", "section"),
     ],

@@ -1,4 +1,4 @@
-"""Dataset, duration bucketing, the DDP-aware resumable batch sampler, collate and SpecAugment."""
+"""Dataset, duration bucketing, the DDP-aware resumable batch sampler, collate, SpecAugment, warping."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.loader import BucketBatchSampler, SpecAugment, SpeechDataset, bucket_batches, collate
+from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset, bucket_batches, collate
 from data.store import read_cmvn, read_manifest
 
 
@@ -138,3 +138,34 @@ def test_spec_augment_masks_reproducibly_and_keeps_padding_zero() -> None:
     assert a[3, 30:].abs().sum() == 0
     kept = a != 0
     assert torch.equal(a[kept], feats[kept])  # masking only zeroes values
+
+
+def test_frequency_warp_scales_the_bin_axis_by_one_factor_per_utterance() -> None:
+    n_bins, max_warp = 80, 0.15
+    ramp = torch.arange(n_bins, dtype=torch.float32)
+    feats = ramp.expand(6, 50, n_bins).clone()  # every frame holds its bin index
+    lengths = torch.tensor([50, 50, 40, 30, 50, 10])
+    for i, n in enumerate(lengths.tolist()):
+        feats[i, n:] = 0
+    torch.manual_seed(3)
+    out = FrequencyWarp(max_warp)(feats, lengths)
+    torch.manual_seed(3)
+    assert torch.equal(out, FrequencyWarp(max_warp)(feats, lengths))  # reproducible from the seed
+    factors = []
+    for i, n in enumerate(lengths.tolist()):
+        assert out[i, n:].abs().sum() == 0  # padding stays zero
+        frame = out[i, 0]
+        assert torch.equal(out[i, :n], frame.expand(n, n_bins))  # the same warp on every frame
+        factor = 1.0 / float(frame[1])  # bin f now holds the content of bin f / factor
+        factors.append(factor)
+        assert 1 - max_warp - 1e-5 <= factor <= 1 + max_warp + 1e-5
+        expected = (ramp / factor).clamp(max=n_bins - 1)
+        torch.testing.assert_close(frame, expected, rtol=0, atol=1e-4)
+    assert len({round(f, 4) for f in factors}) == len(factors)  # drawn per utterance
+
+
+def test_frequency_warp_zero_is_the_identity_and_bad_widths_are_refused() -> None:
+    feats = torch.randn(2, 7, 80)
+    assert torch.equal(FrequencyWarp(0.0)(feats, torch.tensor([7, 7])), feats)
+    with pytest.raises(ValueError, match="max_warp"):
+        FrequencyWarp(1.0)

@@ -242,6 +242,8 @@ def test_empty_train_gives_exit_code_1_and_no_lang(tmp_path: Path) -> None:
     good_kaldi_dir(tmp_path, "good", GOOD_TEXTS[:1])  # an earlier successful run into the same folder
     prepare(tmp_path / "out", [_split_input(tmp_path / "good")])
     assert (tmp_path / "out" / "lang" / "vocab.txt").exists()
+    lm = tmp_path / "out" / "lang" / "char_3gram.arpa"
+    assert "\\3-grams:" in lm.read_text(encoding="utf-8")  # the train transcripts' character LM
     write_kaldi_dir(tmp_path / "train", {"t1": str(tmp_path / "none.wav")}, {"t1": "你好"})
     res = runner.invoke(
         app,
@@ -257,6 +259,7 @@ def test_empty_train_gives_exit_code_1_and_no_lang(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "train split ended empty" in res.output
     assert not (tmp_path / "out" / "lang" / "vocab.txt").exists()
+    assert not lm.exists()
 
 
 def test_without_train_needs_lang_then_adds_a_split(tmp_path: Path, clean_run: tuple[Path, Path]) -> None:

@@ -40,11 +40,21 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "gmot demo: test set" in run.stdout
+    assert (out / "data" / "lang" / "char_3gram.arpa").is_file()
     for name in ("baseline", "gmot"):
-        rtf = json.loads((out / "exp" / name / "decode_test" / "rtf.json").read_text())
-        score = json.loads((out / "exp" / name / "decode_test" / "score.json").read_text())
-        assert rtf["cer"] == pytest.approx(score["cer"])  # decode's CER is the scorer's
-        assert rtf["utterances"] == score["sentences"] > 0
+        for dec in ("decode_test", "decode_test_lm"):
+            rtf = json.loads((out / "exp" / name / dec / "rtf.json").read_text())
+            score = json.loads((out / "exp" / name / dec / "score.json").read_text())
+            assert rtf["cer"] == pytest.approx(score["cer"])  # decode's CER is the scorer's
+            assert rtf["utterances"] == score["sentences"] > 0
+        lm_run = json.loads((out / "exp" / name / "decode_test_lm" / "rtf.json").read_text())
+        assert lm_run["method"] == "beam" and lm_run["lm"].endswith("char_3gram.arpa")
+        dev_cers = {
+            json.loads(p.read_text())["lm_weight"]: json.loads(p.read_text())["cer"]
+            for p in (out / "exp" / name / "decode_dev_lm").glob("w*/rtf.json")
+        }
+        assert sorted(dev_cers) == [0.5, 1.0, 1.5, 2.0]
+        assert dev_cers[lm_run["lm_weight"]] == min(dev_cers.values())  # the weight was chosen on dev
     gmot_state = out / "exp" / "gmot" / "avg.pt"
     assert gmot_state.is_file() and (out / "exp" / "baseline" / "avg.pt").is_file()
     assert len(list((out / "plots").glob("*.png"))) == 3

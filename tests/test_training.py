@@ -13,7 +13,7 @@ import models.training as training
 from gmot_cli.app import app
 from models.checkpoint import list_checkpoints, load_checkpoint, load_model
 from models.config import resolve_config
-from models.training import lr_at, train
+from models.training import autocast_bf16, cpu_has_native_bf16, lr_at, train
 
 
 def _metrics(exp: Path) -> list[dict]:
@@ -35,6 +35,16 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert lr_at(3, cfg, 20) > lr_at(10, cfg, 20) > lr_at(19, cfg, 20)
     cfg.train.schedule = "constant"
     assert lr_at(17, cfg, 20) == 0.01
+
+
+def test_bf16_autocast_on_cpu_only_where_the_cpu_has_it() -> None:
+    layer = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with autocast_bf16(torch.device("cpu"), enabled=True):
+        y = layer(x)
+    assert y.dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    with autocast_bf16(torch.device("cpu"), enabled=False):
+        assert layer(x).dtype == torch.float32
 
 
 @pytest.mark.slow

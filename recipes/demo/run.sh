@@ -16,6 +16,7 @@ PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-6}
 CONTINUE_EPOCHS=${CONTINUE_EPOCHS:-1}      # epochs of distill, and of the baseline continued without transfer
 JOBS=${JOBS:-2}
 EXTRA=${EXTRA:-}                           # extra options for pretrain and distill, e.g. "--set train.lr=0.003"
+LM_WEIGHTS=${LM_WEIGHTS:-"0.5 1.0 1.5 2.0"} # weights of the character 3-gram tried on dev, per run
 
 DATA=$OUT/data
 EXP=$OUT/exp
@@ -37,18 +38,38 @@ gmot distill "$DATA" "$EXP/gmot" --init-from "$EXP/pretrain/avg.pt" --mode fgw \
 gmot pretrain "$DATA" "$EXP/baseline" --init-from "$EXP/pretrain/avg.pt" \
   --preset "$PRESET" --epochs "$CONTINUE_EPOCHS" --seed "$SEED" $EXTRA
 
-echo "== 4/6 decode: the test split (voices never heard in training), greedy CTC, no PLM"
+echo "== 4/6 decode: the test split (voices never heard in training), no PLM: greedy CTC, then beam search"
+echo "   with the train transcripts' character 3-gram (lang/char_3gram.arpa), its weight chosen on dev"
+LM=$DATA/lang/char_3gram.arpa
+here=$(dirname "$0")
+decode() {  # decode RUN OUT_FOLDER [options]: skipped when OUT_FOLDER's result is newer than the model
+  local run=$1 out=$2
+  shift 2
+  if [ "$out/rtf.json" -nt "$EXP/$run/avg.pt" ]; then return; fi
+  gmot decode "$EXP/$run" "$DATA" --out "$out" "$@"
+}
 for run in baseline gmot; do
-  gmot decode "$EXP/$run" "$DATA" --split test --out "$EXP/$run/decode_test"
+  decode "$run" "$EXP/$run/decode_test" --split test
+  dev_dirs=()
+  for w in $LM_WEIGHTS; do
+    decode "$run" "$EXP/$run/decode_dev_lm/w$w" --split dev --method beam --lm "$LM" --lm-weight "$w" \
+      --no-progress > /dev/null
+    dev_dirs+=("$EXP/$run/decode_dev_lm/w$w")
+  done
+  weight=$(python "$here/best_lm_weight.py" "${dev_dirs[@]}")
+  echo "   $run: LM weight $weight (lowest dev CER of $LM_WEIGHTS)"
+  decode "$run" "$EXP/$run/decode_test_lm" --split test --method beam --lm "$LM" --lm-weight "$weight"
 done
 
 echo "== 5/6 score"
 for run in baseline gmot; do
-  gmot score "$DATA/test" "$EXP/$run/decode_test" --json > "$EXP/$run/decode_test/score.json"
-  gmot score "$DATA/test" "$EXP/$run/decode_test"
+  for dec in decode_test decode_test_lm; do
+    gmot score "$DATA/test" "$EXP/$run/$dec" --json > "$EXP/$run/$dec/score.json"
+  done
+  gmot score "$DATA/test" "$EXP/$run/decode_test_lm"
 done
 
 echo "== 6/6 plot-alignment: WD and FGW plans of the 3 worst test utterances"
 gmot plot-alignment "$EXP/gmot" "$DATA" --split test --worst 3 --compare wd,fgw --out "$OUT/plots/worst.png"
 
-python "$(dirname "$0")/summary.py" "$OUT"
+python "$here/summary.py" "$OUT"
