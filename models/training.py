@@ -772,6 +772,27 @@ class Trainer:
             return sorted(scored, key=lambda e: (e["dev_cer"], -e["step"]))[:n]
         return done[-n:]
 
+    def _average_is_current(self, index: list[dict[str, Any]]) -> bool:
+        """True when avg.pt was written after every checkpoint and its dev CER is in the log (a re-run of a
+        finished experiment): it is kept as it is, so re-running changes nothing downstream."""
+        avg = self.exp_dir / AVERAGE_NAME
+        metrics = self.exp_dir / METRICS
+        if not avg.is_file() or not metrics.is_file():
+            return False
+        made = avg.stat().st_mtime_ns
+        if any((self.exp_dir / e["file"]).stat().st_mtime_ns > made for e in index):
+            return False
+        sources = load_checkpoint(avg, map_location="cpu").get("averaged_from")
+        records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
+        logged = [r for r in records if r.get("event") == "average"]
+        if not logged or logged[-1].get("files") != sources:
+            return False
+        _unwrap(self.model).load_state_dict(load_checkpoint(avg, map_location="cpu")["model"])
+        self.outcome.average = avg
+        self.outcome.average_cer = logged[-1].get("dev_cer")
+        self._say(f"avg.pt is up to date (mean of {', '.join(sources)}): kept")
+        return True
+
     def _average(self) -> None:
         """Write avg.pt: the mean of the best `average_best` epochs by dev CER.
 
@@ -782,6 +803,8 @@ class Trainer:
         index = [e for e in _read_index(self.exp_dir) if (self.exp_dir / e["file"]).is_file()]
         best = self._best(index)
         if not best:
+            return
+        if self._average_is_current(index):
             return
         single_best = best[0].get("dev_cer")
         for k in range(len(best), 0, -1):

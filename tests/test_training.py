@@ -181,12 +181,15 @@ def test_keep_last_and_average_best(tiny_prepared: Path, tmp_path: Path) -> None
     avg = load_checkpoint(tmp_path / "e" / "avg.pt")
     assert sorted(avg["averaged_from"]) == sorted(e["file"] for e in best)
     assert set(out.dev_cer) == {1, 2, 3, 4}
-    # re-running a finished run trains nothing more and keeps the weights
+    # re-running a finished run trains nothing more and keeps the weights, and avg.pt is left untouched
     before = _params(list_checkpoints(tmp_path / "e")[-1])
+    avg_written = (tmp_path / "e" / "avg.pt").stat().st_mtime_ns
     again = train(tiny_prepared, tmp_path / "e", cfg, device="cpu", progress=False)
     assert again.step == out.step
     after = _params(list_checkpoints(tmp_path / "e")[-1])
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "e" / "avg.pt").stat().st_mtime_ns == avg_written
+    assert (again.average, again.average_cer) == (out.average, out.average_cer)
 
 
 @pytest.mark.slow
