@@ -12,8 +12,10 @@ SEED=${SEED:-0}                            # corpus and training seed
 TRAIN_SENTENCES=${TRAIN_SENTENCES:-}       # empty: all usable HSK sentences not held out for dev/test
 VOICES=${VOICES:-2}                        # training voices per sentence
 PRESET=${PRESET:-demo}                     # model/training preset (tiny is for tests)
-PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-6}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-14}
 CONTINUE_EPOCHS=${CONTINUE_EPOCHS:-1}      # epochs of distill, and of the baseline continued without transfer
+# the continuation fine-tunes the converged pretrained model: a short warm-up to a low peak, cosine decay
+CONTINUE_SET=${CONTINUE_SET:-"--set train.lr=0.0005 --set train.warmup_steps=30"}
 JOBS=${JOBS:-2}
 EXTRA=${EXTRA:-}                           # extra options for pretrain and distill, e.g. "--set train.lr=0.003"
 LM_WEIGHTS=${LM_WEIGHTS:-"0.5 1.0 1.5 2.0"} # weights of the character 3-gram tried on dev, per run
@@ -33,10 +35,10 @@ gmot pretrain "$DATA" "$EXP/pretrain" --preset "$PRESET" --epochs "$PRETRAIN_EPO
 echo "== 3/6 distill: GM-OT transfer from the pretrained model, and the no-transfer control"
 # shellcheck disable=SC2086
 gmot distill "$DATA" "$EXP/gmot" --init-from "$EXP/pretrain/avg.pt" --mode fgw \
-  --preset "$PRESET" --epochs "$CONTINUE_EPOCHS" --seed "$SEED" $EXTRA
+  --preset "$PRESET" --epochs "$CONTINUE_EPOCHS" --seed "$SEED" $CONTINUE_SET $EXTRA
 # shellcheck disable=SC2086
 gmot pretrain "$DATA" "$EXP/baseline" --init-from "$EXP/pretrain/avg.pt" \
-  --preset "$PRESET" --epochs "$CONTINUE_EPOCHS" --seed "$SEED" $EXTRA
+  --preset "$PRESET" --epochs "$CONTINUE_EPOCHS" --seed "$SEED" $CONTINUE_SET $EXTRA
 
 echo "== 4/6 decode: the test split (voices never heard in training), no PLM: greedy CTC, then beam search"
 echo "   with the train transcripts' character 3-gram (lang/char_3gram.arpa), its weight chosen on dev"
