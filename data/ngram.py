@@ -14,10 +14,11 @@ character set.
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from data.store import write_text_atomic
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 Gram = tuple[str, ...]
@@ -121,7 +122,7 @@ def log_prob(
     """Natural-log P(unit | history) under a `kneser_ney` model (history cut to the model order)."""
     order = len(probs)
     h = history[-(order - 1) :] if order > 1 else ()
-    if unit not in {g[0] for g in probs[0]}:
+    if (unit,) not in probs[0]:
         unit = UNK
     return _lookup(probs, backoffs, (*h, unit))
 
@@ -141,10 +142,10 @@ def write_arpa(path: Path, probs: list[dict[Gram, float]], backoffs: list[dict[G
                 entry += f"\t{backoffs[n][gram] * log10e:.6f}"
             lines.append(entry)
     lines += ["", "\\end\\", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
+
+
+LM_FILE_GLOB = "char_*gram.arpa"  # every lm_file_name(order)
 
 
 def lm_file_name(order: int) -> str:

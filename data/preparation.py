@@ -43,7 +43,7 @@ from data.features import (
     duration_to_frames,
     load_audio,
 )
-from data.ngram import lm_file_name, train_char_lm
+from data.ngram import LM_FILE_GLOB, lm_file_name, train_char_lm
 from data.store import (
     FEATS_DIR,
     MANIFEST,
@@ -482,8 +482,7 @@ def prepare(
             vocab.to_file(out_lang / "vocab.txt")
             mean, std = stats.mean_std()
             write_cmvn(out_lang, mean, std, stats.frames)
-            for old in out_lang.glob("char_*gram.arpa"):
-                old.unlink()
+            _remove_lms(out_lang)
             if options.lm_order > 0:
                 lm_path = out_lang / lm_file_name(options.lm_order)
                 train_char_lm((k["text"] for k in kept), lm_path, options.lm_order)
@@ -491,7 +490,7 @@ def prepare(
         assert lang_dir is not None
         if lang_dir.resolve() != out_lang.resolve():
             out_lang.mkdir(parents=True, exist_ok=True)
-            lms = [p.name for p in lang_dir.glob("char_*gram.arpa")]
+            lms = [p.name for p in lang_dir.glob(LM_FILE_GLOB)]
             for name in ("vocab.txt", "cmvn.json", "plm.json", *lms):
                 if (lang_dir / name).is_file():
                     shutil.copyfile(lang_dir / name, out_lang / f"{name}.tmp")
@@ -573,13 +572,18 @@ def prepare(
     if has_train and vocab is None:
         for name in ("vocab.txt", "cmvn.json", "plm.json"):  # never leave a stale lang from an earlier run
             (out_lang / name).unlink(missing_ok=True)
-        for old in out_lang.glob("char_*gram.arpa"):
-            old.unlink()
+        _remove_lms(out_lang)
         error = (
             f"the train split ended empty (every utterance was skipped; see {out_dir / 'train' / REPORT}); "
             "no vocabulary, CMVN or manifests written"
         )
     return PrepareResult(out_dir, summaries, len(vocab) if vocab is not None else None, plm_info, error)
+
+
+def _remove_lms(lang_dir: Path) -> None:
+    """Delete the character LMs of an earlier run from `lang_dir` (a new train split replaces them)."""
+    for old in lang_dir.glob(LM_FILE_GLOB):
+        old.unlink()
 
 
 def _run_tasks(tasks: list[dict], jobs: int):

@@ -22,6 +22,7 @@ with TrainingError. Under DDP the ranks agree on every skip, and gradients are a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -180,6 +181,7 @@ def _batch_seed(seed: int, epoch: int, position: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True when this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX), where autocast pays."""
     try:
@@ -509,8 +511,8 @@ class Trainer:
         """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,)."""
         feats = batch["feats"].to(self.device, non_blocking=True)
         lens = batch["feat_lens"].to(self.device)
-        if train and self.cfg.train.freq_warp > 0.0:
-            feats = self.freq_warp(feats, lens)
+        if train:
+            feats = self.freq_warp(feats, lens)  # the identity when train.freq_warp is 0
         if train and self.cfg.train.spec_augment:
             feats = self.spec_augment(feats, lens)
         with autocast_bf16(self.device, self.cfg.train.bf16):
@@ -782,12 +784,13 @@ class Trainer:
         made = avg.stat().st_mtime_ns
         if any((self.exp_dir / e["file"]).stat().st_mtime_ns > made for e in index):
             return False
-        sources = load_checkpoint(avg, map_location="cpu").get("averaged_from")
+        saved = load_checkpoint(avg, map_location="cpu")
+        sources = saved.get("averaged_from")
         records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line]
         logged = [r for r in records if r.get("event") == "average"]
         if not logged or logged[-1].get("files") != sources:
             return False
-        _unwrap(self.model).load_state_dict(load_checkpoint(avg, map_location="cpu")["model"])
+        _unwrap(self.model).load_state_dict(saved["model"])
         self.outcome.average = avg
         self.outcome.average_cer = logged[-1].get("dev_cer")
         self._say(f"avg.pt is up to date (mean of {', '.join(sources)}): kept")

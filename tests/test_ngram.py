@@ -53,6 +53,7 @@ def test_arpa_file_is_read_by_kenlm_with_the_same_scores(tmp_path: Path) -> None
     text = path.read_text(encoding="utf-8")
     assert text.startswith("\n\\data\\\nngram 1=") and text.rstrip().endswith("\\end\\")
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temp file and a rename
+    assert not list(tmp_path.glob("*.tmp"))
 
     units = sorted({ch for s in SENTENCES for ch in s})
     lm = KenLM(str(path), Dictionary(units))
