@@ -3,8 +3,9 @@
 Generates a Kaldi dir of synthetic utterances (speech-like tones and noise, 2-6 s, at 16 kHz and, for a
 quarter of them, 22.05 kHz as espeak writes), then times `data.preparation.prepare` with 1 and 2 worker
 processes (no PLM). Prints seconds of audio per second of wall time; the target is >= 300x real time per core.
+`--pitch` times the 83-dim features (fbank + pitch) instead.
 
-    python benchmarks/bench_prepare.py [--quick] [--minutes M]
+    python benchmarks/bench_prepare.py [--quick] [--minutes M] [--pitch]
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def make_corpus(root: Path, minutes: float, seed: int = 0) -> float:
     return total
 
 
-def time_prepare(root: Path, jobs: int, shard_frames: int) -> tuple[float, float, float]:
+def time_prepare(
+    root: Path, jobs: int, shard_frames: int, pitch: bool = False
+) -> tuple[float, float, float]:
     """(wall seconds, seconds of audio prepared, CPU seconds of this process) for one fresh run."""
     out = root / f"out-{jobs}"
     shutil.rmtree(out, ignore_errors=True)
@@ -61,7 +64,7 @@ def time_prepare(root: Path, jobs: int, shard_frames: int) -> tuple[float, float
     result = prepare(
         out,
         [SplitInput("train", records, skips)],
-        options=PrepareOptions(jobs=jobs, shard_frames=shard_frames),
+        options=PrepareOptions(jobs=jobs, shard_frames=shard_frames, pitch=pitch),
     )
     wall = time.perf_counter() - start
     return wall, result.splits[0].seconds, time.process_time() - cpu
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 minutes of audio instead of 20")
     parser.add_argument("--minutes", type=float, default=None, help="minutes of audio to generate")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="worker counts to time")
+    parser.add_argument("--pitch", action="store_true", help="fbank + pitch features (83 dims)")
     args = parser.parse_args()
     minutes = args.minutes or (3.0 if args.quick else 20.0)
     console = Console()
@@ -80,7 +84,10 @@ def main() -> None:
         total = make_corpus(root, minutes)
         # at least 4 shards per worker so the pool has work to balance
         shard_frames = max(2_000, int(total * 100 / (4 * max(args.jobs))))
-        table = Table(title=f"prepare throughput, {total / 60:.1f} min of audio, {os.cpu_count()} CPUs")
+        what = "fbank + pitch" if args.pitch else "fbank"
+        table = Table(
+            title=f"prepare throughput ({what}), {total / 60:.1f} min of audio, {os.cpu_count()} CPUs"
+        )
         cols = ("jobs", "wall s", "x real time", "x real time per job", "x per CPU-second", "target/core")
         for col in cols:
             table.add_column(col, justify="right")
@@ -90,7 +97,7 @@ def main() -> None:
         for jobs in args.jobs:
             # the first pool of a process starts the forkserver (one torch import); later pools only fork
             cold[jobs], _, _ = time_prepare(warm_root, jobs, 1_000)
-            wall, seconds, cpu = time_prepare(root, jobs, shard_frames)
+            wall, seconds, cpu = time_prepare(root, jobs, shard_frames, args.pitch)
             rtf = seconds / wall
             # CPU time is only measurable for the inline run (workers are children of the forkserver)
             per_cpu = f"{seconds / cpu:.0f}" if jobs == 1 else "-"

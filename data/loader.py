@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
+from data.features import NUM_MEL_BINS
 from data.store import SplitReader
 
 
@@ -219,19 +220,23 @@ class FrequencyWarp(nn.Module):
     vocal tract length perturbation applied to the prepared features instead of the audio.
 
     forward(feats (B, T, F), lengths (B,)) -> (B, T, F); padded frames stay 0; max_warp = 0 returns feats.
+    Only the first `bins` columns (the fbank) are warped; columns after them (pitch) pass through.
     Draws from torch's global RNG, so seed it for reproducible factors.
     """
 
-    def __init__(self, max_warp: float = 0.1) -> None:
+    def __init__(self, max_warp: float = 0.1, bins: int = NUM_MEL_BINS) -> None:
         super().__init__()
         if not 0.0 <= max_warp < 1.0:
             raise ValueError(f"max_warp must be in [0, 1), got {max_warp}")
         self.max_warp = max_warp
+        self.bins = bins
 
     def forward(self, feats: Tensor, lengths: Tensor) -> Tensor:
         """feats (B, T, F), lengths (B,) -> warped copy (B, T, F)."""
         if self.max_warp == 0.0:
             return feats
+        rest = feats[..., self.bins :]
+        feats = feats[..., : self.bins]
         b, t, f = feats.shape
         factor = 1.0 + self.max_warp * (2.0 * torch.rand(b, 1, device=feats.device) - 1.0)  # (B, 1)
         src = (torch.arange(f, device=feats.device, dtype=feats.dtype)[None, :] / factor).clamp(max=f - 1)
@@ -242,7 +247,7 @@ class FrequencyWarp(nn.Module):
         x_hi = feats.gather(2, hi[:, None, :].expand(b, t, f))
         out = x_lo + frac * (x_hi - x_lo)
         valid = torch.arange(t, device=feats.device)[None, :] < lengths[:, None]
-        return out * valid.unsqueeze(-1)
+        return torch.cat([out * valid.unsqueeze(-1), rest], dim=-1)
 
 
 class SpecAugment(nn.Module):

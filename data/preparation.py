@@ -18,6 +18,7 @@ Steps, per split:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -35,12 +36,13 @@ from data import corpora
 from data.corpora import Skip, UtteranceRecord
 from data.features import (
     FRAME_SHIFT_S,
-    NUM_MEL_BINS,
     SAMPLE_RATE,
     AudioError,
     CMVNStats,
-    compute_fbank,
+    compute_features,
     duration_to_frames,
+    feature_dim,
+    has_pitch,
     load_audio,
 )
 from data.ngram import LM_FILE_GLOB, lm_file_name, train_char_lm
@@ -96,13 +98,16 @@ class SplitInput:
 class PrepareOptions:
     """Pipeline settings. `max_duration` seconds (None = no limit); `jobs` worker processes (1 = inline);
     `shard_frames` frames per feature shard; `plm_batch_size` transcripts per teacher.encode call;
-    `lm_order` order of the character n-gram LM of the train transcripts written to lang/ (0: none)."""
+    `lm_order` order of the character n-gram LM of the train transcripts written to lang/ (0: none);
+    `pitch` appends 3 pitch features to the 80 fbank bins (data.features.compute_pitch), which helps tonal
+    languages; with `lang_dir` (no train split) the lang folder's CMVN width decides instead."""
 
     max_duration: float | None = DEFAULT_MAX_DURATION
     jobs: int = 1
     shard_frames: int = DEFAULT_SHARD_FRAMES
     plm_batch_size: int = 64
     lm_order: int = 3
+    pitch: bool = False
 
 
 @dataclass
@@ -287,8 +292,9 @@ def min_frames_for_text(num_chars: int) -> int:
 def _featurise_shard(task: dict) -> dict:
     """Worker: featurise one shard's items, write the shard .npy and its part file; return the part.
 
-    task: {"split_dir", "index", "items", "fingerprint", "max_duration"}. Part: {"fingerprint", "index",
-    "kept": [{"id", "text", "speaker", "duration", "num_frames", "offset"}], "skips": [...], "cmvn": {...}}.
+    task: {"split_dir", "index", "items", "fingerprint", "max_duration", "pitch"}. Part: {"fingerprint",
+    "index", "kept": [{"id", "text", "speaker", "duration", "num_frames", "offset"}], "skips": [...],
+    "cmvn": {...}}.
     """
     split_dir = Path(task["split_dir"])
     index = task["index"]
@@ -296,7 +302,8 @@ def _featurise_shard(task: dict) -> dict:
     arrays: list[np.ndarray] = []
     kept: list[dict] = []
     skips: list[dict] = []
-    stats = CMVNStats()
+    pitch = bool(task["pitch"])
+    stats = CMVNStats(feature_dim(pitch))
     for it in task["items"]:
         uid = it["id"]
         try:
@@ -316,7 +323,7 @@ def _featurise_shard(task: dict) -> dict:
         if not np.isfinite(wave).all():
             skips.append(Skip(uid, corpora.UNREADABLE_AUDIO, f"{it['audio']} has NaN/inf samples").to_dict())
             continue
-        feats = compute_fbank(wave)
+        feats = compute_features(wave, pitch)
         if feats.shape[0] == 0:
             detail = f"{it['audio']}: {duration * 1000:.1f} ms is shorter than one 25 ms frame"
             skips.append(Skip(uid, corpora.EMPTY_AUDIO, detail).to_dict())
@@ -340,7 +347,7 @@ def _featurise_shard(task: dict) -> dict:
                 "num_frames": int(feats.shape[0]),
             }
         )
-    offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), arrays, NUM_MEL_BINS)
+    offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), arrays, feature_dim(pitch))
     for k, off in zip(kept, offsets, strict=True):
         k["offset"] = off
     part = {
@@ -402,6 +409,10 @@ def prepare(
             raise PrepareError(
                 f"--lang {lang_dir} is not a prepared lang folder (needs vocab.txt and cmvn.json)"
             )
+        try:
+            options = dataclasses.replace(options, pitch=has_pitch(read_cmvn(lang_dir)[0].shape[0]))
+        except ValueError as err:
+            raise PrepareError(f"{lang_dir}/cmvn.json: {err}") from None
         if teacher is not None:
             info = read_plm_info(lang_dir)
             if info is None:
@@ -432,7 +443,7 @@ def prepare(
         split_dir = out_dir / split.name
         fps = []
         for index, group in enumerate(shards):
-            fp = _fingerprint(group, options.max_duration)
+            fp = _fingerprint(group, options.max_duration, "pitch" if options.pitch else "")
             fps.append(fp)
             done = _read_part(split_dir / PARTS_DIR / f"feats-{index:05d}.json", fp)
             if done is not None and (split_dir / FEATS_DIR / shard_name(index)).is_file():
@@ -446,6 +457,7 @@ def prepare(
                     "items": group,
                     "fingerprint": fp,
                     "max_duration": options.max_duration,
+                    "pitch": options.pitch,
                 }
             )
         _remove_stale_shards(split_dir, len(shards))
@@ -462,7 +474,7 @@ def prepare(
     for split in splits:
         shards, skips, _ = screened[split.name]
         kept: list[dict] = []
-        stats = CMVNStats()
+        stats = CMVNStats(feature_dim(options.pitch))
         skips = list(skips)
         for index in range(len(shards)):
             part = parts[(split.name, index)]

@@ -32,7 +32,9 @@ prepare_app = typer.Typer(
 class _Common:
     """Options shared by every prepare command."""
 
-    def __init__(self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu"):
+    def __init__(
+        self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu", pitch=False
+    ):
         self.plm = plm
         self.plm_device = plm_device
         self.plm_layer = plm_layer
@@ -41,6 +43,7 @@ class _Common:
             max_duration=max_duration if max_duration and max_duration > 0 else None,
             jobs=max(1, jobs),
             shard_frames=shard_frames,
+            pitch=pitch,
         )
 
 
@@ -78,6 +81,15 @@ def _maxdur_opt():
 
 def _shard_opt():
     return typer.Option(DEFAULT_SHARD_FRAMES, "--shard-frames", help="Frames (10 ms) per feature shard.")
+
+
+def _pitch_opt(default: bool = False):
+    return typer.Option(
+        default,
+        "--pitch/--no-pitch",
+        help="Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins; "
+        "helps tonal languages. With --lang the lang folder decides.",
+    )
 
 
 def _lang_opt():
@@ -186,9 +198,10 @@ def kaldi(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(),
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
     splits = []
     try:
         for name, path in _parse_splits(split, "DIR"):
@@ -211,9 +224,10 @@ def jsonl(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(),
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
     splits = []
     try:
         for name, path in _parse_splits(split, "FILE"):
@@ -235,9 +249,10 @@ def aishell1(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(),
 ) -> None:
     """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
     try:
         found = read_aishell1(corpus_dir)
     except CorpusError as exc:
@@ -265,11 +280,12 @@ def demo(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(),
 ) -> None:
     """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
     from data import demo as demo_corpus
 
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device)
+    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
     if not demo_corpus.espeak_available():
         raise _fail(
             "espeak-ng was not found on PATH; the demo corpus needs it: install it with "

@@ -319,13 +319,14 @@ def split_utterances(split_dir: Path) -> tuple[list[Utterance], dict[str, str]]:
     return utts, refs
 
 
-def wav_utterances(paths: Sequence[Path]) -> list[Utterance]:
-    """Utterances from audio files: any sample rate (resampled to 16 kHz), multi-channel averaged to mono.
+def wav_utterances(paths: Sequence[Path], pitch: bool = False) -> list[Utterance]:
+    """Utterances from audio files: any sample rate (resampled to 16 kHz), multi-channel averaged to mono;
+    features (T, 80) fbank, or (T, 83) with `pitch` (a model trained on data prepared with --pitch).
 
     The id is the file name without its extension (the full path when two files share a name). Raises
     data.features.AudioError naming the file when one cannot be read.
     """
-    from data.features import SAMPLE_RATE, compute_fbank, load_audio
+    from data.features import SAMPLE_RATE, compute_features, load_audio
 
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths]
@@ -333,7 +334,7 @@ def wav_utterances(paths: Sequence[Path]) -> list[Utterance]:
     for p, stem in zip(paths, stems, strict=True):
         wave = load_audio(p)
         utt_id = stem if stems.count(stem) == 1 else str(p)
-        out.append(Utterance(utt_id, compute_fbank(wave), wave.shape[0] / SAMPLE_RATE))
+        out.append(Utterance(utt_id, compute_features(wave, pitch), wave.shape[0] / SAMPLE_RATE))
     return out
 
 

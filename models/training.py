@@ -51,6 +51,7 @@ from rich.progress import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from data.features import has_pitch
 from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset, bucket_batches, collate
 from data.scoring import score_pairs
 from data.store import StoreError, read_cmvn, read_plm_info, read_vocab
@@ -366,6 +367,13 @@ class Trainer:
         except StoreError as err:
             raise TrainingError(str(err)) from None
         self.cmvn = (mean, std)
+        try:
+            has_pitch(mean.shape[0])
+        except ValueError as err:
+            raise TrainingError(f"{lang / 'cmvn.json'}: {err}") from None
+        if self.cfg.model.input_dim != mean.shape[0]:  # the data decides: 80 fbank bins, or 83 with pitch
+            model_cfg = dataclasses.replace(self.cfg.model, input_dim=int(mean.shape[0]))
+            self.cfg = dataclasses.replace(self.cfg, model=model_cfg)
         t = self.cfg.train
         # raw PLM features: GMOTLoss standardises them itself (gmot.standardise) with plm.json's statistics
         self.train_set = SpeechDataset(train_dir, mean, std, use_plm=self.use_kt)
