@@ -530,8 +530,11 @@ def settings_of(opt: Options, start: tuple[Path, str]) -> dict[str, Any]:
     }
 
 
-def markdown_report(summary: list[dict], settings: dict, machine: dict, command: str, date: str) -> str:
-    """The report: table (mean / std of test CER per run over seeds), command, machine, date, settings."""
+def markdown_report(
+    summary: list[dict], settings: dict, machine: dict, command: str, date: str, timing: str = ""
+) -> str:
+    """The report: table (mean / std of test CER per run over seeds), command, machine, date, settings;
+    `timing` (a sentence on the wall time) goes under the command."""
     lines = [
         "# GM-OT ablation",
         "",
@@ -554,7 +557,9 @@ def markdown_report(summary: list[dict], settings: dict, machine: dict, command:
         low = min(r["test_cer_mean"] for r in summary)
         best = ", ".join(f"**{r['run']}**" for r in summary if r["test_cer_mean"] == low)
         lines += ["", f"Lowest mean test CER: {best} ({_pct(low)} %)."]
-    lines += ["", "## Command", "", "```", command, "```", "", "## Machine", ""]
+    lines += ["", "## Command", "", "```", command, "```", ""]
+    lines += [timing, ""] if timing else []
+    lines += ["## Machine", ""]
     lines += [f"- {k}: {v}" for k, v in machine.items()]
     lines += ["", "## Settings", ""]
     lines += [f"- {k}: {v}" for k, v in settings.items()]
@@ -623,6 +628,7 @@ def run_in_workers(opt: Options, start: tuple[Path, str], console: Console) -> N
 
 def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
     """Run every run x seed (reusing finished ones), write ablation.json and the report; return the json."""
+    began = time.perf_counter()
     if opt.threads > 0:
         torch.set_num_threads(opt.threads)
     device = opt.device
@@ -657,8 +663,12 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
                 highlight=False,
             )
     summary = summarise(results, opt.runs, specs)
-    machine = machine_info()
+    machine = {
+        **machine_info(),
+        "jobs": f"{opt.jobs} (worker processes of 1 thread each)" if opt.jobs > 1 else 1,
+    }
     settings = settings_of(opt, start)
+    elapsed = time.perf_counter() - began
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = {
         "command": opt.command,
@@ -668,9 +678,14 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
         "settings": settings,
         "runs": results,
         "summary": summary,
+        "elapsed_seconds": round(elapsed, 1),
     }
     write_json(opt.out_dir / "ablation.json", out)
-    write_text(opt.report, markdown_report(summary, settings, machine, opt.command, date))
+    timing = (
+        f"This invocation took {elapsed / 60:.1f} min of wall time (runs finished by an earlier invocation "
+        "are reused, not timed again)."
+    )
+    write_text(opt.report, markdown_report(summary, settings, machine, opt.command, date, timing))
     print_table(summary, console)
     console.print(f"wrote {opt.out_dir / 'ablation.json'} and {opt.report}", highlight=False)
     return out

@@ -161,6 +161,9 @@ def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> 
     assert data["command"] == "python benchmarks/ablation.py " + " ".join(argv)
     for key in ("- cpu:", "- cores:", "- torch:", "- threads:", "- alpha:", "- epsilon:", "- kt_weight:"):
         assert key in text
+    assert "- jobs: 2 (worker processes of 1 thread each)" in text
+    assert f"This invocation took {data['elapsed_seconds'] / 60:.1f} min of wall time" in text
+    assert data["elapsed_seconds"] > 0
     # a second invocation reuses the finished runs: no training, the same numbers
     ckpt_mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
     started = time.perf_counter()
