@@ -53,9 +53,7 @@ def make_corpus(root: Path, minutes: float, seed: int = 0) -> float:
     return total
 
 
-def time_prepare(
-    root: Path, jobs: int, shard_frames: int, pitch: bool = False
-) -> tuple[float, float, float]:
+def time_prepare(root: Path, jobs: int, shard_frames: int, pitch: bool = False) -> tuple[float, float, float]:
     """(wall seconds, seconds of audio prepared, CPU seconds of this process) for one fresh run."""
     out = root / f"out-{jobs}"
     shutil.rmtree(out, ignore_errors=True)

@@ -26,11 +26,12 @@ from data.store import SplitReader
 
 
 class SpeechDataset(Dataset):
-    """Utterances of one prepared split: CMVN-normalised fbank, token ids and optional PLM token features.
+    """Utterances of one prepared split: CMVN-normalised features, token ids and optional PLM token features.
 
-    `cmvn_mean`/`cmvn_std` (80,) are the train statistics; `plm_mean`/`plm_std` (D,), when given, standardise
-    the cached PLM features per dimension. `use_plm=False` never reads the PLM cache.
-    Item: {"index": int, "id": str, "text": str, "feats": (T, 80) float32, "tokens": (L,) int64,
+    `cmvn_mean`/`cmvn_std` (F,) are the train statistics (F = 80 fbank bins, or 83 with pitch);
+    `plm_mean`/`plm_std` (D,), when given, standardise the cached PLM features per dimension. `use_plm=False`
+    never reads the PLM cache.
+    Item: {"index": int, "id": str, "text": str, "feats": (T, F) float32, "tokens": (L,) int64,
     "plm": (M, D) float32 or None}.
     """
 
@@ -189,7 +190,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad a list of dataset items into a batch.
 
-    Returns {"ids": list[str], "texts": list[str], "indices": (B,) int64, "feats": (B, T, 80) float32 (zeros
+    Returns {"ids": list[str], "texts": list[str], "indices": (B,) int64, "feats": (B, T, F) float32 (zeros
     at padding), "feat_lens": (B,) int64, "tokens": (B, L) int64 (0-padded), "token_lens": (B,) int64,
     "plm": (B, M, D) float32 or None, "plm_lens": (B,) int64 or None}.
     """

@@ -4,9 +4,10 @@
 OUT/lang/vocab.txt  cmvn.json  plm.json (optional)
 OUT/<split>/manifest.jsonl  feats/shard-NNNNN.npy  plm/shard-NNNNN.npy (optional)  prepare_report.json
 ```
-Feature shards are float16 (total_frames, 80) arrays of raw fbank, utterances concatenated in manifest order;
-PLM shards are float16 (total_tokens, D). Readers memory-map shards lazily, so a training epoch reads them
-sequentially without loading whole files. Every writer is atomic (temp file in the same folder + rename).
+Feature shards are float16 (total_frames, F) arrays of raw features (F = 80 fbank bins, 83 with pitch),
+utterances concatenated in manifest order; PLM shards are float16 (total_tokens, D). Readers memory-map
+shards lazily, so a training epoch reads them sequentially without loading whole files. Every writer is
+atomic (temp file in the same folder + rename).
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class SplitReader:
         return arr
 
     def features(self, record: dict) -> np.ndarray:
-        """Raw fbank of one record: (num_frames, 80) float32 (no CMVN)."""
+        """Raw features of one record: (num_frames, F) float32 (no CMVN)."""
         loc = record["feats"]
         off = loc["offset"]
         return np.array(self._shard(loc["shard"])[off : off + record["num_frames"]], dtype=np.float32)

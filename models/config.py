@@ -67,7 +67,7 @@ class TrainConfig:
     freq_masks: int = 2
     """SpecAugment: number of frequency masks per utterance."""
     freq_mask_width: int = 27
-    """SpecAugment: maximum width of a frequency mask in fbank bins (of 80)."""
+    """SpecAugment: maximum width of a frequency mask in feature columns (80 fbank bins, 83 with pitch)."""
     time_masks: int = 2
     """SpecAugment: number of time masks per utterance."""
     time_mask_width: int = 40

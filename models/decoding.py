@@ -187,7 +187,8 @@ def make_decoder(
 
 @dataclass
 class Utterance:
-    """One utterance to decode: raw (T, 80) fbank (no CMVN) and its duration in seconds."""
+    """One utterance to decode: raw (T, F) features (no CMVN; F = 80 fbank, or 83 with pitch) and its duration
+    in seconds."""
 
     id: str
     feats: np.ndarray
@@ -228,7 +229,7 @@ def batches_by_frames(lengths: Sequence[int], max_frames: int) -> list[list[int]
 
 
 def padded_batch(feats: Sequence[np.ndarray], mean: Tensor, std: Tensor, device: str | torch.device):
-    """Raw fbank arrays (T_i, 80) -> CMVN-normalised zero-padded (B, T_max, 80) tensor and (B,) lengths."""
+    """Raw feature arrays (T_i, F) -> CMVN-normalised zero-padded (B, T_max, F) tensor and (B,) lengths."""
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     out = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1], dtype=torch.float32)
     for b, f in enumerate(feats):
