@@ -83,12 +83,15 @@ def _shard_opt():
     return typer.Option(DEFAULT_SHARD_FRAMES, "--shard-frames", help="Frames (10 ms) per feature shard.")
 
 
-def _pitch_opt(default: bool = False):
+def _pitch_opt(with_lang: bool = False):
+    help_text = (
+        "Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins, meant for "
+        "tonal languages (on the demo corpus it did not help: see the README)."
+    )
     return typer.Option(
-        default,
+        False,
         "--pitch/--no-pitch",
-        help="Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins; "
-        "helps tonal languages. With --lang the lang folder decides.",
+        help=help_text + (" With --lang the lang folder decides." if with_lang else ""),
     )
 
 
@@ -198,7 +201,7 @@ def kaldi(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
     common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
@@ -224,7 +227,7 @@ def jsonl(
     jobs: int = _jobs_opt(),
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
     common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
