@@ -196,9 +196,10 @@ PITCH_JUMP_COST = 1.0
 """Viterbi cost per unit of |ln(f0 ratio)| between neighbouring frames: an octave jump costs 0.35, about what
 a clearly better correlation peak is worth, while a 5 % glide (a tone contour over 10 ms) costs 0.025."""
 PITCH_LAG_COST = 0.1
-"""Cost added per frame in proportion to lag / longest lag: a periodic wave correlates as well at two or three
-periods as at one, and this settles such ties on the true period (0.03 to 0.06 per frame between a period
-and its double for 100-400 Hz voices)."""
+"""Cost added per frame in proportion to lag / longest lag, times the frame's best correlation: a periodic
+wave correlates as well at two or three periods as at one, and this settles such ties on the true period
+(0.03 to 0.06 per frame between a period and its double for 100-400 Hz voices), while in unvoiced frames
+(no correlation) it fades out, so the path does not drift towards short periods through silence."""
 PITCH_NORM_WINDOW = 151
 """Frames (1.5 s) of the voicing-weighted moving mean subtracted from log f0: what remains is the contour
 relative to the speaker's current register, which is what separates Mandarin tones across voices."""
@@ -241,7 +242,8 @@ def compute_pitch(wave: np.ndarray) -> np.ndarray:
     # a ballast term makes quiet frames look unvoiced in the voicing feature (not in the lag choice)
     ballast = (e0.mean() * 1e-2) ** 2 + 1e-20
     nccf_pov = corr / (e0 * energy + ballast).sqrt()
-    local = (1.0 - nccf[:, :-1]).numpy() + PITCH_LAG_COST * lags[None, :-1].numpy() / lag_max  # (T, L)
+    strength = nccf[:, :-1].max(dim=1, keepdim=True).values.clamp(0.0, 1.0)  # (T, 1)
+    local = (1.0 - nccf[:, :-1] + PITCH_LAG_COST * strength * lags[None, :-1] / lag_max).numpy()  # (T, L)
     log_lag = np.log(lags[:-1].numpy().astype(np.float64))
     jump = PITCH_JUMP_COST * np.abs(log_lag[:, None] - log_lag[None, :])  # (L_prev, L)
     path = _viterbi(local, jump)  # (T,) lag index
