@@ -75,6 +75,18 @@ def test_a_glide_has_the_slope_of_its_log_f0() -> None:
     assert np.median(pitch[5:-5, 2]) == pytest.approx(per_frame, rel=0.1)
 
 
+def test_the_contour_does_not_drift_through_a_pause() -> None:
+    # 100 Hz, half a second of faint noise, 100 Hz again: the preference for short periods must not pull the
+    # path up towards 400 Hz (+1.39 in normalised log f0) through the pause; it did by +0.6 when that
+    # preference did not fade with the correlation
+    voiced = _voice(np.full(int(0.3 * SAMPLE_RATE), 100.0))
+    pause = 0.002 * np.random.default_rng(2).standard_normal(int(0.5 * SAMPLE_RATE)).astype(np.float32)
+    pitch = compute_pitch(np.concatenate([voiced, pause, voiced]))
+    middle = pitch[40:70]
+    assert np.median(middle[:, 0]) < 0.5  # the pause is unvoiced
+    assert middle[:, 1].max() < 0.2
+
+
 def test_noise_and_silence_are_unvoiced() -> None:
     noise = 0.1 * np.random.default_rng(1).standard_normal(SAMPLE_RATE).astype(np.float32)
     assert np.median(compute_pitch(noise)[:, 0]) < 0.5
