@@ -41,7 +41,7 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "gmot demo: test set" in run.stdout
     assert (out / "data" / "lang" / "char_3gram.arpa").is_file()
-    for name in ("baseline", "gmot"):
+    for name in ("pretrain", "baseline", "gmot"):
         for dec in ("decode_test", "decode_test_lm"):
             rtf = json.loads((out / "exp" / name / dec / "rtf.json").read_text())
             score = json.loads((out / "exp" / name / dec / "score.json").read_text())

@@ -50,7 +50,7 @@ decode() {  # decode RUN OUT_FOLDER [options]: skipped when OUT_FOLDER's result 
   if [ "$out/rtf.json" -nt "$EXP/$run/avg.pt" ]; then return; fi
   gmot decode "$EXP/$run" "$DATA" --out "$out" "$@"
 }
-for run in baseline gmot; do
+for run in pretrain baseline gmot; do  # pretrain: the common start, for reference
   decode "$run" "$EXP/$run/decode_test" --split test
   dev_dirs=()
   for w in $LM_WEIGHTS; do
@@ -64,7 +64,7 @@ for run in baseline gmot; do
 done
 
 echo "== 5/6 score"
-for run in baseline gmot; do
+for run in pretrain baseline gmot; do
   for dec in decode_test decode_test_lm; do
     gmot score "$DATA/test" "$EXP/$run/$dec" --json > "$EXP/$run/$dec/score.json"
   done

@@ -1,4 +1,5 @@
-"""Print the demo's closing table: test CER of the baseline and of GM-OT, the real-time factor, the plots.
+"""Print the demo's closing table: test CER of the pretrained start, of the baseline continued from it and of
+GM-OT from it, the real-time factors, the plots.
 
 Usage: python recipes/demo/summary.py OUT_DIR
 (reads OUT_DIR/exp/<run>/decode_test/rtf.json, greedy, and decode_test_lm/rtf.json, beam search + 3-gram)
@@ -14,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 RUNS = {
-    "baseline": "CTC, no transfer",
-    "gmot": "CTC + GM-OT (fgw)",
+    "pretrain": "the start: CTC pretrained",
+    "baseline": "start + CTC, no transfer",
+    "gmot": "start + CTC + GM-OT (fgw)",
 }
 
 
