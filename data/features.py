@@ -253,8 +253,8 @@ def compute_pitch(wave: np.ndarray) -> np.ndarray:
     left = c[rows, np.maximum(path - 1, 0)]
     mid = c[rows, path]
     right = c[rows, path + 1]
-    denom = left - 2 * mid + right
-    offset = np.where(np.abs(denom) > 1e-9, 0.5 * (left - right) / np.where(denom == 0, 1, denom), 0.0)
+    curvature = left - 2 * mid + right  # a flat top (0) gives no offset
+    offset = 0.5 * (left - right) / np.where(np.abs(curvature) > 1e-9, curvature, np.inf)
     lag = lags[path].numpy() + np.clip(offset, -0.5, 0.5)
     log_f0 = np.log(PITCH_RATE / lag)
     voicing = np.clip(nccf_pov.numpy()[rows, path], -1.0, 1.0)
@@ -276,6 +276,25 @@ def has_pitch(dim: int) -> bool:
             f"features are {NUM_MEL_BINS} fbank bins, or {NUM_MEL_BINS + PITCH_DIM} with pitch; got {dim}"
         )
     return dim != NUM_MEL_BINS
+
+
+def feature_width_mismatch(data_width: int, model_width: int) -> str | None:
+    """None when features of `data_width` columns fit a model taking `model_width`; else a sentence saying
+    what each side is and how to prepare the data to match."""
+    if data_width == model_width:
+        return None
+
+    def kind(dim: int) -> str:
+        return {NUM_MEL_BINS: "fbank", NUM_MEL_BINS + PITCH_DIM: "fbank + pitch"}.get(dim, "unknown kind")
+
+    advice = ""
+    if model_width in (NUM_MEL_BINS, NUM_MEL_BINS + PITCH_DIM):
+        needed = "with" if model_width != NUM_MEL_BINS else "without"
+        advice = f": prepare the data {needed} --pitch, as for training"
+    return (
+        f"the data has {data_width}-dim features but the model takes {model_width} ({kind(data_width)} "
+        f"against {kind(model_width)}){advice}"
+    )
 
 
 def compute_features(wave: np.ndarray, pitch: bool = False) -> np.ndarray:

@@ -99,7 +99,7 @@ class PrepareOptions:
     """Pipeline settings. `max_duration` seconds (None = no limit); `jobs` worker processes (1 = inline);
     `shard_frames` frames per feature shard; `plm_batch_size` transcripts per teacher.encode call;
     `lm_order` order of the character n-gram LM of the train transcripts written to lang/ (0: none);
-    `pitch` appends 3 pitch features to the 80 fbank bins (data.features.compute_pitch), which helps tonal
+    `pitch` appends 3 pitch features to the 80 fbank bins (data.features.compute_pitch), meant for tonal
     languages; with `lang_dir` (no train split) the lang folder's CMVN width decides instead."""
 
     max_duration: float | None = DEFAULT_MAX_DURATION

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from data.features import AudioError, has_pitch
+from data.features import AudioError, feature_width_mismatch
 from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError
 from gmot_cli.errors import error_exit
@@ -76,7 +76,7 @@ def decode(
         loaded = load_model(model, device=device)
         decoder = make_decoder(method, loaded.vocab, beam_size, lm, lm_weight if lm is not None else 0.0)
         if wav:
-            utts, refs = wav_utterances(inputs, pitch=has_pitch(loaded.cmvn_mean.shape[0])), {}
+            utts, refs = wav_utterances(inputs, width=loaded.cmvn_mean.shape[0]), {}
         else:
             split_dir = inputs[0] / split
             if not split_dir.is_dir():
@@ -87,15 +87,11 @@ def decode(
                     f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
                 )
             utts, refs = split_utterances(split_dir)
-            width = loaded.cmvn_mean.shape[0]
-            if utts and utts[0].feats.shape[1] != width:
-                raise error_exit(
-                    err,
-                    f"{split_dir} holds {utts[0].feats.shape[1]}-dim features but the model takes {width} "
-                    f"({'with' if has_pitch(width) else 'without'} pitch): prepare the data "
-                    f"{'with' if has_pitch(width) else 'without'} --pitch, as for training",
-                )
-    except (CheckpointError, DecodingError, StoreError, AudioError, ValueError) as e:
+            # checked before the progress bar starts (transcribe would raise it at the first batch)
+            mismatch = utts and feature_width_mismatch(utts[0].feats.shape[1], loaded.cmvn_mean.shape[0])
+            if mismatch:
+                raise DecodingError(f"{split_dir}: {mismatch}")
+    except (CheckpointError, DecodingError, StoreError, AudioError) as e:
         raise error_exit(err, str(e)) from None
     if not utts:
         raise error_exit(err, "nothing to decode (the split is empty)")

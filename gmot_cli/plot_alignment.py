@@ -21,7 +21,7 @@ from models.alignment_plot import (
     worst_utterances,
 )
 from models.checkpoint import CheckpointError, load_model
-from models.decoding import greedy_ctc, split_utterances, transcribe
+from models.decoding import DecodingError, greedy_ctc, split_utterances, transcribe
 
 
 def plot_alignment(
@@ -86,7 +86,7 @@ def plot_alignment(
             else:
                 path = out
             written.append((save_figure(fig, path), data.cer))
-    except (CheckpointError, StoreError, AlignmentPlotError) as e:
+    except (CheckpointError, StoreError, AlignmentPlotError, DecodingError) as e:
         raise error_exit(err, str(e)) from None
     except OSError as e:
         raise error_exit(err, f"cannot write the figure: {e}", 1) from None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from data.features import feature_width_mismatch
 from models.encoder import ConformerCTC, ModelConfig
 
 FORMAT = "gmot-checkpoint"
@@ -215,9 +216,9 @@ def check_state_dict_compatible(
 def init_from_checkpoint(model: ConformerCTC, path: Path, vocab: Sequence[str]) -> dict[str, Any]:
     """Initialise `model` from checkpoint `path` (`--init-from`), checking it is compatible first.
 
-    The checkpoint's vocabulary must equal `vocab` unit for unit, and every shared parameter must have the
-    same shape; adapter weights may be missing (pretrain -> distill: the adapter keeps its fresh init) or
-    extra.
+    The checkpoint's vocabulary must equal `vocab` unit for unit, its input width (CMVN statistics) the
+    model's, and every shared parameter must have the same shape; adapter weights may be missing
+    (pretrain -> distill: the adapter keeps its fresh init) or extra.
     Returns the loaded checkpoint dict. Raises CheckpointError naming the file otherwise.
     """
     state = load_checkpoint(path)
@@ -233,6 +234,10 @@ def init_from_checkpoint(model: ConformerCTC, path: Path, vocab: Sequence[str]) 
             f"checkpoint {path} was trained with a different vocabulary of the same size: unit {diff} is "
             f"{ckpt_vocab[diff]!r} there and {vocab[diff]!r} in the data folder"
         )
+    ckpt_mean = (state.get("cmvn") or {}).get("mean")
+    mismatch = ckpt_mean is not None and feature_width_mismatch(model.cfg.input_dim, len(ckpt_mean))
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path}: {mismatch}")
     sd = state["model"]
     check_state_dict_compatible(path, sd, model, allow_missing_adapter=True)
     own = model.state_dict()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.features import FRAME_SHIFT_S, apply_cmvn
+from data.features import FRAME_SHIFT_S, apply_cmvn, feature_width_mismatch
 from data.vocab import Vocabulary
 
 BLANK_ID = 0
@@ -229,7 +229,13 @@ def batches_by_frames(lengths: Sequence[int], max_frames: int) -> list[list[int]
 
 
 def padded_batch(feats: Sequence[np.ndarray], mean: Tensor, std: Tensor, device: str | torch.device):
-    """Raw feature arrays (T_i, F) -> CMVN-normalised zero-padded (B, T_max, F) tensor and (B,) lengths."""
+    """Raw feature arrays (T_i, F) -> CMVN-normalised zero-padded (B, T_max, F) tensor and (B,) lengths.
+
+    Raises DecodingError when F is not the width of the CMVN statistics (data prepared with or without
+    pitch unlike the model's training data)."""
+    mismatch = feature_width_mismatch(feats[0].shape[1], mean.shape[0])
+    if mismatch:
+        raise DecodingError(mismatch)
     lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.long)
     out = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1], dtype=torch.float32)
     for b, f in enumerate(feats):
@@ -320,14 +326,19 @@ def split_utterances(split_dir: Path) -> tuple[list[Utterance], dict[str, str]]:
     return utts, refs
 
 
-def wav_utterances(paths: Sequence[Path], pitch: bool = False) -> list[Utterance]:
+def wav_utterances(paths: Sequence[Path], width: int = 80) -> list[Utterance]:
     """Utterances from audio files: any sample rate (resampled to 16 kHz), multi-channel averaged to mono;
-    features (T, 80) fbank, or (T, 83) with `pitch` (a model trained on data prepared with --pitch).
+    the features a model taking `width` columns was trained on: (T, 80) fbank, or (T, 83) with pitch.
 
     The id is the file name without its extension (the full path when two files share a name). Raises
-    data.features.AudioError naming the file when one cannot be read.
+    data.features.AudioError naming the file when one cannot be read, DecodingError for another width.
     """
-    from data.features import SAMPLE_RATE, compute_features, load_audio
+    from data.features import SAMPLE_RATE, compute_features, has_pitch, load_audio
+
+    try:
+        pitch = has_pitch(width)
+    except ValueError as err:
+        raise DecodingError(f"the model takes {width}-dim input: {err}") from None
 
     paths = [Path(p) for p in paths]
     stems = [p.stem for p in paths]

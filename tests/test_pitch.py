@@ -20,6 +20,7 @@ from data.features import (
     compute_features,
     compute_pitch,
     feature_dim,
+    feature_width_mismatch,
     has_pitch,
     num_frames,
 )
@@ -160,3 +161,24 @@ def test_pitch_through_prepare_pretrain_and_decode(tmp_path: Path) -> None:
     assert res.exit_code == 2
     assert "80-dim features but the model takes 83" in res.output
     assert "--pitch" in res.output
+    # ... and in the other commands that put prepared features through a model
+    res = runner.invoke(app, ["plot-alignment", str(exp), str(plain), "--split", "train", "--worst", "1",
+                              "--out", str(tmp_path / "p.png")])  # fmt: skip
+    assert res.exit_code == 2
+    assert "80-dim features but the model takes 83" in res.output
+    res = runner.invoke(app, ["pretrain", str(plain), str(tmp_path / "exp80"), "--preset", "tiny", "--epochs",
+                              "1", "--init-from", str(exp / "avg.pt"), "--no-progress"])  # fmt: skip
+    assert res.exit_code == 1  # pretrain's code for a checkpoint that does not fit
+    assert "80-dim features but the model takes 83" in res.output
+
+
+def test_width_mismatch_messages_name_both_sides_and_the_fix() -> None:
+    assert feature_width_mismatch(83, 83) is None
+    assert feature_width_mismatch(80, 83) == (
+        "the data has 80-dim features but the model takes 83 (fbank against fbank + pitch): "
+        "prepare the data with --pitch, as for training"
+    )
+    assert feature_width_mismatch(83, 80).endswith("prepare the data without --pitch, as for training")
+    assert feature_width_mismatch(80, 40) == (
+        "the data has 80-dim features but the model takes 40 (fbank against unknown kind)"
+    )
