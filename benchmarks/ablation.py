@@ -65,6 +65,8 @@ from models.decoding import DecodingError, greedy_ctc, split_utterances, transcr
 from models.training import TrainingError, train
 
 DEFAULT_REPORT = Path(__file__).resolve().parent / "results" / "ablation.md"
+SCRATCH = "scratch"  # the start "checkpoint hash" of runs trained from random weights (--from-scratch)
+DIAGNOSTICS = ("align_lift", "align_order", "align_entropy", "grad_ratio")
 RESULT = "result.json"
 START_MARKER = "ablation_start.json"
 QUICK_DEV_UTTS = 20
@@ -93,6 +95,26 @@ def run_specs(tot_weight: float) -> dict[str, RunSpec]:
             "fgw-tot",
             f"GM-OT, cosine + temporal-order prior ({tot_weight:g})",
             {"gmot.mode": "fgw", "gmot.structure": "cosine", "gmot.tot_weight": tot_weight},
+        ),
+        RunSpec(
+            "fgw-centred",
+            "GM-OT, cosine, teacher tokens centred per utterance",
+            {**fgw, "gmot.structure": "cosine", "gmot.centre": True},
+        ),
+        RunSpec(
+            "fgw-centred-tot",
+            f"GM-OT, cosine, centred tokens + temporal-order prior ({tot_weight:g})",
+            {
+                "gmot.mode": "fgw",
+                "gmot.structure": "cosine",
+                "gmot.centre": True,
+                "gmot.tot_weight": tot_weight,
+            },
+        ),
+        RunSpec(
+            "wd-centred-tot",
+            f"Wasserstein OT, centred tokens + temporal-order prior ({tot_weight:g})",
+            {"gmot.mode": "wd", "gmot.centre": True, "gmot.tot_weight": tot_weight},
         ),
     ]
     return {s.name: s for s in specs}
@@ -194,6 +216,7 @@ class Options:
     data_dir: Path
     out_dir: Path
     init_from: Path | None
+    from_scratch: bool
     pretrain_epochs: int
     pretrain_seed: int
     epochs: int
@@ -227,6 +250,11 @@ def parse_args(argv: list[str]) -> Options:
     start = p.add_mutually_exclusive_group()
     start.add_argument("--init-from", type=Path, help="start checkpoint (.pt or an experiment folder)")
     start.add_argument("--pretrain-epochs", type=int, help="pretrain the start for N epochs (default 3)")
+    start.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="no common start: each run trains --epochs epochs from random weights (transfer throughout)",
+    )
     p.add_argument("--pretrain-seed", type=int, default=0, help="seed of the pretraining (default 0)")
     p.add_argument("--epochs", type=int, default=1, help="epochs of every run from the start (default 1)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -296,6 +324,7 @@ def parse_args(argv: list[str]) -> Options:
         data_dir=a.data_dir,
         out_dir=a.out_dir,
         init_from=a.init_from,
+        from_scratch=a.from_scratch,
         pretrain_epochs=pretrain_epochs,
         pretrain_seed=a.pretrain_seed,
         epochs=epochs,
@@ -327,8 +356,11 @@ def run_config(opt: Options, spec: RunSpec, seed: int) -> ExperimentConfig:
     return resolve_config(opt.preset, None, opt.sets, extra)
 
 
-def pretrained_start(opt: Options, console: Console) -> tuple[Path, str]:
-    """The start checkpoint and its SHA-256: `--init-from`, or OUT_DIR/pretrain trained (or reused) here."""
+def pretrained_start(opt: Options, console: Console) -> tuple[Path | None, str]:
+    """The start checkpoint and its SHA-256: `--init-from`, or OUT_DIR/pretrain trained (or reused) here;
+    (None, "scratch") with --from-scratch."""
+    if opt.from_scratch:
+        return None, SCRATCH
     if opt.init_from is not None:
         path = resolve_checkpoint(opt.init_from)
         if not path.is_file():
@@ -400,8 +432,25 @@ def decode_test(run_dir: Path, opt: Options, device: str) -> dict[str, Any]:
     return summary
 
 
+def run_diagnostics(run_dir: Path) -> dict[str, float]:
+    """The transfer diagnostics of a run's last epoch record in metrics.jsonl (models.diagnostics):
+    align_lift, align_order, align_entropy (dev plans vs. the CTC forced alignment) and grad_ratio (kt/ctc
+    gradient norms at the adapter's block); the keys the run did not log are left out."""
+    path = run_dir / "metrics.jsonl"
+    last: dict[str, Any] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if row.get("event") == "epoch":
+                last = row
+    return {k: float(last[k]) for k in DIAGNOSTICS if isinstance(last.get(k), (int, float))}
+
+
 def one_run(
-    opt: Options, spec: RunSpec, seed: int, start: tuple[Path, str], device: str, console: Console
+    opt: Options, spec: RunSpec, seed: int, start: tuple[Path | None, str], device: str, console: Console
 ) -> tuple[dict[str, Any], bool]:
     """Train (or resume) and score one run x seed; returns (its result dict, whether it was reused)."""
     run_dir = opt.out_dir / "runs" / f"{spec.name}-seed{seed}"
@@ -450,7 +499,7 @@ def one_run(
         "description": spec.description,
         "seed": seed,
         **wanted,
-        "init_checkpoint": str(start[0]),
+        "init_checkpoint": None if start[0] is None else str(start[0]),
         "config": config_to_dict(cfg),
         "steps": outcome.step,
         "test_cer": decoded["cer"],
@@ -462,6 +511,7 @@ def one_run(
         "train_seconds": round(trained - started, 2),
         "wall_seconds": round(wall, 2),
         "rtf": decoded["rtf"],
+        **run_diagnostics(run_dir),
     }
     write_json(result_file, result)
     return result, False
@@ -476,6 +526,11 @@ def summarise(results: list[dict[str, Any]], runs: list[str], specs: dict[str, R
             continue
         test_mean, test_std = mean_std([r["test_cer"] for r in mine])
         devs = [r["dev_cer"] for r in mine if r["dev_cer"] is not None]
+        dev_mean, dev_std = mean_std(devs) if devs else (None, None)
+        diag = {}
+        for key in DIAGNOSTICS:
+            values = [r[key] for r in mine if isinstance(r.get(key), (int, float))]
+            diag[key] = statistics.fmean(values) if values else None
         rows.append(
             {
                 "run": name,
@@ -485,7 +540,10 @@ def summarise(results: list[dict[str, Any]], runs: list[str], specs: dict[str, R
                 "test_cer_mean": test_mean,
                 "test_cer_std": test_std,
                 "test_cer_per_seed": [r["test_cer"] for r in mine],
-                "dev_cer_mean": statistics.fmean(devs) if devs else None,
+                "dev_cer_mean": dev_mean,
+                "dev_cer_std": dev_std,
+                "dev_cer_per_seed": devs,
+                **diag,
                 "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in mine),
                 "steps": sorted({r["steps"] for r in mine}),
             }
@@ -495,6 +553,10 @@ def summarise(results: list[dict[str, Any]], runs: list[str], specs: dict[str, R
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def settings_of(opt: Options, start: tuple[Path, str]) -> dict[str, Any]:
@@ -518,14 +580,14 @@ def settings_of(opt: Options, start: tuple[Path, str]) -> dict[str, Any]:
         "kt_weight": probe.train.kt_weight,
         "tot_weight": opt.tot_weight,
         "epochs": opt.epochs,
-        "pretrain_epochs": None if opt.init_from is not None else opt.pretrain_epochs,
+        "pretrain_epochs": None if opt.init_from is not None or opt.from_scratch else opt.pretrain_epochs,
         "lr": probe.train.lr,
         "schedule": probe.train.schedule,
         "seeds": opt.seeds,
         "sets": opt.sets,
         "dev_max_utts": opt.dev_max_utts,
         "test_max_utts": opt.test_max_utts,
-        "start_checkpoint": str(start[0]),
+        "start_checkpoint": "none (every run from random weights)" if start[0] is None else str(start[0]),
         "start_sha256": start[1],
     }
 
@@ -540,17 +602,29 @@ def markdown_report(
         "",
         f"Date: {date}",
         "",
-        "Every run starts from the same pretrained checkpoint and trains the same number of updates; the",
-        "test split is decoded greedily (no PLM). CER in %; std is the sample standard deviation over seeds.",
+        (
+            "Every run trains from random weights for the same number of updates (the transfer throughout);"
+            if str(settings.get("start_checkpoint", "")).startswith("none")
+            else "Every run starts from the same pretrained checkpoint and trains the same number of updates;"
+        ),
+        "the test split is decoded greedily (no PLM). CER in %; std is the sample standard deviation over",
+        "seeds. Diagnostics (last epoch, mean over seeds): lift = dev plan mass inside each token's CTC",
+        "forced-alignment span over a uniform plan's (1 = aligns nothing), order = Spearman of token index",
+        "against its plan-weighted mean frame (+1 forward, -1 backwards), H = plan entropy over uniform,",
+        "grad = ||d(lambda kt)/dh|| / ||d ctc/dh|| at the adapter's block.",
         "",
-        "| run | what | seeds | test CER mean | test CER std | per seed | dev CER mean | updates | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | what | seeds | test CER mean | test CER std | per seed | dev CER mean | dev CER std | lift |"
+        " order | H | grad | updates | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         per_seed = ", ".join(_pct(c) for c in row["test_cer_per_seed"])
         lines.append(
             f"| {row['run']} | {row['description']} | {len(row['seeds'])} | {_pct(row['test_cer_mean'])} | "
             f"{_pct(row['test_cer_std'])} | {per_seed} | {_pct(row['dev_cer_mean'])} | "
+            f"{_pct(row.get('dev_cer_std'))} | {_num(row.get('align_lift'), '.2f')} | "
+            f"{_num(row.get('align_order'), '+.2f')} | {_num(row.get('align_entropy'), '.2f')} | "
+            f"{_num(row.get('grad_ratio'), '.3f')} | "
             f"{'/'.join(str(s) for s in row['steps'])} | {row['wall_seconds_mean']:.1f} |"
         )
     if summary:
@@ -652,7 +726,8 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
             k += 1
             tag = f"[{k}/{total}] {name} seed {seed}"
             console.print(
-                Text(f"{tag}: training {opt.epochs} epoch(s) from {start[0]}", style="bold"), soft_wrap=True
+                Text(f"{tag}: training {opt.epochs} epoch(s) from {start[0] or 'scratch'}", style="bold"),
+                soft_wrap=True,
             )
             result, reused = one_run(opt, specs[name], seed, start, device, console)
             results.append(result)

@@ -22,6 +22,7 @@ from models.alignment_plot import (
 )
 from models.checkpoint import CheckpointError, load_model
 from models.decoding import DecodingError, greedy_ctc, split_utterances, transcribe
+from models.diagnostics import format_scores
 
 
 def plot_alignment(
@@ -85,13 +86,15 @@ def plot_alignment(
                 path = out.with_name(f"{out.stem}_{rank:02d}_{utt_id}{out.suffix}")
             else:
                 path = out
-            written.append((save_figure(fig, path), data.cer))
+            written.append((save_figure(fig, path), data.cer, data.scores))
     except (CheckpointError, StoreError, AlignmentPlotError, DecodingError) as e:
         raise error_exit(err, str(e)) from None
     except OSError as e:
         raise error_exit(err, f"cannot write the figure: {e}", 1) from None
-    for path, cer in written:
+    for path, cer, scores in written:
         console.print(f"wrote {escape(str(path))} (CER {100 * cer:.1f} %)", highlight=False, soft_wrap=True)
+        for mode, sc in scores.items():
+            console.print(f"  {mode}: {format_scores(sc)}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

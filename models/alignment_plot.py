@@ -13,10 +13,8 @@ lacks become their token index ("#3"), so the figure is still drawn and readable
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import torch
 
 from data.store import SplitReader, read_plm_info
 from data.vocab import Vocabulary
+from models import diagnostics
 from models.checkpoint import LoadedModel
 from models.decoding import greedy_ctc, padded_batch
 
@@ -74,6 +73,8 @@ class AlignmentData:
     frame_shift_s: float
     char_spans: list[tuple[str, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    """mode -> models.diagnostics.score_plan of its plan (alignment lift, mass in span, order, entropy)."""
 
     @property
     def cer(self) -> float:
@@ -104,32 +105,6 @@ def gmot_config_of(loaded: LoadedModel):
         return GMOTConfig.from_dict(dict(raw)) if isinstance(raw, dict) else GMOTConfig()
     except (TypeError, ValueError) as err:
         raise AlignmentPlotError(f"checkpoint {loaded.path} has an invalid gmot config: {err}") from None
-
-
-def ctc_char_spans(
-    log_probs: torch.Tensor, target: list[int], units: list[str]
-) -> list[tuple[str, int, int]] | None:
-    """CTC forced alignment of `target` ids on (T, V) log-probs -> (unit, start, end) per target unit in
-    encoder frames (end exclusive), or None when the target cannot fit in T frames."""
-    import torchaudio.functional as AF
-
-    if not target:
-        return []
-    t = log_probs.shape[0]
-    repeats = sum(1 for a, b in itertools.pairwise(target) if a == b)
-    if len(target) + repeats > t:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        frames, scores = AF.forced_align(
-            log_probs[None].float().cpu(),
-            torch.tensor([target], dtype=torch.int32),
-            torch.tensor([t], dtype=torch.int32),
-            torch.tensor([len(target)], dtype=torch.int32),
-            blank=0,
-        )
-        spans = AF.merge_tokens(frames[0], scores[0].exp())
-    return [(units[s.token], int(s.start), int(s.end)) for s in spans]
 
 
 def compute_alignment(
@@ -200,12 +175,19 @@ def compute_alignment(
     reference = str(record.get("text") or "")
     log_probs = out["log_probs"][0, :n_frames]
     hyp_ids = greedy_ctc(out["log_probs"], out["lengths"])[0]
-    spans = ctc_char_spans(log_probs, vocab.encode(reference), loaded.vocab)
+    frames = diagnostics.ctc_char_spans(log_probs, vocab.encode(reference))
+    spans = None if frames is None else [(ch, s0, s1) for ch, (s0, s1) in zip(reference, frames, strict=True)]
     notes = []
     if spans is None:
         notes.append(
             f"reference ({len(reference)} chars) does not fit in {n_frames} frames: no CTC alignment"
         )
+    token_spans = None
+    if frames is not None and len(frames) == len(reference):
+        plm_tokens = [str(t) for t in record["plm"].get("tokens") or []]
+        ranges = diagnostics.token_char_ranges(plm_tokens, reference)
+        token_spans = diagnostics.token_frame_spans(ranges, frames)
+    scores = {mode: diagnostics.score_plan(plan, token_spans) for mode, plan in plans.items()}
     from data.features import FRAME_SHIFT_S
 
     return AlignmentData(
@@ -221,6 +203,7 @@ def compute_alignment(
         frame_shift_s=FRAME_SHIFT_S * model.cfg.subsampling,
         char_spans=spans,
         notes=notes,
+        scores=scores,
     )
 
 
@@ -247,21 +230,6 @@ def display_tokens(tokens: list[str], cjk_font: str | None) -> list[str]:
         shown = tok.replace("\u2581", "").strip() or "\u2423"  # an empty piece: open-box space sign
         out.append(f"#{j}" if cjk_font is None and _needs_cjk(shown) else shown)
     return out
-
-
-def _token_char_ranges(tokens: list[str], reference: str) -> list[tuple[int, int] | None]:
-    """For each token, the range [i, k) of reference characters it spells, matching tokens left to right."""
-    ranges: list[tuple[int, int] | None] = []
-    pos = 0
-    for tok in tokens:
-        piece = "".join(ch for ch in tok.replace("\u2581", "") if not ch.isspace())
-        at = reference.find(piece, pos) if piece else -1
-        if piece and at == pos:
-            ranges.append((at, at + len(piece)))
-            pos = at + len(piece)
-        else:
-            ranges.append(None)
-    return ranges
 
 
 def _safe_text(text: str, cjk_font: str | None) -> str:
@@ -293,7 +261,7 @@ def draw_alignment(data: AlignmentData, cjk_font: str | None = "auto"):
     modes = list(data.plans)
     n, m = next(iter(data.plans.values())).shape
     labels = display_tokens(data.tokens, font)
-    ranges = _token_char_ranges(data.tokens, data.reference)
+    ranges = diagnostics.token_char_ranges(data.tokens, data.reference)
     vmax = max(float(p.max()) for p in data.plans.values()) or 1.0
     names = {"wd": "WD plan (alpha = 0)", "fgw": "FGW plan (alpha = {a:g})"}
 

@@ -76,6 +76,16 @@ class TrainConfig:
     """SpecAugment: a time mask covers at most this fraction of the batch's frames."""
     kt_weight: float = 0.5
     """lambda in loss = ctc + lambda * kt (the knowledge-transfer term; unused when gmot.mode is `none`)."""
+    kt_warmup_steps: int = 0
+    """Ramp the transfer weight linearly from 0 to `kt_weight` over this many optimiser steps (0: no ramp),
+    so that a fresh adapter on a converged encoder (--init-from) does not push random gradients into it."""
+    grad_ratio: bool = True
+    """Log ||d(lambda kt)/dh|| / ||d ctc/dh|| at the block feeding the adapter (metrics.jsonl `grad_ratio`,
+    the progress line and the epoch line). Measured on the first batch of each logged step (every
+    `log_interval` steps), at the cost of two partial backward passes on that batch."""
+    align_max_utts: int = 100
+    """Dev utterances whose transport plans are scored each epoch against the CTC forced alignment
+    (metrics.jsonl `align_lift`, `align_order`, `align_entropy`; models.diagnostics). 0 turns it off."""
     plm: str | None = None
     """PLM teacher used online when the prepared folder has no PLM cache (None: the embedded e5-small)."""
     plm_layer: int = -1
@@ -423,5 +433,8 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
+    for name in ("kt_warmup_steps", "align_max_utts"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if not 0.0 <= t.freq_warp < 1.0:
         raise ConfigError(f"train.freq_warp must be in [0, 1), got {t.freq_warp}")

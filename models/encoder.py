@@ -65,6 +65,11 @@ class ModelConfig:
     """Adapter from d_model to the PLM width: "linear" (one Linear) or "mlp" (Linear, GELU, Linear)."""
     adapter_hidden: int = 512
     """Hidden width of the "mlp" adapter (unused by "linear")."""
+    ctc_from: Literal["encoder", "adapter"] = "encoder"
+    """What the CTC head reads: "encoder", the last block's output (the adapter serves only the transfer
+    loss and is dropped at decode time), or "adapter", the adapted features in the PLM's width, the space the
+    transfer shapes (arXiv 2309.13650). "adapter" needs the adapter on the last block and keeps it at decode
+    time: one extra (d_model x PLM width) matrix product per frame, and a CTC head of PLM width."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads != 0:
@@ -78,6 +83,13 @@ class ModelConfig:
             )
         if self.adapter not in ("linear", "mlp"):
             raise ValueError(f"adapter must be 'linear' or 'mlp', got {self.adapter!r}")
+        if self.ctc_from not in ("encoder", "adapter"):
+            raise ValueError(f"ctc_from must be 'encoder' or 'adapter', got {self.ctc_from!r}")
+        if self.ctc_from == "adapter" and self.adapter_layer % self.num_layers != self.num_layers - 1:
+            raise ValueError(
+                f"ctc_from 'adapter' needs the adapter on the last block (adapter_layer -1), got "
+                f"adapter_layer {self.adapter_layer}"
+            )
         if self.subsampling not in SUBSAMPLING_CONVS:
             raise ValueError(f"subsampling must be 4 or 8, got {self.subsampling}")
         if self.input_dim < min_input_frames(self.subsampling):
@@ -232,7 +244,9 @@ class ConformerCTC(nn.Module):
             for _ in range(cfg.num_layers)
         )
         self.head_dropout = nn.Dropout(cfg.dropout)
-        self.ctc_head = nn.Linear(cfg.d_model, vocab_size)
+        if cfg.ctc_from == "adapter" and plm_width is None:
+            raise ValueError("model.ctc_from 'adapter' needs the PLM width (prepared data with a PLM cache)")
+        self.ctc_head = nn.Linear(cfg.d_model if cfg.ctc_from == "encoder" else plm_width, vocab_size)
         self.adapter: nn.Module | None = None
         if plm_width is not None:
             if cfg.adapter == "linear":
@@ -271,14 +285,21 @@ class ConformerCTC(nn.Module):
             x = _block_forward(layer, x, pad, pad3).masked_fill(pad3, 0.0)
             if i == self.cfg.adapter_block:
                 hidden = x
-        logits = self.ctc_head(self.head_dropout(x))
+        adapted = None
+        if self.adapter is not None:
+            adapted = self.adapter(self.head_dropout(hidden)).masked_fill(pad3, 0.0)
+        if self.cfg.ctc_from == "adapter":
+            assert adapted is not None
+            logits = self.ctc_head(adapted)
+        else:
+            logits = self.ctc_head(self.head_dropout(x))
         out = {
             "log_probs": torch.log_softmax(logits.float(), dim=-1),
             "lengths": out_lengths,
             "hidden": hidden,
         }
-        if self.adapter is not None:
-            out["adapted"] = self.adapter(self.head_dropout(hidden)).masked_fill(pad3, 0.0)
+        if adapted is not None:
+            out["adapted"] = adapted
         return out
 
 

@@ -71,6 +71,27 @@ class GMOTConfig:
     """Temporal-order prior (after TOT, arXiv 2409.02239): adds tot_weight * |(i + 1/2)/N - (j + 1/2)/M| to
     the node cost, favouring plans near the diagonal. 0 disables it. (A linear-cost form of TOT's Gaussian
     order prior: it enters the same solvers unchanged.)"""
+    centre: bool = False
+    """Subtract each utterance's mean teacher token (after `standardise`). The last layer of a sentence
+    encoder such as e5 carries the sentence more than the token: centring removes that shared part so the
+    tokens of one sentence differ and the node cost has contrast (docs/transfer.md)."""
+    epsilon_scale: Literal["absolute", "cost_std"] = "absolute"
+    """"absolute": epsilon as given; "cost_std": epsilon times each utterance's standard deviation of the
+    node cost (detached), so the plan's sharpness does not depend on how far apart the features are."""
+    reduction: Literal["mean", "sum"] = "mean"
+    """Per-utterance reduction of kt: "mean" over its tokens (a plan of mass 1), or "sum" over its tokens
+    (transport value and alignment loss times the number of tokens), as CTC is a sum over the utterance, so
+    that kt_weight 1 is about as strong as CTC. Either is then averaged over the batch."""
+    acoustic_marginal: Literal["uniform", "nonblank"] = "uniform"
+    """Source weights a_i: "uniform" over the frames, or proportional to the model's own non-blank
+    probability 1 - p(blank | frame i) (detached, floored at `marginal_floor`), so that blank and silence
+    frames, most CTC frames, carry little transport mass."""
+    marginal_floor: float = 0.05
+    """Floor of the per-frame non-blank probability of the "nonblank" marginal, before normalising."""
+    unbalanced_tau: float = 0.0
+    """KL relaxation of the acoustic marginal (unbalanced OT, after arXiv 2509.05609): the plan's row sums
+    may leave `a` at a cost tau * KL(T 1 || a), so frames that match no token need not be transported.
+    0 keeps the marginal exact (balanced OT). Token marginals stay exact."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "wd", "fgw"):
@@ -85,6 +106,19 @@ class GMOTConfig:
             raise ValueError(f"gmot.hybrid_mix must lie in [0, 1], got {self.hybrid_mix}")
         if self.tot_weight < 0:
             raise ValueError(f"gmot.tot_weight must be >= 0, got {self.tot_weight}")
+        choices = {
+            "epsilon_scale": ("absolute", "cost_std"),
+            "reduction": ("mean", "sum"),
+            "acoustic_marginal": ("uniform", "nonblank"),
+        }
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                raise ValueError(f"gmot.{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 0.0 < self.marginal_floor <= 1.0:
+            raise ValueError(f"gmot.marginal_floor must lie in (0, 1], got {self.marginal_floor}")
+        if self.unbalanced_tau < 0:
+            raise ValueError(f"gmot.unbalanced_tau must be >= 0 (0 = balanced), got {self.unbalanced_tau}")
 
     @property
     def effective_alpha(self) -> float:
@@ -154,13 +188,42 @@ class GMOTLoss(nn.Module):
             )
         return (plm - self.plm_mean) / self.plm_std.clamp(min=1e-5)
 
+    def teacher_features(self, plm: Tensor, b_mask: Tensor) -> Tensor:
+        """(B, M, D) raw PLM features, (B, M) bool -> the features the transfer uses: standardised
+        (cfg.standardise), centred per utterance over its valid tokens (cfg.centre), 0 at padding."""
+        z = plm.float().detach()
+        if self.cfg.standardise:
+            z = self.standardise(z)
+        z = z.masked_fill(~b_mask[:, :, None], 0.0)
+        if self.cfg.centre:
+            mean = z.sum(1, keepdim=True) / b_mask.sum(1).clamp(min=1)[:, None, None]
+            z = (z - mean).masked_fill(~b_mask[:, :, None], 0.0)
+        return z
+
+    def acoustic_weights(self, a_mask: Tensor, blank_prob: Tensor | None) -> Tensor:
+        """(B, N) bool valid frames and optional (B, N) blank probabilities -> (B, N) source marginal."""
+        if self.cfg.acoustic_marginal == "uniform":
+            return graphs.uniform_marginal(a_mask)
+        if blank_prob is None:
+            raise ValueError('gmot.acoustic_marginal "nonblank" needs the model\'s blank probabilities')
+        w = (1.0 - blank_prob.detach().float()).clamp(min=self.cfg.marginal_floor) * a_mask
+        return w / w.sum(1, keepdim=True)
+
     def forward(
-        self, acoustic: Tensor, acoustic_lengths: Tensor, plm: Tensor, plm_lengths: Tensor
+        self,
+        acoustic: Tensor,
+        acoustic_lengths: Tensor,
+        plm: Tensor,
+        plm_lengths: Tensor,
+        blank_prob: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """acoustic (B, N, D) adapted encoder output, acoustic_lengths (B,), plm (B, M, D) raw PLM token
-        features, plm_lengths (B,) ->
-        {"kt": scalar (per cfg.terms), "kt_ot": scalar transport value (batch mean), "kt_align": scalar
-         alignment loss (batch mean), "plan": (B, N, M) detached transport plan, 0 at padding}.
+        features, plm_lengths (B,), blank_prob (B, N) the model's p(blank) per frame (needed by the
+        "nonblank" acoustic marginal) ->
+        {"kt": scalar (per cfg.terms and cfg.reduction), "kt_ot": scalar transport value, "kt_align":
+         scalar alignment loss (both batch means, per cfg.reduction), "plan_entropy": scalar mean entropy
+         of the plans over that of the uniform plan (1 = uniform; detached), "plan": (B, N, M) detached
+         transport plan, 0 at padding}.
         Computed in float32 (autocast off). Every item needs at least one frame and one token.
         """
         cfg = self.cfg
@@ -170,38 +233,28 @@ class GMOTLoss(nn.Module):
             raise ValueError(f"acoustic {tuple(acoustic.shape)} and plm {tuple(plm.shape)} do not match")
         if cfg.mode == "none":
             zero = acoustic.new_zeros((), dtype=torch.float32)
-            return {"kt": zero, "kt_ot": zero, "kt_align": zero, "plan": acoustic.new_zeros(b, n, m).float()}
+            return {
+                "kt": zero, "kt_ot": zero, "kt_align": zero, "plan_entropy": zero,
+                "plan": acoustic.new_zeros(b, n, m).float(),
+            }  # fmt: skip
         if bool((acoustic_lengths < 1).any()) or bool((plm_lengths < 1).any()):
             raise ValueError("every utterance needs at least one acoustic frame and one PLM token for GM-OT")
         with torch.autocast(acoustic.device.type, enabled=False):
             a_mask, b_mask = _mask(acoustic_lengths, n), _mask(plm_lengths, m)
             h = acoustic.float().masked_fill(~a_mask[:, :, None], 0.0)
-            z = plm.float().detach()
-            if cfg.standardise:
-                z = self.standardise(z)
-            z = z.masked_fill(~b_mask[:, :, None], 0.0)
+            z = self.teacher_features(plm, b_mask)
 
             cost = graphs.cosine_cost(h, z, a_mask, b_mask)
             if cfg.tot_weight > 0:
                 cost = cost + cfg.tot_weight * order_prior(a_mask, b_mask)
-            a = graphs.uniform_marginal(a_mask)
+            a = self.acoustic_weights(a_mask, blank_prob)
             bm = graphs.uniform_marginal(b_mask)
-            if cfg.mode == "wd":
-                # the same iterates as fgw with alpha 0 and pgd (see transport.fused_gromov_wasserstein)
-                res = transport.sinkhorn(
-                    cost, a, bm, cfg.epsilon, max_iter=cfg.outer_iter * cfg.inner_iter, tol=cfg.tol,
-                    check_every=cfg.inner_iter, grad=cfg.grad,
-                )  # fmt: skip
-            else:
-                h_struct = h.detach() if cfg.detach_structure else h
-                d_a = graphs.structure_matrix(h_struct, a_mask, cfg.structure, cfg.hybrid_mix)
-                d_l = graphs.structure_matrix(z, b_mask, cfg.structure, cfg.hybrid_mix)
-                res = transport.fused_gromov_wasserstein(
-                    cost, d_a, d_l, a, bm, alpha=cfg.alpha, epsilon=cfg.epsilon, outer_iter=cfg.outer_iter,
-                    inner_iter=cfg.inner_iter, solver=cfg.solver, tol=cfg.tol, grad=cfg.grad, symmetric=True,
-                )  # fmt: skip
-            # the (F)GW distance without the entropic term; its envelope gradient equals that of res.value
-            kt_ot = res.transport_cost.mean()
+            valid = a_mask[:, :, None] & b_mask[:, None, :]
+            # epsilon_scale "cost_std": solving on cost / s (structures / sqrt(s), the Gromov term being
+            # quadratic in them) at epsilon is solving at epsilon * s; the value is scaled back by s
+            scale = cost_spread(cost.detach(), valid) if cfg.epsilon_scale == "cost_std" else None
+            res = self._solve(cost, h, z, a_mask, b_mask, a, bm, scale)
+            kt_ot_per = res.transport_cost if scale is None else res.transport_cost * scale
             plan = res.plan
             # transported acoustic features per token: h~_j = sum_i T_ij h_i / b_j
             h_tilde = plan.transpose(1, 2) @ h / bm.clamp(min=1e-12)[:, :, None]
@@ -209,17 +262,75 @@ class GMOTLoss(nn.Module):
                 per_token = 1.0 - F.cosine_similarity(h_tilde, z, dim=-1, eps=1e-8)
             else:
                 per_token = (h_tilde - z).pow(2).mean(-1)
-            per_token = per_token * b_mask
-            kt_align = (per_token.sum(1) / b_mask.sum(1)).mean()
+            tokens = b_mask.sum(1).to(torch.float32)
+            kt_align_per = (per_token * b_mask).sum(1) / tokens
+            if cfg.reduction == "sum":
+                kt_ot_per, kt_align_per = kt_ot_per * tokens, kt_align_per * tokens
+            kt_ot, kt_align = kt_ot_per.mean(), kt_align_per.mean()
             if cfg.terms == "ot":
                 kt = kt_ot
             elif cfg.terms == "align":
                 kt = kt_align
             else:
                 kt = kt_ot + kt_align
+            entropy = plan_entropy_ratio(plan.detach(), valid)
         return {
             "kt": kt,
             "kt_ot": kt_ot if cfg.terms != "align" else kt_ot.detach(),
             "kt_align": kt_align if cfg.terms != "ot" else kt_align.detach(),
+            "plan_entropy": entropy.mean(),
             "plan": plan.detach(),
         }
+
+    def _solve(
+        self, cost: Tensor, h: Tensor, z: Tensor, a_mask: Tensor, b_mask: Tensor, a: Tensor, bm: Tensor,
+        scale: Tensor | None,
+    ) -> transport.TransportResult:  # fmt: skip
+        """The transport of the configured mode (shapes as in forward); `scale` (B,) divides the problem."""
+        cfg = self.cfg
+        d_a = d_l = None
+        if cfg.mode == "fgw":
+            h_struct = h.detach() if cfg.detach_structure else h
+            d_a = graphs.structure_matrix(h_struct, a_mask, cfg.structure, cfg.hybrid_mix)
+            d_l = graphs.structure_matrix(z, b_mask, cfg.structure, cfg.hybrid_mix)
+        if scale is not None:
+            cost = cost / scale[:, None, None]
+            if d_a is not None and d_l is not None:
+                root = scale.sqrt()[:, None, None]
+                d_a, d_l = d_a / root, d_l / root
+        if cfg.unbalanced_tau > 0:
+            return transport.unbalanced_fused_gromov_wasserstein(
+                cost, d_a, d_l, a, bm, alpha=cfg.effective_alpha, epsilon=cfg.epsilon,
+                tau_a=cfg.unbalanced_tau, tau_b=None, outer_iter=cfg.outer_iter, inner_iter=cfg.inner_iter,
+                grad=cfg.grad,
+            )  # fmt: skip
+        if cfg.mode == "wd":
+            # the same iterates as fgw with alpha 0 and pgd (see transport.fused_gromov_wasserstein)
+            return transport.sinkhorn(
+                cost, a, bm, cfg.epsilon, max_iter=cfg.outer_iter * cfg.inner_iter, tol=cfg.tol,
+                check_every=cfg.inner_iter, grad=cfg.grad,
+            )  # fmt: skip
+        assert d_a is not None and d_l is not None
+        return transport.fused_gromov_wasserstein(
+            cost, d_a, d_l, a, bm, alpha=cfg.alpha, epsilon=cfg.epsilon, outer_iter=cfg.outer_iter,
+            inner_iter=cfg.inner_iter, solver=cfg.solver, tol=cfg.tol, grad=cfg.grad, symmetric=True,
+        )  # fmt: skip
+
+
+def cost_spread(cost: Tensor, valid: Tensor) -> Tensor:
+    """Standard deviation of each item's cost over its valid entries: (B, N, M), (B, N, M) bool -> (B,),
+    floored at 1e-3 (a constant cost has no spread to scale epsilon by)."""
+    count = valid.sum(dim=(1, 2)).clamp(min=1)
+    mean = (cost * valid).sum(dim=(1, 2)) / count
+    var = (((cost - mean[:, None, None]) * valid) ** 2).sum(dim=(1, 2)) / count
+    return var.sqrt().clamp(min=1e-3)
+
+
+def plan_entropy_ratio(plan: Tensor, valid: Tensor) -> Tensor:
+    """Entropy of each plan (normalised to mass 1) over log(N_b M_b), the uniform plan's: (B, N, M) -> (B,).
+    1 for the uniform plan, 0 for a plan on one entry; 1 when the item has a single entry."""
+    mass = plan.sum(dim=(1, 2), keepdim=True).clamp(min=1e-30)
+    q = plan / mass
+    ent = -(torch.where(q > 0, q * q.clamp(min=1e-30).log(), 0.0) * valid).sum(dim=(1, 2))
+    size = valid.sum(dim=(1, 2)).to(plan.dtype)
+    return torch.where(size > 1, ent / size.clamp(min=2).log(), torch.ones_like(ent))

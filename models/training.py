@@ -66,8 +66,9 @@ from models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from models.config import ExperimentConfig, config_to_dict, dump_config
+from models.config import ExperimentConfig, TrainConfig, config_to_dict, dump_config
 from models.decoding import greedy_ctc
+from models.diagnostics import AlignmentMeter, gradient_ratio, score_batch_plans
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 
@@ -175,6 +176,14 @@ def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
     if t.schedule == "linear":
         return floor + (t.lr - floor) * (1.0 - frac)
     return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def kt_weight_at(step: int, t: TrainConfig) -> float:
+    """The transfer weight at optimiser step `step`: kt_weight, ramped linearly from 0 over the first
+    kt_warmup_steps steps (of this run, counted from its start) when that is set."""
+    if t.kt_warmup_steps <= 0:
+        return t.kt_weight
+    return t.kt_weight * min(1.0, (step + 1) / t.kt_warmup_steps)
 
 
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
@@ -379,7 +388,7 @@ class Trainer:
         self.train_set = SpeechDataset(train_dir, mean, std, use_plm=self.use_kt)
         dev_dir = self.data_dir / t.dev_split
         self.dev_set = (
-            SpeechDataset(dev_dir, mean, std, use_plm=False)
+            SpeechDataset(dev_dir, mean, std, use_plm=self.use_kt)
             if (dev_dir / "manifest.jsonl").is_file()
             else None
         )
@@ -406,6 +415,12 @@ class Trainer:
                 except PLMError as err:
                     raise TrainingError(f"no PLM cache in {self.data_dir} and no online PLM: {err}") from None
                 self.plm_width = int(self.teacher.width)
+        if self.cfg.model.ctc_from == "adapter" and self.plm_width is None:
+            if self.plm_info is None:
+                raise TrainingError(
+                    f"model.ctc_from=adapter needs the PLM width: {lang} has no plm.json (prepare with a PLM)"
+                )
+            self.plm_width = int(self.plm_info["width"])
         batches, dropped = bucket_batches(
             self.train_set.lengths(), t.max_frames, t.max_utts, self.cfg.model.min_input_frames
         )
@@ -452,6 +467,9 @@ class Trainer:
         self.step = 0
         self.epoch = 1
         self.nan_streak = 0
+        self.micro = 0
+        self.grad_ratio: float | None = None
+        self.dev_alignment = {}
 
     def _resume_or_init(self) -> None:
         ckpts = list_checkpoints(self.exp_dir) if self.exp_dir.is_dir() else []
@@ -536,14 +554,23 @@ class Trainer:
                 plm, plm_lens = self._teacher_batch(batch["texts"])
             assert self.kt_loss is not None
             kt = self.kt_loss(
-                out["adapted"].float(), out["lengths"], plm.to(self.device), plm_lens.to(self.device)
-            )
+                out["adapted"].float(), out["lengths"], plm.to(self.device), plm_lens.to(self.device),
+                blank_prob=out["log_probs"][..., 0].exp(),
+            )  # fmt: skip
             for k, v in kt.items():
                 if k != "plan" and isinstance(v, Tensor) and v.dim() == 0:
                     terms[k] = v
-            loss = ctc + self.cfg.train.kt_weight * kt["kt"]
+            weight = kt_weight_at(self.step, self.cfg.train)
+            loss = ctc + weight * kt["kt"]
+            if self._measure_grad_ratio():
+                self.grad_ratio = gradient_ratio(weight * kt["kt"], ctc, out["hidden"])
         terms["loss"] = loss
         return terms, per_utt
+
+    def _measure_grad_ratio(self) -> bool:
+        """Whether this batch measures the kt/ctc gradient ratio: the first batch of each logged step."""
+        t = self.cfg.train
+        return t.grad_ratio and (self.step + 1) % t.log_interval == 0 and self.micro == 0
 
     def _oom_message(self, batch: dict[str, Any]) -> str:
         t = self.cfg.train
@@ -621,6 +648,7 @@ class Trainer:
         window: dict[str, float] = {}
         window_n = 0
         for batch in loader:
+            self.micro = done % max(t.accum_grad, 1)
             position = done * self.dd.world + self.dd.rank
             torch.manual_seed(_batch_seed(t.seed, self.epoch, position))
             try:
@@ -662,12 +690,21 @@ class Trainer:
                 good = 0
                 if stepped and self.step % t.log_interval == 0 and window_n:
                     means = {k: v / window_n for k, v in window.items()}
+                    if self.grad_ratio is not None and math.isfinite(self.grad_ratio):
+                        means["grad_ratio"] = self.grad_ratio
+                        self.epoch_sums["grad_ratio_sum"] = self.epoch_sums.get("grad_ratio_sum", 0.0) + (
+                            self.grad_ratio
+                        )
+                        self.epoch_sums["grad_ratio_n"] = self.epoch_sums.get("grad_ratio_n", 0) + 1
+                    self.grad_ratio = None
                     lr = self.optimizer.param_groups[0]["lr"]
                     self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means)
                     window, window_n = {}, 0
                     if progress is not None and task is not None:
                         shown = " ".join(
-                            f"{k} {v:.3f}" for k, v in means.items() if k in ("loss", "ctc", "kt")
+                            f"{k} {v:.3f}"
+                            for k, v in means.items()
+                            if k in ("loss", "ctc", "kt", "grad_ratio")
                         )
                         progress.update(task, terms=f"{shown} lr {lr:.2e}")
                 if stepped and t.save_every_steps and self.step % t.save_every_steps == 0 and not last:
@@ -679,9 +716,14 @@ class Trainer:
 
     @torch.no_grad()
     def _dev_cer(self) -> tuple[float, float] | None:
-        """(dev CER as a fraction, mean dev CTC loss); ranks score disjoint shares and sum the counts."""
+        """(dev CER as a fraction, mean dev CTC loss); ranks score disjoint shares and sum the counts.
+        With a transfer loss and a dev PLM cache, rank 0 also scores the dev plans against the CTC forced
+        alignment (models.diagnostics) into self.dev_alignment."""
+        self.dev_alignment: dict[str, float] = {}
         if self.dev_set is None:
             return None
+        meter = AlignmentMeter()
+        align_left = self.cfg.train.align_max_utts if self.kt_loss is not None and self.dd.main else 0
         model = _unwrap(self.model)
         model.eval()
         lengths = self.dev_set.lengths()
@@ -705,6 +747,21 @@ class Trainer:
             finite = per_utt[torch.isfinite(per_utt)]
             loss_sum += float(finite.sum())
             n_utts += finite.numel()
+            if align_left > 0 and batch["plm"] is not None and "adapted" in out:
+                assert self.kt_loss is not None
+                take = min(align_left, len(batch["ids"]))
+                align_left -= take
+                plm, plm_lens = batch["plm"][:take].to(self.device), batch["plm_lens"][:take].to(self.device)
+                res = self.kt_loss(
+                    out["adapted"][:take].float(), out["lengths"][:take], plm, plm_lens,
+                    blank_prob=out["log_probs"][:take, :, 0].exp(),
+                )  # fmt: skip
+                records = [self.dev_set.records[mine[i]] for i in b[:take]]
+                score_batch_plans(
+                    res["plan"], out["log_probs"][:take], out["lengths"][:take], plm_lens,
+                    [r["token_ids"] for r in records], [r["text"] for r in records],
+                    [list(r["plm"].get("tokens") or []) for r in records], meter,
+                )  # fmt: skip
             hyps = greedy_ctc(out["log_probs"], out["lengths"])
             pairs = [
                 (uid, ref, "".join(self.vocab[i] if i > 1 else "\u2047" for i in h))
@@ -717,6 +774,8 @@ class Trainer:
             [errors, ref_len, loss_sum, n_utts], self.dd, self.device
         )
         self.model.train()
+        if meter.utterances:
+            self.dev_alignment = {k: round(v, 4) for k, v in meter.summary().items() if math.isfinite(v)}
         return errors / max(ref_len, 1.0), loss_sum / max(n_utts, 1.0)
 
     def _state(self, epoch_complete: bool, consumed: int) -> dict[str, Any]:
@@ -904,13 +963,16 @@ class Trainer:
                         k: v / n
                         for k, v in sums.items()
                         if k not in ("batches", "skipped_inf", "skipped_nan")
+                        and not k.startswith("grad_ratio_")
                     }
+                    if sums.get("grad_ratio_n"):
+                        summary["grad_ratio"] = sums["grad_ratio_sum"] / sums["grad_ratio_n"]
                     summary.update(
                         skipped_inf=int(sums.get("skipped_inf", 0)),
                         skipped_nan=int(sums.get("skipped_nan", 0)),
                     )
                     if dev is not None:
-                        summary.update(dev_cer=dev[0], dev_ctc=dev[1])
+                        summary.update(dev_cer=dev[0], dev_ctc=dev[1], **self.dev_alignment)
                         self.outcome.dev_cer[self.epoch] = dev[0]
                     self.logger.log(
                         "epoch",
@@ -922,6 +984,14 @@ class Trainer:
                     self._say(
                         f"epoch {self.epoch}: loss {summary.get('loss', float('nan')):.4f}"
                         + (f", dev CER {100 * dev[0]:.2f} %" if dev is not None else "")
+                        + (
+                            f", dev plans: lift {self.dev_alignment['align_lift']:.2f} order "
+                            f"{self.dev_alignment.get('align_order', float('nan')):+.2f} entropy "
+                            f"{self.dev_alignment['align_entropy']:.2f}"
+                            if "align_lift" in self.dev_alignment
+                            else ""
+                        )
+                        + (f", kt/ctc grad {summary['grad_ratio']:.3f}" if "grad_ratio" in summary else "")
                         + (
                             f", skipped {summary['skipped_inf']} inf / {summary['skipped_nan']} NaN batches"
                             if summary["skipped_inf"] or summary["skipped_nan"]

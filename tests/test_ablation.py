@@ -176,3 +176,32 @@ def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> 
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")} == ckpt_mtimes
     # a finished run is not silently mixed with a run from other settings
     assert ablation.main([*argv, "--epochs", "2"]) == 2
+
+
+@pytest.mark.slow
+def test_from_scratch_runs_carry_the_transfer_diagnostics(tiny_prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scratch"
+    report = tmp_path / "report.md"
+    argv = [
+        str(tiny_prepared), str(out), "--preset", "tiny", "--from-scratch", "--epochs", "2", "--seeds", "3",
+        "--set", "train.max_utts=4", "--runs", "baseline,fgw-centred-tot", "--device", "cpu", "--no-progress",
+        "--report", str(report),
+    ]  # fmt: skip
+    assert ablation.main(argv) == 0
+    assert not (out / "pretrain").exists()  # no common start
+    data = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    by_run = {r["run"]: r for r in data["runs"]}
+    assert {r["init_sha256"] for r in data["runs"]} == {"scratch"}
+    assert {r["init_checkpoint"] for r in data["runs"]} == {None}
+    transfer = by_run["fgw-centred-tot"]
+    assert transfer["config"]["gmot"]["centre"] is True and transfer["config"]["gmot"]["tot_weight"] == 0.5
+    for key in ("align_lift", "align_order", "align_entropy", "grad_ratio"):
+        assert math.isfinite(transfer[key])
+        assert key not in by_run["baseline"]  # no transfer, no plans
+    assert 0.0 < transfer["align_entropy"] <= 1.0
+    text = report.read_text(encoding="utf-8")
+    assert "Every run trains from random weights" in text
+    row = next(r for r in data["summary"] if r["run"] == "fgw-centred-tot")
+    assert f"| {row['align_lift']:.2f} | {row['align_order']:+.2f} |" in text
+    with pytest.raises(SystemExit):
+        ablation.parse_args([str(tiny_prepared), str(out), "--from-scratch", "--init-from", "x.pt"])

@@ -1,0 +1,187 @@
+"""The transfer study's report: tables and the learning curve from the ablation runs that make it up.
+
+    python benchmarks/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
+        --curve 500=OUT_DIR --curve 1000=OUT_DIR ... \
+        [--out benchmarks/results/transfer_study.md] [--plot docs/learning_curve.png]
+
+Each OUT_DIR is a finished (or partly finished) `benchmarks/ablation.py` output folder: its ablation.json
+holds every run, its command and the machine. `--screen` is the one-seed screen of the options; each
+`--curve N=DIR` is the confirmation at N train sentences. The report lists, for every arm, dev and test CER
+mean +- sample std over seeds, the transfer diagnostics (plan alignment lift, order, entropy, gradient
+ratio), the command that produced it, and the decision rule: an arm beats the baseline when its mean dev CER
+is lower by more than two standard errors of the difference, sqrt(s_a^2 / n_a + s_b^2 / n_b), and its test
+CER is lower too. The plot shows test CER against train sentences, one line per arm, with +-1 std bars.
+`--notes` puts a hand-written markdown file (the decision, what each measurement ruled out) at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from data.store import write_text_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE = "baseline"
+
+
+def load(out_dir: Path) -> dict[str, Any]:
+    """ablation.json of an ablation output folder; SystemExit(2) naming the file when it is missing."""
+    path = Path(out_dir) / "ablation.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: run benchmarks/ablation.py into {out_dir} first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def num(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def mean_pm(mean: float | None, std: float | None) -> str:
+    """ "12.34 +- 0.56" in %, or the mean alone with one seed."""
+    return pct(mean) if std is None else f"{pct(mean)} +- {pct(std)}"
+
+
+def beats_baseline(row: dict[str, Any], base: dict[str, Any]) -> tuple[bool, str]:
+    """The decision rule on dev (two standard errors of the difference), then test; (verdict, reason)."""
+    n_a, n_b = len(row.get("dev_cer_per_seed") or []), len(base.get("dev_cer_per_seed") or [])
+    if n_a < 2 or n_b < 2 or row.get("dev_cer_std") is None or base.get("dev_cer_std") is None:
+        return False, "fewer than 2 seeds: no decision"
+    se = math.sqrt(row["dev_cer_std"] ** 2 / n_a + base["dev_cer_std"] ** 2 / n_b)
+    gain = base["dev_cer_mean"] - row["dev_cer_mean"]
+    test_gain = base["test_cer_mean"] - row["test_cer_mean"]
+    if gain <= 2 * se:
+        return False, f"dev gain {100 * gain:+.2f} <= 2 SE ({100 * 2 * se:.2f})"
+    if test_gain <= 0:
+        return (
+            False,
+            f"dev gain {100 * gain:+.2f} > 2 SE ({100 * 2 * se:.2f}), but test {100 * test_gain:+.2f}",
+        )
+    return True, f"dev gain {100 * gain:+.2f} > 2 SE ({100 * 2 * se:.2f}); test gain {100 * test_gain:+.2f}"
+
+
+def table(data: dict[str, Any], with_decision: bool) -> list[str]:
+    """Markdown table of one ablation.json's summary."""
+    rows = data["summary"]
+    base = next((r for r in rows if r["run"] == BASELINE), None)
+    head = "| arm | what | seeds | dev CER % | test CER % | lift | order | H | grad | updates |"
+    sep = "|---|---|---|---|---|---|---|---|---|---|"
+    if with_decision:
+        head += " beats baseline? |"
+        sep += "---|"
+    lines = [head, sep]
+    for r in rows:
+        line = (
+            f"| {r['run']} | {r['description']} | {len(r['seeds'])} | "
+            f"{mean_pm(r['dev_cer_mean'], r.get('dev_cer_std'))} | "
+            f"{mean_pm(r['test_cer_mean'], r['test_cer_std'])} | {num(r.get('align_lift'), '.2f')} | "
+            f"{num(r.get('align_order'), '+.2f')} | {num(r.get('align_entropy'), '.2f')} | "
+            f"{num(r.get('grad_ratio'), '.3f')} | {'/'.join(str(s) for s in r['steps'])} |"
+        )
+        if with_decision:
+            if base is None or r is base:
+                line += " - |"
+            else:
+                ok, why = beats_baseline(r, base)
+                line += f" {'**yes**' if ok else 'no'}: {why} |"
+        lines.append(line)
+    return lines
+
+
+def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
+    """Test CER against train sentences, one line per arm (mean over seeds, +-1 sample std bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms: dict[str, list[tuple[int, float, float]]] = {}
+    for size, data in sorted(curves.items()):
+        for r in data["summary"]:
+            arms.setdefault(r["run"], []).append(
+                (size, 100 * r["test_cer_mean"], 100 * (r["test_cer_std"] or 0.0))
+            )
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    for k, (name, points) in enumerate(arms.items()):
+        xs, ys, es = zip(*points, strict=True)
+        ax.errorbar(
+            [x * (1 + 0.02 * (k - len(arms) / 2)) for x in xs], ys, yerr=es, marker="o", capsize=3, label=name
+        )
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(curves), [str(s) for s in sorted(curves)])
+    ax.set_xlabel("train sentences (2 voices each)")
+    ax.set_ylabel("test CER % (greedy, held-out voices)")
+    ax.set_title("gmot transfer study: demo corpus, from scratch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def report(notes: str, screen: dict[str, Any] | None, curves: dict[int, dict[str, Any]]) -> str:
+    """The whole markdown report."""
+    lines = ["# Transfer study", ""]
+    if notes:
+        lines += [notes.rstrip(), ""]
+    lines += [
+        "Columns: CER mean +- sample std over seeds (greedy CTC, no PLM, no LM); lift = dev plan mass inside",
+        "each PLM token's CTC forced-alignment span over a uniform plan's (1 = aligns nothing); order =",
+        "Spearman of a token's index against its plan-weighted mean frame (+1 forward, -1 backwards);",
+        "H = plan entropy over the uniform plan's; grad = ||d(lambda kt)/dh|| / ||d ctc/dh|| at the block",
+        "feeding the adapter. Diagnostics are the last epoch's, averaged over seeds.",
+        "",
+    ]
+    machine = None
+    if screen is not None:
+        lines += ["## Screen (one seed)", "", *table(screen, with_decision=False), ""]
+        lines += ["Command:", "", "```", screen["command"], "```", ""]
+        machine = screen["machine"]
+    for size, data in sorted(curves.items()):
+        lines += [f"## {size} train sentences", "", *table(data, with_decision=True), ""]
+        lines += ["Command:", "", "```", data["command"], "```", ""]
+        machine = machine or data["machine"]
+    if machine:
+        lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: write the report (and the plot when there are curve points); 0 on success."""
+    p = argparse.ArgumentParser(prog="benchmarks/transfer_report.py", description=__doc__.split("\n")[0])
+    p.add_argument("--screen", type=Path, help="ablation output folder of the one-seed screen")
+    p.add_argument("--curve", action="append", default=[], help="N=OUT_DIR: the runs at N train sentences")
+    p.add_argument("--notes", type=Path, help="markdown put at the top of the report")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "transfer_study.md")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "learning_curve.png")
+    a = p.parse_args(argv)
+    curves: dict[int, dict[str, Any]] = {}
+    for item in a.curve:
+        size, eq, folder = item.partition("=")
+        if not eq or not size.isdigit():
+            p.error(f"--curve expects N=OUT_DIR, got {item!r}")
+        curves[int(size)] = load(Path(folder))
+    screen = load(a.screen) if a.screen else None
+    notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
+    write_text_atomic(a.out, report(notes, screen, curves))
+    print(f"wrote {a.out}")
+    if curves:
+        plot_curve(curves, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
