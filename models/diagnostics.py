@@ -209,3 +209,29 @@ def format_scores(scores: dict[str, float]) -> str:
         f"{f(scores['uniform_share'], '.2f')} uniform), order {f(scores['order'], '+.2f')}, "
         f"entropy {f(scores['entropy'], '.2f')} of uniform"
     )
+
+
+BACKWARDS_ORDER = -0.2
+"""An `align_order` below this, with plans sharper than uniform, means the plans run backwards."""
+UNIFORM_LIFT = 1.1
+"""An `align_lift` below this means the plans put no more mass on the right frames than a uniform plan."""
+
+
+def alignment_warning(summary: dict[str, float], tot_weight: float) -> str | None:
+    """A one-line warning for dev plan scores (`AlignmentMeter.summary` keys) that show a transfer aligning
+    nothing or aligning backwards, with what to try; None when the plans look aligned or were not scored."""
+    lift, order = summary.get("align_lift"), summary.get("align_order")
+    if lift is None or order is None:
+        return None
+    if order < BACKWARDS_ORDER:
+        hint = "raise gmot.tot_weight" if tot_weight > 0 else "set gmot.tot_weight (e.g. 0.5)"
+        return (
+            f"the dev transport plans run backwards (order {order:+.2f}): the Gromov term cannot tell a "
+            f"sequence from its reverse; {hint} to favour plans that follow the sentence"
+        )
+    if lift < UNIFORM_LIFT:
+        return (
+            f"the dev transport plans align nothing (lift {lift:.2f}, 1 = uniform): try gmot.centre=true, a "
+            "smaller gmot.epsilon or gmot.epsilon_scale=cost_std (docs/transfer.md)"
+        )
+    return None

@@ -68,7 +68,7 @@ from models.checkpoint import (
 )
 from models.config import ExperimentConfig, TrainConfig, config_to_dict, dump_config
 from models.decoding import greedy_ctc
-from models.diagnostics import AlignmentMeter, gradient_ratio, score_batch_plans
+from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 
@@ -998,6 +998,9 @@ class Trainer:
                             else ""
                         )
                     )
+                    warning = alignment_warning(self.dev_alignment, self.cfg.gmot.tot_weight)
+                    if warning:
+                        self._say(f"[yellow]warning:[/] {warning}")
                     self._save(epoch_complete=True, consumed=len(self.sampler), dev_cer=dev_cer)
                     self.outcome.epochs_done = self.epoch
                     self.epoch += 1

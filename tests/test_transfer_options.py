@@ -193,9 +193,7 @@ def test_score_plan_tells_aligned_reversed_and_uniform_plans_apart() -> None:
     assert aligned["lift"] == pytest.approx(5.0)
     assert aligned["order"] == pytest.approx(1.0)
     backwards = diagnostics.score_plan(plan[::-1], spans)
-    assert backwards["order"] == pytest.approx(-1.0) and backwards["lift"] == pytest.approx(
-        1.0
-    )
+    assert backwards["order"] == pytest.approx(-1.0) and backwards["lift"] == pytest.approx(1.0)
     uniform = diagnostics.score_plan(np.full((20, 5), 1 / 100), spans)
     assert uniform["lift"] == pytest.approx(1.0) and uniform["entropy"] == pytest.approx(1.0)
     assert math.isnan(uniform["order"])  # every token at the same mean frame
@@ -290,3 +288,13 @@ def test_pretrain_with_the_ctc_head_on_the_adapter_has_the_same_architecture(
 
     loaded = load_model(tmp_path / "exp", device="cpu")
     assert loaded.model.ctc_head.in_features == 16  # the tiny PLM width
+
+
+def test_alignment_warning_names_backwards_and_uniform_plans() -> None:
+    assert "backwards" in diagnostics.alignment_warning({"align_lift": 2.0, "align_order": -0.6}, 0.0)
+    assert "raise gmot.tot_weight" in diagnostics.alignment_warning(
+        {"align_lift": 2.0, "align_order": -0.6}, 0.5
+    )
+    assert "align nothing" in diagnostics.alignment_warning({"align_lift": 1.02, "align_order": 0.1}, 0.0)
+    assert diagnostics.alignment_warning({"align_lift": 2.5, "align_order": 0.9}, 0.5) is None
+    assert diagnostics.alignment_warning({}, 0.0) is None
