@@ -188,7 +188,11 @@ def score_batch_plans(
 def gradient_ratio(kt: Tensor, ctc: Tensor, at: Tensor) -> float:
     """||d kt / d at|| / ||d ctc / d at|| at the tensor `at` (the block feeding the adapter), both losses as
     they enter the total (weights applied by the caller). Costs two partial backward passes (from each loss
-    down to `at` only), and keeps the graph for the real backward. nan when either gradient is undefined."""
+    down to `at` only), and keeps the graph for the real backward. nan when either loss is not finite or
+    has no gradient."""
+    usable = kt.requires_grad and ctc.requires_grad
+    if not (usable and bool(torch.isfinite(kt)) and bool(torch.isfinite(ctc))):
+        return math.nan
     g_kt = torch.autograd.grad(kt, at, retain_graph=True, allow_unused=True)[0]
     g_ctc = torch.autograd.grad(ctc, at, retain_graph=True, allow_unused=True)[0]
     if g_kt is None or g_ctc is None:

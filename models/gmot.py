@@ -14,6 +14,7 @@ Padded frames / tokens carry zero marginal weight: they get an exactly zero plan
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -242,6 +243,13 @@ class GMOTLoss(nn.Module):
         with torch.autocast(acoustic.device.type, enabled=False):
             a_mask, b_mask = _mask(acoustic_lengths, n), _mask(plm_lengths, m)
             h = acoustic.float().masked_fill(~a_mask[:, :, None], 0.0)
+            if not bool(torch.isfinite(h).all()):
+                # a diverging encoder: a NaN loss the engine skips and counts, not an error in the solver
+                nan = acoustic.new_full((), math.nan, dtype=torch.float32)
+                return {
+                    "kt": nan, "kt_ot": nan, "kt_align": nan, "plan_entropy": nan,
+                    "plan": acoustic.new_zeros(b, n, m).float(),
+                }  # fmt: skip
             z = self.teacher_features(plm, b_mask)
 
             cost = graphs.cosine_cost(h, z, a_mask, b_mask)

@@ -227,3 +227,27 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tiny_prepared: Path, tmp_path: Pat
     for k, v in a["model"].items():
         assert torch.allclose(v, b["model"][k], atol=1e-5), k
     assert not list(exp.glob("*.tmp"))
+
+
+def test_nan_adapter_output_is_a_skipped_nan_step_not_a_crash(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ConformerCTC.forward
+    calls = {"n": 0}
+
+    def poisoned(self, feats, lengths):
+        out = original(self, feats, lengths)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second training batch: the adapter output diverges
+                out["adapted"] = out["adapted"] * float("nan")
+        return out
+
+    monkeypatch.setattr(ConformerCTC, "forward", poisoned)
+    cfg = _tiny("gmot.mode=fgw", "train.epochs=1")
+    out = train(tiny_prepared, tmp_path / "exp", cfg, device="cpu", progress=False)
+    assert out.skipped_nan == 1 and out.epochs_done == 1
+    events = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "skip"] == ["nan_loss"]
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
