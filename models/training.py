@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -69,7 +70,7 @@ from models.checkpoint import (
 from models.config import ExperimentConfig, TrainConfig, config_to_dict, dump_config
 from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
-from models.encoder import ConformerCTC
+from models.encoder import ConformerCTC, subsampled_lengths
 from models.gmot import GMOTLoss
 
 METRICS = "metrics.jsonl"
@@ -211,12 +212,28 @@ def autocast_bf16(device: torch.device, enabled: bool) -> AbstractContextManager
     return nullcontext()
 
 
-def ctc_losses(out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor) -> Tensor:
-    """Per-utterance CTC losses (B,) with zero_infinity=False, so an impossible alignment stays inf."""
+def ctc_losses(
+    out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor, zero_infinity: bool = False
+) -> Tensor:
+    """Per-utterance CTC losses (B,). With zero_infinity=False an impossible alignment stays inf (to find
+    it); with True its loss and gradient are 0 (to train its batch-mates)."""
     log_probs = out["log_probs"].float().transpose(0, 1)  # (T', B, V)
     return nn.functional.ctc_loss(
-        log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=False
+        log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=zero_infinity
     )
+
+
+def ctc_required_frames(token_ids: list[int]) -> int:
+    """Fewest encoder frames a CTC alignment of `token_ids` needs: one per label plus a blank between each
+    pair of equal neighbours."""
+    return len(token_ids) + sum(1 for a, b in itertools.pairwise(token_ids) if a == b)
+
+
+def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]:
+    """Indices of manifest records whose transcript cannot be aligned by CTC after the model's subsampling
+    (encoder frames < labels + repeated neighbours)."""
+    lengths = subsampled_lengths(torch.tensor([int(r["num_frames"]) for r in records] or [0]), subsampling)
+    return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(list(r["token_ids"]))]
 
 
 def _unwrap(model: nn.Module) -> ConformerCTC:
@@ -421,9 +438,19 @@ class Trainer:
                     f"model.ctc_from=adapter needs the PLM width: {lang} has no plm.json (prepare with a PLM)"
                 )
             self.plm_width = int(self.plm_info["width"])
-        batches, dropped = bucket_batches(
-            self.train_set.lengths(), t.max_frames, t.max_utts, self.cfg.model.min_input_frames
-        )
+        lengths = self.train_set.lengths()
+        unalignable = ctc_infeasible(self.train_set.records, self.cfg.model.subsampling)
+        if unalignable:
+            ids = ", ".join(self.train_set.records[i]["id"] for i in unalignable[:5])
+            self._say(
+                f"[yellow]warning:[/] {len(unalignable)} train utterances have more characters (plus "
+                f"repeats) than encoder frames after x{self.cfg.model.subsampling} subsampling and are left "
+                f"out ({ids}{' ...' if len(unalignable) > 5 else ''})"
+            )
+        left_out = set(unalignable)
+        lengths = [0 if i in left_out else n for i, n in enumerate(lengths)]
+        batches, dropped = bucket_batches(lengths, t.max_frames, t.max_utts, self.cfg.model.min_input_frames)
+        dropped = [i for i in dropped if i not in left_out]
         if dropped:
             ids = ", ".join(self.train_set.records[i]["id"] for i in dropped[:3])
             self._say(
@@ -534,7 +561,9 @@ class Trainer:
         return nn.utils.rnn.pad_sequence(feats, batch_first=True), lens
 
     def _forward(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, Tensor], Tensor]:
-        """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,)."""
+        """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,), inf
+        where an utterance cannot be aligned. Such utterances are left out of "ctc" (their batch-mates
+        still train); when all are, "ctc" is inf."""
         feats = batch["feats"].to(self.device, non_blocking=True)
         lens = batch["feat_lens"].to(self.device)
         if train:
@@ -543,8 +572,14 @@ class Trainer:
             feats = self.spec_augment(feats, lens)
         with autocast_bf16(self.device, self.cfg.train.bf16):
             out = self.model(feats, lens)
-        per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
-        ctc = per_utt.sum() / per_utt.numel()
+        tokens, token_lens = batch["tokens"].to(self.device), batch["token_lens"].to(self.device)
+        per_utt = ctc_losses(out, tokens, token_lens)
+        infinite = torch.isinf(per_utt)
+        n_inf = int(infinite.sum())  # a host sync, as the loss check of every step is
+        if 0 < n_inf < per_utt.numel():
+            ctc = ctc_losses(out, tokens, token_lens, zero_infinity=True).sum() / (per_utt.numel() - n_inf)
+        else:
+            ctc = per_utt.sum() / per_utt.numel()
         terms: dict[str, Tensor] = {"ctc": ctc}
         loss = ctc
         if self.use_kt and train:
@@ -656,16 +691,17 @@ class Trainer:
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(self._oom_message(batch)) from None
             loss = terms["loss"]
-            bad_inf = float(bool(torch.isinf(per_utt).any()) and not bool(torch.isnan(per_utt).any()))
+            inf_items = torch.nonzero(torch.isinf(per_utt)).flatten().tolist()
+            if inf_items:  # left out of this batch's CTC (all of them: the batch is skipped below)
+                self.outcome.skipped_inf += len(inf_items)
+                self.epoch_sums["skipped_inf"] = self.epoch_sums.get("skipped_inf", 0) + len(inf_items)
+                bad = [batch["ids"][i] for i in inf_items]
+                self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=bad)
+            bad_inf = float(len(inf_items) == per_utt.numel() and not bool(torch.isnan(per_utt).any()))
             bad_nan = float(bool(torch.isnan(loss)) or (not bad_inf and not bool(torch.isfinite(loss))))
             bad_inf, bad_nan = _all_reduce([bad_inf, bad_nan], self.dd, self.device, op="max")
             if bad_inf:
-                self.outcome.skipped_inf += 1
-                self.epoch_sums["skipped_inf"] = self.epoch_sums.get("skipped_inf", 0) + 1
                 self._skip_backward()
-                if self.dd.main:
-                    bad = [batch["ids"][i] for i in torch.nonzero(torch.isinf(per_utt)).flatten().tolist()]
-                    self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=bad)
             elif bad_nan:
                 self._skip_backward()
                 self.logger.log(
@@ -993,7 +1029,8 @@ class Trainer:
                         )
                         + (f", kt/ctc grad {summary['grad_ratio']:.3f}" if "grad_ratio" in summary else "")
                         + (
-                            f", skipped {summary['skipped_inf']} inf / {summary['skipped_nan']} NaN batches"
+                            f", {summary['skipped_inf']} utterances with infinite CTC left out, "
+                            f"{summary['skipped_nan']} NaN batches skipped"
                             if summary["skipped_inf"] or summary["skipped_nan"]
                             else ""
                         )

@@ -36,23 +36,52 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_batch_with_infinite_ctc_is_skipped_and_counted(tiny_prepared: Path, tmp_path: Path) -> None:
+def _with_unalignable_utterance(tiny_prepared: Path, tmp_path: Path) -> tuple[Path, dict]:
     data = _copy(tiny_prepared, tmp_path / "data")
     manifest = data / "train" / "manifest.jsonl"
     records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
     bad = records[4]
     bad["token_ids"] = [2, 3] * bad["num_frames"]  # far more labels than the ~T/4 output frames allow
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return data, bad
+
+
+def test_unalignable_utterance_is_left_out_at_load_time_by_name(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, bad = _with_unalignable_utterance(tiny_prepared, tmp_path)
+    out = train(data, tmp_path / "exp", _tiny("train.epochs=1"), device="cpu", progress=False)
+    assert out.skipped_inf == 0 and out.step > 0
+    err = capsys.readouterr().err
+    assert "1 train utterances have more characters" in err and bad["id"] in err and "x4" in err
+
+
+def test_ctc_required_frames_counts_repeats() -> None:
+    assert training.ctc_required_frames([2, 3, 4]) == 3
+    assert training.ctc_required_frames([2, 2, 3, 3, 3]) == 8
+    assert training.ctc_required_frames([]) == 0
+    records = [{"num_frames": 40, "token_ids": [2] * 5}, {"num_frames": 40, "token_ids": [2, 3] * 2}]
+    # 40 frames -> 4 after x8: five equal labels need 9, four alternating need 4
+    assert training.ctc_infeasible(records, 8) == [0]
+    assert training.ctc_infeasible(records, 4) == []  # 9 frames after x4
+
+
+def test_infinite_ctc_drops_only_the_offending_utterance(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, bad = _with_unalignable_utterance(tiny_prepared, tmp_path)
+    monkeypatch.setattr(training, "ctc_infeasible", lambda records, subsampling: [])  # let it through
     out = train(data, tmp_path / "exp", _tiny("train.epochs=2"), device="cpu", progress=False)
-    assert out.skipped_inf == 2  # once per epoch
+    assert out.skipped_inf == 2  # the one utterance, once per epoch
     assert out.skipped_nan == 0
     events = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
     skips = [e for e in events if e["event"] == "skip"]
-    assert len(skips) == 2 and all(bad["id"] in e["utterances"] and e["reason"] == "inf_ctc" for e in skips)
+    assert len(skips) == 2 and all(e["utterances"] == [bad["id"]] and e["reason"] == "inf_ctc" for e in skips)
     assert [e["skipped_inf"] for e in events if e["event"] == "epoch"] == [1, 1]
+    # its batch-mates were trained: every batch made an update
     state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert state["step"] > 0
+    assert state["step"] == 2 * state["sampler"]["num_batches"]
 
 
 def _nan_on(calls: set[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
