@@ -28,9 +28,20 @@ from models.decoding import (
 )
 
 
-def _default_out(model: Path, split: str, method: str) -> Path:
+def default_out(
+    model: Path, split: str, method: str, beam_size: int, lm: Path | None, lm_weight: float
+) -> Path:
+    """EXP/decode_<split>_<method>[_b<beam>][_<lm stem>_w<weight>], so that decodes with other settings do
+    not overwrite each other (a checkpoint file other than avg.pt adds its stem too)."""
     exp_dir = model if model.is_dir() else model.parent
-    return exp_dir / f"decode_{split}_{method}"
+    name = f"decode_{split}_{method}"
+    if not model.is_dir() and model.stem != "avg":
+        name += f"_{model.stem}"
+    if method == "beam":
+        name += f"_b{beam_size}"
+        if lm is not None:
+            name += f"_{lm.stem}_w{lm_weight:g}"
+    return exp_dir / name
 
 
 def decode(
@@ -43,7 +54,10 @@ def decode(
     wav: bool = typer.Option(False, "--wav", help="Treat the inputs after the model as audio files."),
     split: str = typer.Option("test", "--split", help="Split of DATA_DIR to decode."),
     out: Path | None = typer.Option(
-        None, "--out", help="Output folder (default: EXP/decode_<split>_<method>; none for --wav)."
+        None,
+        "--out",
+        help="Output folder (default: EXP/decode_<split>_<method>, plus _b<beam>, _<lm>_w<weight> for beam "
+        "search; none for --wav).",
     ),
     method: str = typer.Option("greedy", "--method", help="greedy or beam."),
     beam_size: int = typer.Option(10, "--beam-size", help="Beam width for --method beam."),
@@ -143,7 +157,7 @@ def decode(
     if wav:
         for h in hyps:
             console.print(f"{h.id} {h.text}", markup=False, highlight=False)
-    out_dir = out if out is not None or wav else _default_out(model, split, method)
+    out_dir = out if out is not None or wav else default_out(model, split, method, beam_size, lm, lm_weight)
     if out_dir is not None:
         try:
             write_hypotheses(out_dir, hyps, summary)

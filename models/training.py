@@ -545,6 +545,17 @@ class Trainer:
                 torch.set_rng_state(rng["torch"])
             self.outcome.resumed_from = path
             self._say(f"resuming from {path} (epoch {state['epoch']}, step {self.step})")
+            planned = int((state.get("scheduler") or {}).get("total_steps") or 0)
+            if planned and planned != self.total_steps:
+                # the schedule's length is fixed when a run starts: extending a run (more --epochs) goes on at
+                # the schedule's final rate instead of re-heating a cosine that had annealed
+                self._say(
+                    f"[yellow]note:[/] the learning-rate schedule keeps the {planned} steps it was planned "
+                    f"for (now {self.total_steps}); steps past them train at its final rate "
+                    f"({lr_at(planned, self.cfg, planned):.2e}); for a new schedule start a new EXP_DIR "
+                    "with --init-from"
+                )
+                self.total_steps = planned
             return
         self.epoch_sums = {}
         if self.init_from is not None:

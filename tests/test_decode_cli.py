@@ -141,3 +141,23 @@ def test_unprepared_split_unreadable_lm_and_bad_audio(
     res = _invoke("decode", tiny_exp, "--wav", tmp_path / "missing.wav")
     assert res.exit_code == 2 and "missing.wav" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_default_decode_folders_differ_by_method_beam_and_lm(tmp_path: Path) -> None:
+    from gmot_cli.decode import default_out
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    lm = tmp_path / "lang" / "char_3gram.arpa"
+    names = {
+        default_out(exp, "test", "greedy", 10, None, 1.0).name,
+        default_out(exp, "test", "beam", 10, None, 1.0).name,
+        default_out(exp, "test", "beam", 20, None, 1.0).name,
+        default_out(exp, "test", "beam", 10, lm, 0.5).name,
+        default_out(exp, "test", "beam", 10, lm, 1.0).name,
+        default_out(exp, "dev", "greedy", 10, None, 1.0).name,
+        default_out(exp / "ckpt-000000010.pt", "test", "greedy", 10, None, 1.0).name,
+    }
+    assert len(names) == 7
+    assert default_out(exp, "test", "beam", 10, lm, 0.5).name == "decode_test_beam_b10_char_3gram_w0.5"
+    assert default_out(exp / "avg.pt", "test", "greedy", 10, None, 1.0) == exp / "decode_test_greedy"

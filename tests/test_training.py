@@ -281,3 +281,16 @@ def test_training_leaves_the_process_subnormal_setting_as_it_found_it(
     assert not flushes()
     train(tiny_prepared, tmp_path / "e", _tiny("train.epochs=1"), device="cpu", progress=False)
     assert not flushes()
+
+
+@pytest.mark.slow
+def test_extending_a_finished_cosine_run_keeps_its_schedule(tiny_prepared: Path, tmp_path: Path) -> None:
+    sets = ["train.schedule=cosine", "train.warmup_steps=2", "train.log_interval=1", "train.lr=0.002"]
+    exp = tmp_path / "exp"
+    train(tiny_prepared, exp, _tiny(*sets, "train.epochs=1"), device="cpu", progress=False)
+    first = [r for r in _metrics(exp) if r["event"] == "train"]
+    train(tiny_prepared, exp, _tiny(*sets, "train.epochs=2"), device="cpu", progress=False)
+    second = [r for r in _metrics(exp) if r["event"] == "train" and r["epoch"] == 2]
+    floor = 0.01 * 0.002  # min_lr_ratio * lr
+    assert second and all(r["lr"] == pytest.approx(floor) for r in second)
+    assert max(r["lr"] for r in second) <= min(r["lr"] for r in first)
