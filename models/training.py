@@ -418,6 +418,19 @@ class Trainer:
         if self.use_kt:
             if self.train_set.has_plm and self.plm_info is not None:
                 self.plm_width = int(self.plm_info["width"])
+            elif t.plm is None:
+                # an online teacher may not be the one the (partial) cache was built with: only on request
+                missing = sum(1 for r in self.train_set.records if "plm" not in r)
+                what = (
+                    f"{missing} of {len(self.train_set.records)} train utterances have no cached PLM features"
+                    if self.plm_info is not None
+                    else f"{lang / 'plm.json'} is missing"
+                )
+                raise TrainingError(
+                    f"{self.data_dir} has no complete PLM feature cache ({what}); re-run `gmot prepare` with "
+                    "a PLM (the default e5-small), or set train.plm=MODEL to compute the teacher online in "
+                    "every step (slow; it should be the teacher the cache was built with)"
+                )
             else:
                 from models.plm import PLMError, load_teacher
 

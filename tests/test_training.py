@@ -219,6 +219,9 @@ def test_distill_without_a_plm_cache_warns_and_runs_the_teacher_online(
     assert state["model"]["adapter.weight"].shape[0] == 24  # the online teacher's width
     events = [e for e in _metrics(tmp_path / "exp") if e["event"] == "train"]
     assert events and all(e["kt"] > 0 for e in events)
+    # without train.plm the missing cache is an error, not a silent online e5 teacher
+    with pytest.raises(training.TrainingError, match="no complete PLM feature cache"):
+        train(data, tmp_path / "exp3", _tiny("train.epochs=1", "gmot.mode=wd"), device="cpu", progress=False)
     bad = _tiny("train.epochs=1", "gmot.mode=wd", f"train.plm={tmp_path / 'nowhere'}")
     with pytest.raises(training.TrainingError, match="no PLM cache"):
         train(data, tmp_path / "exp2", bad, device="cpu", progress=False)

@@ -280,3 +280,15 @@ def test_nan_adapter_output_is_a_skipped_nan_step_not_a_crash(
     assert [e["reason"] for e in events if e["event"] == "skip"] == ["nan_loss"]
     state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_partial_plm_cache_is_refused_without_an_explicit_teacher(tiny_prepared: Path, tmp_path: Path):
+    data = _copy(tiny_prepared, tmp_path / "data")
+    manifest = data / "train" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    for r in records[:3]:
+        r.pop("plm")
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    with pytest.raises(TrainingError, match=f"3 of {len(records)} train utterances have no cached PLM"):
+        train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
+    assert not list_checkpoints(tmp_path / "exp") if (tmp_path / "exp").exists() else True
