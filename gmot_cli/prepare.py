@@ -21,6 +21,7 @@ from data.preparation import (
     prepare,
 )
 from gmot_cli.errors import error_exit
+from gmot_cli.line_progress import LineProgress
 
 prepare_app = typer.Typer(
     name="prepare",
@@ -145,6 +146,13 @@ def _summary_table(result: PrepareResult) -> Table:
     return table
 
 
+def _progress(*columns) -> Progress | LineProgress:
+    """Live bars on a terminal; elsewhere (a log file, CI) a line per stage and a count every 30 s."""
+    if _err.is_terminal:
+        return Progress(*columns, console=_err, transient=True)
+    return LineProgress(_err)
+
+
 def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang: Path | None = None) -> None:
     """Run the pipeline with a progress bar, print the summary; exit 1 when a split ends empty."""
     console = Console()
@@ -156,7 +164,7 @@ def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang
         TimeElapsedColumn(),
     )
     try:
-        with Progress(*columns, console=_err, transient=True) as progress:
+        with _progress(*columns) as progress:
             result = prepare(
                 out_dir, splits, teacher=teacher, lang_dir=lang, options=common.options, progress=progress
             )
@@ -297,9 +305,7 @@ def demo(
         )
     teacher = _load_teacher(common)  # fail fast on an unknown --plm before synthesis
     try:
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=_err, transient=True
-        ) as progress:
+        with _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as progress:
             task = progress.add_task("espeak-ng", total=None)
             dirs = demo_corpus.synthesize_demo_corpus(
                 out_dir / "corpus",

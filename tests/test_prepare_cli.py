@@ -54,6 +54,8 @@ def test_jsonl_cli(tmp_path: Path) -> None:
         ],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
+    # not a terminal: a line per stage instead of live bars (which would print nothing here)
+    assert "fbank: started" in res.output and "fbank: done" in res.output
     ids = [r["id"] for r in read_manifest(out / "train")]
     assert ids == ["custom-id", "utt2", "utt3", "utt4"]  # utt0 is a duplicate id (line 1 and 8)
     reasons = _reasons(out, "train")
@@ -245,3 +247,27 @@ def test_plm_device_without_cuda_is_a_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "no CUDA device" in result.output
     assert not (tmp_path / "out" / "corpus").exists()  # nothing synthesised before the check
+
+
+def test_line_progress_prints_stages_and_periodic_counts() -> None:
+    import io
+
+    from rich.console import Console
+
+    from gmot_cli.line_progress import LineProgress
+
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=200), every_s=0.0) as progress:
+        task = progress.add_task("PLM cache", total=10)
+        progress.update(task, advance=4)
+        progress.update(task, advance=6)
+        progress.update(task, advance=1)  # past the end: nothing more
+        other = progress.add_task("espeak-ng", total=None)
+        progress.update(other, completed=3)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == "PLM cache: started (of 10)"
+    assert lines[1].startswith("PLM cache: running, 4 / 10")
+    assert lines[2].startswith("PLM cache: done, 10 / 10")
+    assert lines[3] == "espeak-ng: started"
+    assert lines[4].startswith("espeak-ng: running, 3") and lines[5].startswith("espeak-ng: done, 3")
+    assert len(lines) == 6
