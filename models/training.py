@@ -22,7 +22,6 @@ with TrainingError. Under DDP the ranks agree on every skip, and gradients are a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -32,7 +31,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +71,7 @@ from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
 from models.encoder import ConformerCTC, subsampled_lengths
 from models.gmot import GMOTLoss
+from models.precision import autocast_for, choose_precision, grad_scaler
 
 METRICS = "metrics.jsonl"
 INDEX = "checkpoints.json"
@@ -145,6 +145,16 @@ def _pick_device(requested: str | None, ddp: _Dist) -> torch.device:
             raise TrainingError(f"--device {requested} asked for CUDA but no CUDA device is available")
         if req == "cuda":
             req = f"cuda:{ddp.local_rank}"
+        elif ddp.world > 1 and req != f"cuda:{ddp.local_rank}":
+            # under torchrun each rank takes the GPU of its LOCAL_RANK; one index for all would stack every
+            # rank on one GPU (choose GPUs with CUDA_VISIBLE_DEVICES instead)
+            if ddp.main:
+                warnings.warn(
+                    f"--device {requested} under torchrun: each rank uses cuda:LOCAL_RANK instead; choose "
+                    "the GPUs with CUDA_VISIBLE_DEVICES",
+                    stacklevel=2,
+                )
+            req = f"cuda:{ddp.local_rank}"
         torch.cuda.set_device(torch.device(req))
     return torch.device(req)
 
@@ -190,26 +200,6 @@ def kt_weight_at(step: int, t: TrainConfig) -> float:
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
     """A reproducible seed for the batch at `position` of `epoch`'s global order."""
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU computes bfloat16 matmuls natively (AVX512-BF16 or AMX), where autocast pays."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_bf16(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
-    """bfloat16 autocast for the encoder forward on CUDA, and on CPUs with native bf16 (1.7-1.9x faster
-    per demo training step on an AVX512-BF16 EPYC); a no-op context elsewhere or when not ``enabled``.
-    Losses are computed in float32 outside it (CTC casts its log-probs, the transport casts its inputs)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if enabled and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def ctc_losses(
@@ -500,6 +490,8 @@ class Trainer:
                 gcfg = dataclasses.replace(gcfg, standardise=False)
             self.kt_loss = GMOTLoss.from_plm_info(gcfg, self.plm_info if self.teacher is None else None)
             self.kt_loss.to(self.device)
+        self.precision = choose_precision(self.device, t.bf16)
+        self.scaler = grad_scaler(self.precision)
         self.freq_warp = FrequencyWarp(t.freq_warp)
         self.spec_augment = SpecAugment(
             t.freq_masks, t.freq_mask_width, t.time_masks, t.time_mask_width, t.time_mask_ratio
@@ -546,6 +538,8 @@ class Trainer:
             check_state_dict_compatible(path, state["model"], model)
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
             self.step = int(state["step"])
             self.epoch = int(state["epoch"]) + (1 if state.get("epoch_complete") else 0)
             self.sampler.load_state_dict(state["sampler"])
@@ -594,7 +588,7 @@ class Trainer:
             feats = self.freq_warp(feats, lens)  # the identity when train.freq_warp is 0
         if train and self.cfg.train.spec_augment:
             feats = self.spec_augment(feats, lens)
-        with autocast_bf16(self.device, self.cfg.train.bf16):
+        with autocast_for(self.device, self.precision):
             out = self.model(feats, lens)
         tokens, token_lens = batch["tokens"].to(self.device), batch["token_lens"].to(self.device)
         per_utt = ctc_losses(out, tokens, token_lens)
@@ -656,14 +650,19 @@ class Trainer:
             for p in params:
                 p.grad.mul_(t.accum_grad / good)
         max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if not torch.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler.is_enabled():  # fp16 overflow: the scaler lowers its scale, not a NaN step
+                self.scaler.update()
+                return False
             self._count_nan("gradient")
             return False
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, self.cfg, self.total_steps)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.nan_streak = 0
@@ -708,6 +707,10 @@ class Trainer:
         window_n = 0
         for batch in loader:
             self.micro = done % max(t.accum_grad, 1)
+            if self.dd.world > 1:
+                # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation
+                finishing = (done + 1) % t.accum_grad == 0 or done + 1 == len(self.sampler)
+                self.model.require_backward_grad_sync = finishing
             position = done * self.dd.world + self.dd.rank
             torch.manual_seed(_batch_seed(t.seed, self.epoch, position))
             try:
@@ -734,7 +737,7 @@ class Trainer:
                 self._count_nan("loss")
             else:
                 try:
-                    (loss / t.accum_grad).backward()
+                    self.scaler.scale(loss / t.accum_grad).backward()
                 except torch.cuda.OutOfMemoryError:
                     raise TrainingError(self._oom_message(batch)) from None
                 good += 1
@@ -801,7 +804,7 @@ class Trainer:
         for b in batches:
             batch = collate([self.dev_set[mine[i]] for i in b])
             feats, lens = batch["feats"].to(self.device), batch["feat_lens"].to(self.device)
-            with autocast_bf16(self.device, self.cfg.train.bf16):
+            with autocast_for(self.device, self.precision):
                 out = model(feats, lens)
             per_utt = ctc_losses(out, batch["tokens"].to(self.device), batch["token_lens"].to(self.device))
             finite = per_utt[torch.isfinite(per_utt)]
@@ -858,7 +861,7 @@ class Trainer:
                 "step": self.step,
                 "total_steps": self.total_steps,
             },
-            "scaler": None,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": self.sampler.state_dict(consumed),
             "rng": _rng_state(self.device),
             "counters": {"nan_streak": self.nan_streak},
@@ -1005,7 +1008,7 @@ class Trainer:
         self._say(
             f"{self.mode if self.use_kt else 'pretrain'}: {n_params / 1e6:.2f} M parameters, "
             f"{len(self.train_set)} train utterances in {len(self.sampler.batches)} batches, "
-            f"device {self.device}, {self.dd.world} process(es)"
+            f"device {self.device} ({self.precision}), {self.dd.world} process(es)"
         )
         for e in _read_index(self.exp_dir) if self.dd.main else []:
             if e.get("dev_cer") is not None:

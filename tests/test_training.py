@@ -13,7 +13,8 @@ import models.training as training
 from gmot_cli.app import app
 from models.checkpoint import list_checkpoints, load_checkpoint, load_model
 from models.config import resolve_config
-from models.training import autocast_bf16, cpu_has_native_bf16, lr_at, train
+from models.precision import autocast_bf16, cpu_has_native_bf16
+from models.training import lr_at, train
 
 
 def _metrics(exp: Path) -> list[dict]:
