@@ -503,11 +503,43 @@ class Trainer:
         self.grad_ratio: float | None = None
         self.dev_alignment = {}
 
-    def _resume_or_init(self) -> None:
-        ckpts = list_checkpoints(self.exp_dir) if self.exp_dir.is_dir() else []
-        if ckpts:
-            path = ckpts[-1]
+    def _resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to resume from and its state, or None for a fresh start. Rank 0 decides from its
+        view of EXP_DIR and broadcasts the checkpoint's name; every rank loads that file from its EXP_DIR,
+        or all fail together (under torchrun on several nodes EXP_DIR must be on a filesystem all nodes
+        see)."""
+        if self.dd.main:
+            ckpts = list_checkpoints(self.exp_dir) if self.exp_dir.is_dir() else []
+            chosen = [ckpts[-1].name if ckpts else None]
+        else:
+            chosen = [None]
+        if self.dd.world > 1:
+            dist.broadcast_object_list(chosen)
+        if chosen[0] is None:
+            return None
+        path = self.exp_dir / chosen[0]  # each rank's own view of EXP_DIR
+        state, problem = None, ""
+        try:
             state = load_checkpoint(path, map_location="cpu")
+        except (CheckpointError, OSError) as err:
+            problem = str(err)
+        if self.dd.world > 1:
+            failed = _all_reduce([float(state is None)], self.dd, self.device, op="max")[0]
+            if failed:
+                raise TrainingError(
+                    f"rank {self.dd.rank}: "
+                    + (f"cannot read {path}, the checkpoint rank 0 resumes from ({problem})" if problem
+                       else f"another rank cannot read {path}, the checkpoint rank 0 resumes from")
+                    + "; under torchrun every node must see EXP_DIR (a shared filesystem)"
+                )  # fmt: skip
+        elif state is None:
+            raise CheckpointError(problem)
+        return path, state
+
+    def _resume_or_init(self) -> None:
+        found = self._resume_checkpoint()
+        if found:
+            path, state = found
             if list(state["vocab"]) != list(self.vocab):
                 raise CheckpointError(
                     f"{self.exp_dir} holds checkpoints ({path.name}) trained on a different vocabulary "

@@ -60,3 +60,42 @@ def test_two_gloo_ranks_match_one_process_with_accumulation(tiny_prepared: Path,
         line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line
     ]
     assert len([x for x in ddp_dev if '"event": "epoch"' in x]) == 2
+
+
+def _worker_own_folder(rank: int, world: int, port: int, data: str, exps: list[str], out: str) -> None:
+    """A rank whose EXP_DIR is its own folder (no shared filesystem); writes what train() raised."""
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from models.training import TrainingError
+
+    cfg = resolve_config("tiny", overrides=[*SETS, "train.epochs=2"])
+    try:
+        train(Path(data), Path(exps[rank]), cfg, device="cpu", progress=False)
+        message = "finished"
+    except TrainingError as err:
+        message = f"TrainingError: {err}"
+    Path(out, f"rank{rank}.txt").write_text(message, encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_ranks_that_see_different_exp_dirs_fail_together(tiny_prepared: Path, tmp_path: Path) -> None:
+    # rank 0's EXP_DIR holds a finished epoch; rank 1's view of "the same" folder is empty
+    seen_by_0, seen_by_1 = tmp_path / "node0" / "exp", tmp_path / "node1" / "exp"
+    train(tiny_prepared, seen_by_0, resolve_config("tiny", overrides=[*SETS, "train.epochs=1"]), device="cpu",
+          progress=False)  # fmt: skip
+    before = list_checkpoints(seen_by_0)
+    mp.start_processes(
+        _worker_own_folder,
+        args=(2, _free_port(), str(tiny_prepared), [str(seen_by_0), str(seen_by_1)], str(tmp_path)),
+        nprocs=2, start_method="spawn", join=True,
+    )  # fmt: skip
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text(encoding="utf-8")
+        assert message.startswith("TrainingError") and "shared filesystem" in message, message
+        assert before[-1].name in message
+    assert "rank 1: cannot read" in (tmp_path / "rank1.txt").read_text(encoding="utf-8")
+    assert list_checkpoints(seen_by_0) == before  # nothing written by a half-resumed run
+    assert not seen_by_1.exists() or not list_checkpoints(seen_by_1)
