@@ -2,7 +2,7 @@
 # the dependency pins, so a fresh clone on the same machine reuses it; a new machine builds it once.
 SHELL := /bin/bash
 PYTHON ?= python3
-PIN_HASH := $(shell sha256sum pyproject.toml | cut -c1-16)
+PIN_HASH := $(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
 VENV ?= $(HOME)/.cache/gmot/venv-$(PIN_HASH)
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_run
@@ -20,17 +20,17 @@ sysdeps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.ready: pyproject.toml
+$(VENV)/.ready: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev]'
 	touch $@
 
 venv: sysdeps $(VENV)/.ready
 	@# the venv is shared by clones on this machine: point its editable install at this clone (checked from
 	@# outside the clone, where the current directory cannot shadow the installed mapping)
 	@(cd / && $(BIN)/python -c "import gmot_cli, pathlib, sys; sys.exit(pathlib.Path(gmot_cli.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())") \
-	  || $(BIN)/pip install -q --no-deps -e .
+	  || $(BIN)/pip install -q --no-deps -c constraints.txt -e .
 
 test: venv
 	$(BIN)/ruff check .

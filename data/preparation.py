@@ -1,5 +1,5 @@
 """The `gmot prepare` pipeline: utterance records -> audio -> fbank -> float16 shards, CMVN, vocabulary,
-PLM cache and reports (the folder format is in data/store.py and CONTRACTS.md section 2).
+PLM cache and reports (the folder format is in data/store.py and docs/design.md section 4.1).
 
 Steps, per split:
 1. normalise transcripts (empty -> skipped), probe durations from audio headers (missing / unreadable files

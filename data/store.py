@@ -1,4 +1,4 @@
-"""Sharded on-disk storage of a prepared data folder (the format is in CONTRACTS.md section 2).
+"""Sharded on-disk storage of a prepared data folder (the format is in docs/design.md section 4.1).
 
 ```
 OUT/lang/vocab.txt  cmvn.json  plm.json (optional)
@@ -184,7 +184,7 @@ def write_split(
 
 
 def read_manifest(split_dir: Path) -> list[dict]:
-    """Read `split_dir/manifest.jsonl` into a list of record dicts (format in CONTRACTS.md section 2)."""
+    """Read `split_dir/manifest.jsonl` into a list of record dicts (format in docs/design.md section 4.1)."""
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
         raise StoreError(f"no manifest: {path} (run `gmot prepare` first)")

@@ -1,12 +1,13 @@
 """Checkpoints: atomic saving, safe loading (`torch.load(weights_only=True)`), averaging, and rebuilding a
 model for decoding.
 
-A checkpoint is a dict (CONTRACTS 4): "model" (state_dict), "config" (resolved config; config["model"] is a
-dict of `ModelConfig` fields), "vocab" (list[str]), "cmvn" ({"mean": Tensor (80,), "std": Tensor (80,)}),
-"plm" (plm.json content or None), "epoch", "step", and whatever resuming needs (optimiser, scheduler, scaler,
-sampler, RNG). `save_checkpoint` adds "format": "gmot-checkpoint" and "format_version"; a file without them is
-refused as not ours. Contents must be weights_only-safe: tensors, dicts, lists, tuples, str, int, float, bool,
-None (numpy arrays and other objects are refused at save time, naming the key).
+A checkpoint is a dict (docs/design.md section 4.3): "model" (state_dict), "config" (resolved config;
+config["model"] is a dict of `ModelConfig` fields), "vocab" (list[str]), "cmvn" ({"mean": Tensor (F,),
+"std": Tensor (F,)}), "plm" (plm.json content or None), "epoch", "step", and whatever resuming needs
+(optimiser, scheduler, scaler, sampler, RNG). `save_checkpoint` adds "format": "gmot-checkpoint" and
+"format_version"; a file without them is refused as not ours. Contents must be weights_only-safe:
+tensors, dicts, lists, tuples, str, int, float, bool, None (numpy arrays and other objects are refused at
+save time, naming the key).
 
 Files in an experiment folder: `checkpoint_path(exp_dir, step)` = EXP/ckpt-<step, 9 digits>.pt (one per
 save, the engine keeps the last k) and EXP/avg.pt (average of the best n). `load_model(EXP)` takes avg.pt if

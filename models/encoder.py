@@ -132,7 +132,7 @@ PRESETS: dict[str, ModelConfig] = {
         d_model=144, num_heads=4, ffn_dim=576, num_layers=6, conv_kernel=15, dropout=0.0,
         subsampling_channels=64, subsampling=8, adapter_hidden=256,
     ),
-    # Close to the AISHELL-1 conformer-CTC of the paper line (DESIGN 3.4).
+    # Close to the AISHELL-1 conformer-CTC of the paper line (docs/design.md section 3).
     "aishell1": ModelConfig(
         d_model=256, num_heads=4, ffn_dim=2048, num_layers=12, conv_kernel=15, dropout=0.1,
         subsampling_channels=256, adapter_hidden=512,

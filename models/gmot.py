@@ -1,5 +1,6 @@
-"""The GM-OT knowledge-transfer loss (DESIGN 3.3): align adapted acoustic frames with PLM token features by
-(fused Gromov-) Wasserstein optimal transport, and pull the acoustic features towards the PLM's.
+"""The GM-OT knowledge-transfer loss (docs/design.md section 1, docs/transfer.md): align adapted acoustic
+frames with PLM token features by (fused Gromov-) Wasserstein optimal transport, and pull the acoustic
+features towards the PLM's.
 
 For one utterance with adapted acoustic frames h_1..h_N and PLM token features z_1..z_M (standardised):
 - node cost C_ij = 1 - cos(h_i, z_j) (+ tot_weight * |(i + 1/2)/N - (j + 1/2)/M|, the temporal-order prior);
@@ -67,7 +68,7 @@ class GMOTConfig:
     dimension; averaged over each utterance's tokens, then over the batch."""
     standardise: bool = True
     """Standardise PLM features per dimension with the training-corpus mean / std of plm.json before use.
-    Raw PLM features are anisotropic (a 1 - cos loss against them is met by a constant; DESIGN 3.3)."""
+    Raw PLM features are anisotropic (a 1 - cos loss against them is met by a constant; docs/transfer.md)."""
     tot_weight: float = 0.0
     """Temporal-order prior (after TOT, arXiv 2409.02239): adds tot_weight * |(i + 1/2)/N - (j + 1/2)/M| to
     the node cost, favouring plans near the diagonal. 0 disables it. (A linear-cost form of TOT's Gaussian

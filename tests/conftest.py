@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-`tiny_prepared`: a tiny prepared data folder (CONTRACTS.md section 2) written through data.store, with no
+`tiny_prepared`: a tiny prepared data folder (docs/design.md section 4.1) written through data.store, with no
 audio and no espeak: lang/ (vocab.txt, cmvn.json, plm.json) and train/dev/test splits of 12 utterances each,
 fbank-like features of 40-120 frames, texts over a 10-character vocabulary, and a PLM cache of width 16.
 Features are built from one prototype vector per character (plus noise), so a model can actually fit them.

@@ -282,7 +282,7 @@ def test_e5_teacher_pieces_on_hsk(e5_cache: Path, monkeypatch: pytest.MonkeyPatc
         assert "".join(tokens).replace("▁", "") == text  # exactly the sentence's own pieces, no prefix
         assert feats.shape == (len(tokens), 384) and feats.dtype == np.float32
     ratio = sum(len(t) for t, _ in out) / sum(len(s) for s in sentences)
-    assert 0.6 <= ratio <= 0.72, ratio  # DESIGN 6: about 0.66 pieces per character (many pieces are words)
+    assert 0.6 <= ratio <= 0.72, ratio  # about 0.66 pieces per character (many pieces are words)
     # full-width punctuation survives NFKC as real pieces, not <unk>
     tokens, _ = teacher.encode(["老师，您好！"])[0]
     assert tokens == ["老师", ",", "您", "好", "!"]
