@@ -27,9 +27,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models.ctc_loss import ctc_losses
 from models.encoder import PRESETS, ConformerCTC, count_parameters
 from models.gmot import GMOTConfig, GMOTLoss
-from models.training import ctc_losses
 
 
 @dataclass

@@ -1,37 +1,33 @@
 """The training engine shared by `gmot pretrain` (gmot.mode = none) and `gmot distill` (wd / fgw ...).
 
-loss = ctc + train.kt_weight * kt, where kt is `models.gmot.GMOTLoss` between the adapter output and the PLM
-token features of the transcript (read from the prepare cache; computed online with a warning only when the
-prepared folder has none).
+loss = ctc + lambda * kt, where kt is `models.gmot.GMOTLoss` between the adapter output and the PLM token
+features of the transcript, read from the prepare cache (computed online only when train.plm names a teacher).
 
 What a run does, in order: build the model (or resume from the newest checkpoint in EXP_DIR, or initialise
 from `--init-from`), write config.yaml and command.txt, then per epoch: train over duration-bucketed batches
-(AdamW, warm-up + decay, gradient clipping and accumulation, bf16 autocast on CUDA and bf16-capable CPUs),
-a dev pass with greedy CER, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch
-checkpoints by dev CER.
+(AdamW, warm-up + decay, gradient clipping and accumulation, mixed precision), a dev pass with greedy CER and
+the plan diagnostics, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch
+checkpoints by dev CER. The pieces live beside it: models.distributed (ranks, devices), models.precision
+(autocast and the fp16 scaler), models.schedule (learning rate, kt ramp), models.ctc_loss (CTC and which
+transcripts it can align), models.run_log (metrics.jsonl, the checkpoint index, command lines, progress).
 
 Determinism: every batch reseeds torch's RNG from (seed, epoch, the batch's position in the epoch's global
 order), so dropout and SpecAugment draw the same numbers whether a run was interrupted and resumed, and
 whether the batches ran on one process with W-fold accumulation or on W DDP ranks.
 
-Faults: a batch whose CTC loss is infinite (a transcript longer than its frames allow) is skipped and counted;
-a NaN loss or gradient skips the step and is counted; `train.max_nan_steps` NaN steps in a row stop the run
-with TrainingError. Under DDP the ranks agree on every skip, and gradients are all-reduced on every batch.
+Faults: train utterances CTC cannot align after the model's subsampling are left out at load time; an
+utterance whose CTC loss is still infinite is left out of its batch's CTC; a NaN loss or gradient skips the
+step and is counted; `train.max_nan_steps` NaN steps in a row stop the run with TrainingError. Under DDP
+the ranks agree on every skip, and on the checkpoint a restart resumes from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
-import os
-import shlex
-import sys
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +37,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -66,16 +57,17 @@ from models.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from models.config import ExperimentConfig, TrainConfig, config_to_dict, dump_config
+from models.config import ExperimentConfig, config_to_dict, dump_config
+from models.ctc_loss import ctc_infeasible, ctc_losses
 from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
-from models.encoder import ConformerCTC, subsampled_lengths
+from models.distributed import DeviceError, all_reduce, init_distributed, pick_device
+from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 from models.precision import autocast_for, choose_precision, grad_scaler
+from models.run_log import METRICS, MetricsLogger, read_index, record_command, training_progress, write_index
+from models.schedule import kt_weight_at, lr_at
 
-METRICS = "metrics.jsonl"
-INDEX = "checkpoints.json"
-COMMAND = "command.txt"
 CONFIG = "config.yaml"
 
 
@@ -103,127 +95,12 @@ class TrainOutcome:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# distributed set-up
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_type: str) -> _Dist:
-    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group (gloo on CPU, nccl on
-    CUDA). A single process needs no group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world
-        )
-        owns = True
-    return _Dist(rank, local, world, owns)
-
-
-def _pick_device(requested: str | None, ddp: _Dist) -> torch.device:
-    """ "auto"/None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU."""
-    req = (requested or "auto").lower()
-    if req == "auto":
-        req = "cuda" if torch.cuda.is_available() else "cpu"
-    if req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"--device {requested} asked for CUDA but no CUDA device is available")
-        if req == "cuda":
-            req = f"cuda:{ddp.local_rank}"
-        elif ddp.world > 1 and req != f"cuda:{ddp.local_rank}":
-            # under torchrun each rank takes the GPU of its LOCAL_RANK; one index for all would stack every
-            # rank on one GPU (choose GPUs with CUDA_VISIBLE_DEVICES instead)
-            if ddp.main:
-                warnings.warn(
-                    f"--device {requested} under torchrun: each rank uses cuda:LOCAL_RANK instead; choose "
-                    "the GPUs with CUDA_VISIBLE_DEVICES",
-                    stacklevel=2,
-                )
-            req = f"cuda:{ddp.local_rank}"
-        torch.cuda.set_device(torch.device(req))
-    return torch.device(req)
-
-
-def _all_reduce(values: list[float], dd: _Dist, device: torch.device, op: str = "sum") -> list[float]:
-    if dd.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-# ----------------------------------------------------------------------------------------------------------
 # pieces
-
-
-def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
-    """Learning rate for optimiser step `step` (0-based): linear warm-up to train.lr, then train.schedule."""
-    t = cfg.train
-    warm = max(t.warmup_steps, 0)
-    s = step + 1
-    if s <= warm:
-        return t.lr * s / warm
-    if t.schedule == "constant":
-        return t.lr
-    if t.schedule == "noam":
-        return t.lr * math.sqrt(max(warm, 1) / s)
-    frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
-    floor = t.min_lr_ratio * t.lr
-    if t.schedule == "linear":
-        return floor + (t.lr - floor) * (1.0 - frac)
-    return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
-
-
-def kt_weight_at(step: int, t: TrainConfig) -> float:
-    """The transfer weight at optimiser step `step`: kt_weight, ramped linearly from 0 over the first
-    kt_warmup_steps steps (of this run, counted from its start) when that is set."""
-    if t.kt_warmup_steps <= 0:
-        return t.kt_weight
-    return t.kt_weight * min(1.0, (step + 1) / t.kt_warmup_steps)
 
 
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
     """A reproducible seed for the batch at `position` of `epoch`'s global order."""
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
-
-
-def ctc_losses(
-    out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor, zero_infinity: bool = False
-) -> Tensor:
-    """Per-utterance CTC losses (B,). With zero_infinity=False an impossible alignment stays inf (to find
-    it); with True its loss and gradient are 0 (to train its batch-mates)."""
-    log_probs = out["log_probs"].float().transpose(0, 1)  # (T', B, V)
-    return nn.functional.ctc_loss(
-        log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=zero_infinity
-    )
-
-
-def ctc_required_frames(token_ids: list[int]) -> int:
-    """Fewest encoder frames a CTC alignment of `token_ids` needs: one per label plus a blank between each
-    pair of equal neighbours."""
-    return len(token_ids) + sum(1 for a, b in itertools.pairwise(token_ids) if a == b)
-
-
-def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]:
-    """Indices of manifest records whose transcript cannot be aligned by CTC after the model's subsampling
-    (encoder frames < labels + repeated neighbours)."""
-    lengths = subsampled_lengths(torch.tensor([int(r["num_frames"]) for r in records] or [0]), subsampling)
-    return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(list(r["token_ids"]))]
 
 
 def _unwrap(model: nn.Module) -> ConformerCTC:
@@ -235,82 +112,6 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
-
-
-class _Logger:
-    """metrics.jsonl (always) and TensorBoard (when installed) on rank 0; no-op elsewhere."""
-
-    def __init__(self, exp_dir: Path, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = exp_dir / METRICS
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(exp_dir / "tensorboard"))
-            except Exception:  # tensorboard not installed: metrics.jsonl only
-                self.tb = None
-
-    def log(self, event: str, step: int, **values: Any) -> None:
-        if not self.enabled:
-            return
-        record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
-                    self.tb.add_scalar(f"{event}/{k}", v, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _read_index(exp_dir: Path) -> list[dict[str, Any]]:
-    path = exp_dir / INDEX
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _write_index(exp_dir: Path, index: list[dict[str, Any]]) -> None:
-    tmp = exp_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, exp_dir / INDEX)
-
-
-def _record_command(exp_dir: Path, command: list[str] | None) -> None:
-    """Append the command line (one per run; the first line is the original, later ones are resumptions)."""
-    if command is None:
-        prog = Path(sys.argv[0]).name
-        head = ["python", "-m", "gmot_cli"] if prog == "__main__.py" else [prog]
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            per_node = os.environ.get("LOCAL_WORLD_SIZE", "?")
-            head = ["torchrun", f"--nproc_per_node={per_node}", "-m", "gmot_cli"]
-        command = [*head, *sys.argv[1:]]
-    argv = command
-    with open(exp_dir / COMMAND, "a", encoding="utf-8") as f:
-        f.write(shlex.join(argv) + "\n")
-
-
-@contextmanager
-def _progress(enabled: bool, console: Console | None) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[terms]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console or Console(stderr=True), transient=False) as progress:
-        yield progress
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -356,8 +157,11 @@ class Trainer:
             if requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
             else "cpu"
         )
-        self.dd = _init_distributed(dev_type)
-        self.device = _pick_device(device, self.dd)
+        self.dd = init_distributed(dev_type)
+        try:
+            self.device = pick_device(device, self.dd)
+        except DeviceError as err:
+            raise TrainingError(str(err)) from None
         self.mode = str(cfg.gmot.mode)
         self.use_kt = self.mode != "none"
         self.outcome = TrainOutcome(self.exp_dir, 0, 0, None)
@@ -524,7 +328,7 @@ class Trainer:
         except (CheckpointError, OSError) as err:
             problem = str(err)
         if self.dd.world > 1:
-            failed = _all_reduce([float(state is None)], self.dd, self.device, op="max")[0]
+            failed = all_reduce([float(state is None)], self.dd, self.device, op="max")[0]
             if failed:
                 raise TrainingError(
                     f"rank {self.dd.rank}: "
@@ -758,7 +562,7 @@ class Trainer:
                 self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=bad)
             bad_inf = float(len(inf_items) == per_utt.numel() and not bool(torch.isnan(per_utt).any()))
             bad_nan = float(bool(torch.isnan(loss)) or (not bad_inf and not bool(torch.isfinite(loss))))
-            bad_inf, bad_nan = _all_reduce([bad_inf, bad_nan], self.dd, self.device, op="max")
+            bad_inf, bad_nan = all_reduce([bad_inf, bad_nan], self.dd, self.device, op="max")
             if bad_inf:
                 self._skip_backward()
             elif bad_nan:
@@ -865,7 +669,7 @@ class Trainer:
             for s in score_pairs(pairs):
                 errors += s.errors
                 ref_len += s.ref_len
-        errors, ref_len, loss_sum, n_utts = _all_reduce(
+        errors, ref_len, loss_sum, n_utts = all_reduce(
             [errors, ref_len, loss_sum, n_utts], self.dd, self.device
         )
         self.model.train()
@@ -907,7 +711,7 @@ class Trainer:
             state = self._state(epoch_complete, consumed)
             state["dev_cer"] = dev_cer
             save_checkpoint(path, state)
-            index = [e for e in _read_index(self.exp_dir) if e["file"] != path.name]
+            index = [e for e in read_index(self.exp_dir) if e["file"] != path.name]
             index.append(
                 {
                     "file": path.name,
@@ -919,7 +723,7 @@ class Trainer:
             )
             keep = {e["file"] for e in index[-max(self.cfg.train.keep_last, 1) :]}
             keep |= {e["file"] for e in self._best(index)}
-            _write_index(self.exp_dir, [e for e in index if e["file"] in keep])
+            write_index(self.exp_dir, [e for e in index if e["file"] in keep])
             for e in index:
                 if e["file"] not in keep:
                     (self.exp_dir / e["file"]).unlink(missing_ok=True)
@@ -965,7 +769,7 @@ class Trainer:
         run); then fewer of the best are averaged, down to the single best, and the first that is no worse on
         dev than the best single checkpoint is kept.
         """
-        index = [e for e in _read_index(self.exp_dir) if (self.exp_dir / e["file"]).is_file()]
+        index = [e for e in read_index(self.exp_dir) if (self.exp_dir / e["file"]).is_file()]
         best = self._best(index)
         if not best:
             return
@@ -1032,21 +836,21 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        self.logger = _Logger(self.exp_dir, self.dd.main)
+        self.logger = MetricsLogger(self.exp_dir, self.dd.main)
         if self.dd.main:
             dump_config(self.cfg, self.exp_dir / CONFIG)
-            _record_command(self.exp_dir, self.command)
+            record_command(self.exp_dir, self.command)
         n_params = sum(p.numel() for p in self.model.parameters())
         self._say(
             f"{self.mode if self.use_kt else 'pretrain'}: {n_params / 1e6:.2f} M parameters, "
             f"{len(self.train_set)} train utterances in {len(self.sampler.batches)} batches, "
             f"device {self.device} ({self.precision}), {self.dd.world} process(es)"
         )
-        for e in _read_index(self.exp_dir) if self.dd.main else []:
+        for e in read_index(self.exp_dir) if self.dd.main else []:
             if e.get("dev_cer") is not None:
                 self.outcome.dev_cer[int(e["epoch"])] = float(e["dev_cer"])
         try:
-            with _progress(self.show_progress and self.dd.main, self.console) as progress:
+            with training_progress(self.show_progress and self.dd.main, self.console) as progress:
                 while self.epoch <= t.epochs:
                     started = time.time()
                     self._train_epoch(progress)

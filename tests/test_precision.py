@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import models.distributed as distributed
 import models.precision as precision
-import models.training as training
 
 
 def test_choose_precision_by_device_capability(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,13 +49,13 @@ def test_torchrun_ranks_take_the_gpu_of_their_local_rank(monkeypatch: pytest.Mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d))
-    rank1 = training._Dist(rank=1, local_rank=1, world=2)
-    assert training._pick_device("cuda:0", rank1) == torch.device("cuda:1")  # rank 1 does not warn
-    assert training._pick_device("cuda", rank1) == torch.device("cuda:1")
-    rank0 = training._Dist(rank=0, local_rank=0, world=2)
-    assert training._pick_device("cuda:0", rank0) == torch.device("cuda:0")
+    rank1 = distributed.DistInfo(rank=1, local_rank=1, world=2)
+    assert distributed.pick_device("cuda:0", rank1) == torch.device("cuda:1")  # rank 1 does not warn
+    assert distributed.pick_device("cuda", rank1) == torch.device("cuda:1")
+    rank0 = distributed.DistInfo(rank=0, local_rank=0, world=2)
+    assert distributed.pick_device("cuda:0", rank0) == torch.device("cuda:0")
     with pytest.warns(UserWarning, match="CUDA_VISIBLE_DEVICES"):
-        assert training._pick_device("cuda:3", rank0) == torch.device("cuda:0")
-    single = training._Dist()
-    assert training._pick_device("cuda:3", single) == torch.device("cuda:3")  # one process: as asked
+        assert distributed.pick_device("cuda:3", rank0) == torch.device("cuda:0")
+    single = distributed.DistInfo()
+    assert distributed.pick_device("cuda:3", single) == torch.device("cuda:3")  # one process: as asked
     assert chosen[-1] == torch.device("cuda:3")

@@ -14,7 +14,8 @@ from gmot_cli.app import app
 from models.checkpoint import list_checkpoints, load_checkpoint, load_model
 from models.config import resolve_config
 from models.precision import autocast_bf16, cpu_has_native_bf16
-from models.training import lr_at, train
+from models.schedule import lr_at
+from models.training import train
 
 
 def _metrics(exp: Path) -> list[dict]:

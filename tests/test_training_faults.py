@@ -16,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import models.ctc_loss as ctc_loss
 import models.training as training
 from gmot_cli.app import app
 from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -57,13 +58,13 @@ def test_unalignable_utterance_is_left_out_at_load_time_by_name(
 
 
 def test_ctc_required_frames_counts_repeats() -> None:
-    assert training.ctc_required_frames([2, 3, 4]) == 3
-    assert training.ctc_required_frames([2, 2, 3, 3, 3]) == 8
-    assert training.ctc_required_frames([]) == 0
+    assert ctc_loss.ctc_required_frames([2, 3, 4]) == 3
+    assert ctc_loss.ctc_required_frames([2, 2, 3, 3, 3]) == 8
+    assert ctc_loss.ctc_required_frames([]) == 0
     records = [{"num_frames": 40, "token_ids": [2] * 5}, {"num_frames": 40, "token_ids": [2, 3] * 2}]
     # 40 frames -> 4 after x8: five equal labels need 9, four alternating need 4
-    assert training.ctc_infeasible(records, 8) == [0]
-    assert training.ctc_infeasible(records, 4) == []  # 9 frames after x4
+    assert ctc_loss.ctc_infeasible(records, 8) == [0]
+    assert ctc_loss.ctc_infeasible(records, 4) == []  # 9 frames after x4
 
 
 def test_infinite_ctc_drops_only_the_offending_utterance(

@@ -17,7 +17,8 @@ from models import diagnostics, transport
 from models.config import TrainConfig, resolve_config
 from models.encoder import ConformerCTC, ModelConfig
 from models.gmot import GMOTConfig, GMOTLoss, cost_spread, plan_entropy_ratio
-from models.training import kt_weight_at, train
+from models.schedule import kt_weight_at
+from models.training import train
 
 
 def _marginal(rng: torch.Generator, *shape: int) -> torch.Tensor:

@@ -1,0 +1,35 @@
+"""CTC pieces of the training engine: per-utterance losses and which transcripts CTC can align at all."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.encoder import subsampled_lengths
+
+
+def ctc_losses(
+    out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor, zero_infinity: bool = False
+) -> Tensor:
+    """Per-utterance CTC losses (B,). With zero_infinity=False an impossible alignment stays inf (to find
+    it); with True its loss and gradient are 0 (to train its batch-mates)."""
+    log_probs = out["log_probs"].float().transpose(0, 1)  # (T', B, V)
+    return nn.functional.ctc_loss(
+        log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=zero_infinity
+    )
+
+
+def ctc_required_frames(token_ids: list[int]) -> int:
+    """Fewest encoder frames a CTC alignment of `token_ids` needs: one per label plus a blank between each
+    pair of equal neighbours."""
+    return len(token_ids) + sum(1 for a, b in itertools.pairwise(token_ids) if a == b)
+
+
+def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]:
+    """Indices of manifest records whose transcript cannot be aligned by CTC after the model's subsampling
+    (encoder frames < labels + repeated neighbours)."""
+    lengths = subsampled_lengths(torch.tensor([int(r["num_frames"]) for r in records] or [0]), subsampling)
+    return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(list(r["token_ids"]))]

@@ -1,0 +1,80 @@
+"""Processes and devices: torchrun's ranks, the process group, each rank's device, and small all-reduces.
+
+Launch with `torchrun`; RANK, LOCAL_RANK and WORLD_SIZE say who a process is. Rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class DeviceError(ValueError):
+    """The device asked for is not there (e.g. --device cuda without a GPU)."""
+
+
+@dataclass
+class DistInfo:
+    """Who this process is under torchrun (rank 0 of 1 without it) and whether it created the group."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group (gloo on CPU, nccl on
+    CUDA). A single process needs no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world
+        )
+        owns = True
+    return DistInfo(rank, local, world, owns)
+
+
+def pick_device(requested: str | None, ddp: DistInfo) -> torch.device:
+    """ "auto"/None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU."""
+    req = (requested or "auto").lower()
+    if req == "auto":
+        req = "cuda" if torch.cuda.is_available() else "cpu"
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {requested} asked for CUDA but no CUDA device is available")
+        if req == "cuda":
+            req = f"cuda:{ddp.local_rank}"
+        elif ddp.world > 1 and req != f"cuda:{ddp.local_rank}":
+            # under torchrun each rank takes the GPU of its LOCAL_RANK; one index for all would stack every
+            # rank on one GPU (choose GPUs with CUDA_VISIBLE_DEVICES instead)
+            if ddp.main:
+                warnings.warn(
+                    f"--device {requested} under torchrun: each rank uses cuda:LOCAL_RANK instead; choose "
+                    "the GPUs with CUDA_VISIBLE_DEVICES",
+                    stacklevel=2,
+                )
+            req = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(torch.device(req))
+    return torch.device(req)
+
+
+def all_reduce(values: list[float], dd: DistInfo, device: torch.device, op: str = "sum") -> list[float]:
+    if dd.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()

@@ -1,0 +1,34 @@
+"""Schedules over optimiser steps: the learning rate (warm-up, then noam / cosine / linear / constant) and
+the transfer weight's ramp."""
+
+from __future__ import annotations
+
+import math
+
+from models.config import ExperimentConfig, TrainConfig
+
+
+def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
+    """Learning rate for optimiser step `step` (0-based): linear warm-up to train.lr, then train.schedule."""
+    t = cfg.train
+    warm = max(t.warmup_steps, 0)
+    s = step + 1
+    if s <= warm:
+        return t.lr * s / warm
+    if t.schedule == "constant":
+        return t.lr
+    if t.schedule == "noam":
+        return t.lr * math.sqrt(max(warm, 1) / s)
+    frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+    floor = t.min_lr_ratio * t.lr
+    if t.schedule == "linear":
+        return floor + (t.lr - floor) * (1.0 - frac)
+    return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def kt_weight_at(step: int, t: TrainConfig) -> float:
+    """The transfer weight at optimiser step `step`: kt_weight, ramped linearly from 0 over the first
+    kt_warmup_steps steps (of this run, counted from its start) when that is set."""
+    if t.kt_warmup_steps <= 0:
+        return t.kt_weight
+    return t.kt_weight * min(1.0, (step + 1) / t.kt_warmup_steps)
