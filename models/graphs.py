@@ -102,12 +102,14 @@ def structure_matrix(x: Tensor, mask: Tensor, kind: str = "cosine", mix: float =
     return out
 
 
-def uniform_marginal(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform_marginal(mask: Tensor, dtype: torch.dtype = torch.float32, check: bool = True) -> Tensor:
     """Uniform weights over each row's valid entries.
 
     Args:
         mask: (B, N) bool (or 0/1), True at valid entries; every row needs at least one.
         dtype: floating dtype of the result.
+        check: raise for a row without a valid entry (a host synchronisation on a GPU); without the check
+            such a row comes out NaN.
 
     Returns:
         (B, N) weights ``1 / L_b`` at valid entries, 0 at padding; each row sums to 1.
@@ -116,7 +118,7 @@ def uniform_marginal(mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
         raise ValueError(f"mask: expected a (B, N) tensor, got shape {tuple(mask.shape)}")
     mask = mask.to(torch.bool)
     counts = mask.sum(-1, keepdim=True)
-    if bool((counts == 0).any()):
+    if check and bool((counts == 0).any()):
         row = int((counts.squeeze(-1) == 0).nonzero()[0, 0])
         raise ValueError(f"mask: row {row} has no valid entry")
     return mask.to(dtype) / counts.to(dtype)

@@ -135,10 +135,16 @@ def _check_marginal(w: Tensor | None, shape: tuple[int, int], name: str, like: T
 
 
 def _make_problem(
-    cost: Tensor, struct_a: Tensor | None, struct_b: Tensor | None, a: Tensor, b: Tensor
+    cost: Tensor,
+    struct_a: Tensor | None,
+    struct_b: Tensor | None,
+    a: Tensor,
+    b: Tensor,
+    padded: bool | None = None,
 ) -> _Problem:
+    """`padded`: whether any weight is 0 (None: look, one host synchronisation); True always works."""
     row_valid, col_valid = a > 0, b > 0
-    has_pad = not (bool(row_valid.all()) and bool(col_valid.all()))
+    has_pad = not (bool(row_valid.all()) and bool(col_valid.all())) if padded is None else padded
     valid = row_valid[:, :, None] & col_valid[:, None, :] if has_pad else None
     pad_a = (~row_valid).to(cost.dtype) if has_pad else None
     pad_b = (~col_valid).to(cost.dtype) if has_pad else None
@@ -157,6 +163,7 @@ def _validate(
     grad: str,
     iters: dict[str, int],
     tol: float | None,
+    validate: bool = True,
 ) -> _Problem:
     if not torch.is_tensor(cost) or cost.dim() != 3:
         got = tuple(cost.shape) if torch.is_tensor(cost) else type(cost).__name__
@@ -165,7 +172,8 @@ def _validate(
     batch, n, m = cost.shape
     if batch == 0 or n == 0 or m == 0:
         raise ValueError(f"cost: empty shape {tuple(cost.shape)}")
-    _check_finite(cost, "cost")
+    if validate:
+        _check_finite(cost, "cost")
     for name, s, size in (("struct_a", struct_a, n), ("struct_b", struct_b, m)):
         if s is None:
             continue
@@ -174,7 +182,8 @@ def _validate(
             raise ValueError(f"{name}: expected shape {(batch, size, size)}, got {got}")
         if not s.is_floating_point():
             raise ValueError(f"{name}: expected a floating point tensor, got dtype {s.dtype}")
-        _check_finite(s, name)
+        if validate:
+            _check_finite(s, name)
     if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
         raise ValueError(f"epsilon: must be a finite number > 0, got {epsilon!r}")
     if grad not in _GRADS:
@@ -185,11 +194,24 @@ def _validate(
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol: must be None or a number > 0, got {tol!r}")
     cost_c = cost.to(dtype)
-    a_c = _check_marginal(a, (batch, n), "a", cost_c)
-    b_c = _check_marginal(b, (batch, m), "b", cost_c)
+    if validate:
+        a_c = _check_marginal(a, (batch, n), "a", cost_c)
+        b_c = _check_marginal(b, (batch, m), "b", cost_c)
+    else:  # trusted weights: only shapes are checked, nothing synchronises with the device
+        a_c = _trusted_marginal(a, (batch, n), "a", cost_c)
+        b_c = _trusted_marginal(b, (batch, m), "b", cost_c)
     sa = None if struct_a is None else struct_a.to(dtype)
     sb = None if struct_b is None else struct_b.to(dtype)
-    return _make_problem(cost_c, sa, sb, a_c, b_c)
+    return _make_problem(cost_c, sa, sb, a_c, b_c, padded=None if validate else True)
+
+
+def _trusted_marginal(w: Tensor | None, shape: tuple[int, int], name: str, like: Tensor) -> Tensor:
+    """A marginal taken as valid (shape checked, no value check), or the uniform one; detached."""
+    if w is None:
+        return torch.full(shape, 1.0 / shape[1], dtype=like.dtype, device=like.device)
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(w.shape)}")
+    return w.detach().to(device=like.device, dtype=like.dtype)
 
 
 def _is_symmetric(s: Tensor) -> bool:
@@ -451,6 +473,7 @@ def sinkhorn(
     check_every: int = 10,
     grad: str = "envelope",
     domain: str = "auto",
+    validate: bool = True,
 ) -> TransportResult:
     """Entropic optimal transport for a batch of ragged problems.
 
@@ -471,6 +494,10 @@ def sinkhorn(
             reach ``cost``) or "unrolled" (autograd through the iterations).
         domain: "auto" (kernel domain, log-domain rerun for items that under/overflow), "kernel" (no
             fallback), or "log" (logsumexp iterations throughout).
+        validate: check the inputs' values (finite costs and structures, non-negative marginals summing to 1:
+            host synchronisations on a GPU) and look for padding; False trusts them (a caller that built
+            them, such as models.gmot), so that with ``tol`` None and ``domain`` "kernel" or "log" nothing
+            synchronises; "auto" still checks once, after the iterations, whether an item needs the rerun.
 
     Returns:
         TransportResult; ``iterations`` counts Sinkhorn iterations per item. float16/bfloat16 inputs are
@@ -479,7 +506,7 @@ def sinkhorn(
     if domain not in _DOMAINS:
         raise ValueError(f"domain: must be one of {_DOMAINS}, got {domain!r}")
     iters = {"max_iter": max_iter, "check_every": check_every}
-    p = _validate(cost, None, None, a, b, epsilon, grad, iters, tol)
+    p = _validate(cost, None, None, a, b, epsilon, grad, iters, tol, validate)
     steps = [check_every] * (max_iter // check_every)
     if max_iter % check_every:
         steps.append(max_iter % check_every)
@@ -504,6 +531,7 @@ def fused_gromov_wasserstein(
     grad: str = "envelope",
     domain: str = "auto",
     symmetric: bool | None = None,
+    validate: bool = True,
 ) -> TransportResult:
     """Entropic fused Gromov-Wasserstein (square loss) for a batch of ragged problems.
 
@@ -534,6 +562,7 @@ def fused_gromov_wasserstein(
         domain: "auto", "kernel" or "log", as in `sinkhorn`.
         symmetric: whether the structures are symmetric; None checks once before the loop. Non-symmetric
             structures use the symmetrised gradient, as POT does.
+        validate: as in `sinkhorn`.
 
     Returns:
         TransportResult; ``iterations`` counts outer steps per item.
@@ -548,7 +577,7 @@ def fused_gromov_wasserstein(
     if struct_a is None or struct_b is None:
         raise ValueError("struct_a, struct_b: both structure matrices are required")
     iters = {"outer_iter": outer_iter, "inner_iter": inner_iter, "check_every": check_every}
-    p = _validate(cost, struct_a, struct_b, a, b, epsilon, grad, iters, tol)
+    p = _validate(cost, struct_a, struct_b, a, b, epsilon, grad, iters, tol, validate)
     if symmetric is None:
         symmetric = _is_symmetric(p.struct_a) and _is_symmetric(p.struct_b)  # type: ignore[arg-type]
     spec = _Spec(
@@ -613,6 +642,7 @@ def unbalanced_fused_gromov_wasserstein(
     outer_iter: int = 10,
     inner_iter: int = 20,
     grad: str = "envelope",
+    validate: bool = True,
 ) -> TransportResult:
     """Entropic transport with KL-relaxed marginals, batched and ragged, in the log domain.
 
@@ -631,6 +661,7 @@ def unbalanced_fused_gromov_wasserstein(
         tau_a, tau_b: KL relaxation strengths (> 0) or None for an exact marginal.
         outer_iter, inner_iter: the iteration budget (fixed; no host synchronisation).
         grad: "envelope" or "unrolled", as in `sinkhorn`.
+        validate: as in `sinkhorn` (this routine has no other synchronisation).
 
     Returns:
         TransportResult: ``plan`` (B, N, M), 0 at padding, its row sums free when tau_a is set; ``value``
@@ -646,7 +677,7 @@ def unbalanced_fused_gromov_wasserstein(
         raise ValueError("struct_a, struct_b: both structure matrices are required when alpha > 0")
     iters = {"outer_iter": outer_iter, "inner_iter": inner_iter}
     p = _validate(cost, struct_a if alpha > 0 else None, struct_b if alpha > 0 else None, a, b, epsilon,
-                  grad, iters, None)  # fmt: skip
+                  grad, iters, None, validate)  # fmt: skip
     phi_a, phi_b = _relaxed_fraction(tau_a, epsilon), _relaxed_fraction(tau_b, epsilon)
     valid = p.row_valid[:, :, None] & p.col_valid[:, None, :]
 
@@ -675,6 +706,7 @@ def unbalanced_fused_gromov_wasserstein(
                 None if p.struct_b is None else p.struct_b.detach(),
                 p.a,
                 p.b,
+                padded=p.valid is not None,
             )
             plan, lu, lv = solve(detached)
     else:
