@@ -247,30 +247,33 @@ class Trainer:
             self.plm_width = int(self.plm_info["width"])
         lengths = self.train_set.lengths()
         unalignable = ctc_infeasible(self.train_set.records, self.cfg.model.subsampling)
-        if unalignable:
-            ids = ", ".join(self.train_set.records[i]["id"] for i in unalignable[:5])
-            self._say(
-                f"[yellow]warning:[/] {len(unalignable)} train utterances have more characters (plus "
-                f"repeats) than encoder frames after x{self.cfg.model.subsampling} subsampling and are left "
-                f"out ({ids}{' ...' if len(unalignable) > 5 else ''})"
-            )
+        self._warn_left_out(
+            unalignable,
+            f"have more characters (plus repeats) than encoder frames after x{self.cfg.model.subsampling} "
+            "subsampling",
+        )
         left_out = set(unalignable)
         lengths = [0 if i in left_out else n for i, n in enumerate(lengths)]
         batches, dropped = bucket_batches(lengths, t.max_frames, t.max_utts, self.cfg.model.min_input_frames)
-        dropped = [i for i in dropped if i not in left_out]
-        if dropped:
-            ids = ", ".join(self.train_set.records[i]["id"] for i in dropped[:3])
-            self._say(
-                f"[yellow]warning:[/] {len(dropped)} train utterances shorter than "
-                f"{self.cfg.model.min_input_frames} frames "
-                f"are left out ({ids}{' ...' if len(dropped) > 3 else ''})"
-            )
+        self._warn_left_out(
+            [i for i in dropped if i not in left_out],
+            f"are shorter than {self.cfg.model.min_input_frames} frames",
+        )
         if not batches:
             raise TrainingError(f"no usable train utterances in {train_dir}")
         self.sampler = BucketBatchSampler(
             batches, shuffle=t.shuffle, seed=t.seed, rank=self.dd.rank, world_size=self.dd.world
         )
         self.steps_per_epoch = math.ceil(len(self.sampler) / max(t.accum_grad, 1))
+
+    def _warn_left_out(self, indices: list[int], why: str) -> None:
+        """Warn that the train utterances at `indices` are left out, naming the first five."""
+        if indices:
+            ids = ", ".join(self.train_set.records[i]["id"] for i in indices[:5])
+            more = " ..." if len(indices) > 5 else ""
+            self._say(
+                f"[yellow]warning:[/] {len(indices)} train utterances {why} and are left out ({ids}{more})"
+            )
 
     def _build(self) -> None:
         t = self.cfg.train
