@@ -223,7 +223,9 @@ class GMOTLoss(nn.Module):
         "nonblank" acoustic marginal) ->
         {"kt": scalar (per cfg.terms and cfg.reduction), "kt_ot": scalar transport value, "kt_align":
          scalar alignment loss (both batch means, per cfg.reduction), "plan_entropy": scalar mean entropy
-         of the plans over that of the uniform plan (1 = uniform; detached), "plan": (B, N, M) detached
+         of the plans over that of the uniform plan (1 = uniform; detached), "plan_marginal_error": scalar
+         mean L1 error of the plans' exact marginals (how far the fixed budget is from convergence; detached),
+         "plan": (B, N, M) detached
          transport plan, 0 at padding}.
         Computed in float32 (autocast off). Every item needs at least one frame and one token.
         """
@@ -236,7 +238,7 @@ class GMOTLoss(nn.Module):
             zero = acoustic.new_zeros((), dtype=torch.float32)
             return {
                 "kt": zero, "kt_ot": zero, "kt_align": zero, "plan_entropy": zero,
-                "plan": acoustic.new_zeros(b, n, m).float(),
+                "plan_marginal_error": zero, "plan": acoustic.new_zeros(b, n, m).float(),
             }  # fmt: skip
         # checked where it costs no device synchronisation (CPU lengths); on a GPU an empty item gives NaN
         on_host = acoustic_lengths.device.type == "cpu" and plm_lengths.device.type == "cpu"
@@ -284,6 +286,7 @@ class GMOTLoss(nn.Module):
             "kt_ot": kt_ot if cfg.terms != "align" else kt_ot.detach(),
             "kt_align": kt_align if cfg.terms != "ot" else kt_align.detach(),
             "plan_entropy": entropy.mean(),
+            "plan_marginal_error": res.marginal_error.mean(),
             "plan": plan.detach(),
         }
 

@@ -26,6 +26,7 @@ all have.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class TransportResult:
         ``fused_gromov_wasserstein``.
     transport_cost: (B,) ``(1 - alpha) <C, T> + alpha GW(T)`` without the entropic term (POT's
         ``fgw_dist``; ``<C, T>`` for ``sinkhorn``), differentiable like ``value``.
+    marginal_error: (B,) detached L1 distance of the plan's marginals from ``a`` and ``b``,
+        ``|T 1 - a|_1 + |T^T 1 - b|_1``: how far the fixed budget left each item from convergence (for
+        unbalanced transport only the exact sides count).
     """
 
     plan: Tensor
@@ -64,6 +68,7 @@ class TransportResult:
     log_v: Tensor
     iterations: Tensor
     transport_cost: Tensor
+    marginal_error: Tensor | None = None
 
 
 @dataclass
@@ -455,7 +460,54 @@ def _finish(p: _Problem, spec: _Spec, domain: str, grad: str, entropy: bool) -> 
     else:
         plan, log_plan, f, g, iterations = _solve(p, spec, domain)
     value, cost = _objective(p, plan, log_plan, spec.alpha, spec.epsilon, entropy)
-    return TransportResult(plan, value, f, g, iterations, cost)
+    error = marginal_error(plan.detach(), p.a, p.b)
+    return TransportResult(plan, value, f, g, iterations, cost, error)
+
+
+def marginal_error(plan: Tensor, a: Tensor | None, b: Tensor | None) -> Tensor:
+    """|T 1 - a|_1 + |T^T 1 - b|_1 per item (a side given as None is not counted): (B, N, M) -> (B,)."""
+    error = plan.new_zeros(plan.shape[0])
+    if a is not None:
+        error = error + (plan.sum(2) - a).abs().sum(1)
+    if b is not None:
+        error = error + (plan.sum(1) - b).abs().sum(1)
+    return error
+
+
+_WARNED: set[str] = set()
+CONVERGENCE_TOL = 1e-3
+"""Marginal error (L1, plans of mass 1) above which `warn_unconverged` warns."""
+
+
+def _checked(result: TransportResult, check: bool | None, validate: bool, what: str) -> TransportResult:
+    """Apply the `check_convergence` policy of the public solvers to a result and return it."""
+    if check is None:
+        check = validate and result.plan.device.type == "cpu"
+    if check:
+        warn_unconverged(result, CONVERGENCE_TOL, what)
+    return result
+
+
+def warn_unconverged(
+    result: TransportResult, threshold: float = CONVERGENCE_TOL, what: str = "transport"
+) -> list[int]:
+    """Warn, once per `what`, when items' marginal error is above `threshold`, naming them (as POT warns
+    when its iterations run out); returns those items. One host synchronisation: call it where that is
+    free (a CPU) or wanted (a check on a GPU), not in a training step on a GPU."""
+    if result.marginal_error is None:
+        return []
+    bad = torch.nonzero(result.marginal_error > threshold).flatten().tolist()
+    if bad and what not in _WARNED:
+        _WARNED.add(what)
+        worst = float(result.marginal_error.max())
+        warnings.warn(
+            f"{what}: {len(bad)} item(s) did not converge within the iteration budget (marginal error up to "
+            f"{worst:.2e} > {threshold:g}; items {bad[:10]}{' ...' if len(bad) > 10 else ''}); raise the "
+            "iterations or epsilon",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return bad
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,6 +526,7 @@ def sinkhorn(
     grad: str = "envelope",
     domain: str = "auto",
     validate: bool = True,
+    check_convergence: bool | None = None,
 ) -> TransportResult:
     """Entropic optimal transport for a batch of ragged problems.
 
@@ -498,6 +551,9 @@ def sinkhorn(
             host synchronisations on a GPU) and look for padding; False trusts them (a caller that built
             them, such as models.gmot), so that with ``tol`` None and ``domain`` "kernel" or "log" nothing
             synchronises; "auto" still checks once, after the iterations, whether an item needs the rerun.
+        check_convergence: warn (once per function, naming the items) when an item's marginal error is
+            above CONVERGENCE_TOL; None checks on the CPU when ``validate`` (free there) and never on a GPU,
+            where it would synchronise; True / False always / never. The error is in the result either way.
 
     Returns:
         TransportResult; ``iterations`` counts Sinkhorn iterations per item. float16/bfloat16 inputs are
@@ -511,7 +567,7 @@ def sinkhorn(
     if max_iter % check_every:
         steps.append(max_iter % check_every)
     spec = _Spec(0.0, float(epsilon), steps, False, True, "marginal", 1, tol, domain)
-    return _finish(p, spec, domain, grad, entropy=True)
+    return _checked(_finish(p, spec, domain, grad, entropy=True), check_convergence, validate, "sinkhorn")
 
 
 def fused_gromov_wasserstein(
@@ -532,6 +588,7 @@ def fused_gromov_wasserstein(
     domain: str = "auto",
     symmetric: bool | None = None,
     validate: bool = True,
+    check_convergence: bool | None = None,
 ) -> TransportResult:
     """Entropic fused Gromov-Wasserstein (square loss) for a batch of ragged problems.
 
@@ -562,7 +619,7 @@ def fused_gromov_wasserstein(
         domain: "auto", "kernel" or "log", as in `sinkhorn`.
         symmetric: whether the structures are symmetric; None checks once before the loop. Non-symmetric
             structures use the symmetrised gradient, as POT does.
-        validate: as in `sinkhorn`.
+        validate, check_convergence: as in `sinkhorn`.
 
     Returns:
         TransportResult; ``iterations`` counts outer steps per item.
@@ -591,7 +648,8 @@ def fused_gromov_wasserstein(
         tol,
         domain,
     )
-    return _finish(p, spec, domain, grad, entropy=solver == "pgd")
+    result = _finish(p, spec, domain, grad, entropy=solver == "pgd")
+    return _checked(result, check_convergence, validate, "fused_gromov_wasserstein")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -729,4 +787,7 @@ def unbalanced_fused_gromov_wasserstein(
     if tau_b is not None:
         value = value + tau_b * _kl_mass(c, p.b, p.col_valid)
     iterations = torch.full((cost.shape[0],), outer_iter, dtype=torch.int64, device=cost.device)
-    return TransportResult(plan, value, lu, lv, iterations, transport_cost)
+    error = marginal_error(
+        plan.detach(), None if tau_a is not None else p.a, None if tau_b is not None else p.b
+    )
+    return TransportResult(plan, value, lu, lv, iterations, transport_cost, error)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import ot
 import pytest
 import torch
 
+from models import transport
 from models.transport import fused_gromov_wasserstein, sinkhorn
 
 torch.set_num_threads(1)
@@ -152,6 +155,7 @@ def test_tolerance_is_per_item_and_converged_items_stop():
     assert bool((fixed.iterations == 500).all())
 
 
+@pytest.mark.filterwarnings("ignore:.*did not converge:RuntimeWarning")  # small budgets on purpose
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_finite_at_small_epsilon_and_large_structures(dtype):
     g = torch.Generator().manual_seed(6)
@@ -313,3 +317,24 @@ def test_sinkhorn_bad_input():
         sinkhorn(cost, b=torch.ones(2, 4, dtype=F64))
     with pytest.raises(ValueError, match=r"^cost"):
         sinkhorn(cost.long())
+
+
+def test_convergence_is_reported_per_item_and_warned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "_WARNED", set())
+    g = torch.Generator().manual_seed(3)
+    cost = torch.rand(3, 12, 5, generator=g, dtype=torch.float64)
+    done = transport.sinkhorn(cost, epsilon=0.1, max_iter=500)
+    assert done.marginal_error.shape == (3,) and float(done.marginal_error.max()) < 1e-9
+    with pytest.warns(RuntimeWarning, match=r"sinkhorn: 3 item\(s\) did not converge.*items \[0, 1, 2\]"):
+        short = transport.sinkhorn(cost, epsilon=0.01, max_iter=1, domain="log")
+    assert float(short.marginal_error.min()) > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per solver: no second warning
+        transport.sinkhorn(cost, epsilon=0.01, max_iter=1, domain="log")
+    monkeypatch.setattr(transport, "_WARNED", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # trusted calls and check_convergence=False do not check
+        transport.sinkhorn(cost, epsilon=0.01, max_iter=1, domain="log", validate=False)
+        transport.sinkhorn(cost, epsilon=0.01, max_iter=1, domain="log", check_convergence=False)
+    with pytest.warns(RuntimeWarning, match="mine: 3 item"):
+        assert transport.warn_unconverged(short, 1e-3, "mine") == [0, 1, 2]
