@@ -108,6 +108,9 @@ class TrainConfig:
     """Name of the split under DATA_DIR used for the dev pass (skipped with a warning when missing)."""
     dev_max_utts: int = 0
     """Score at most this many dev utterances per epoch (0: all)."""
+    threads: int = 0
+    """Torch CPU threads for training (CPU device only): 0 = the cores not busy when the run starts (the
+    1-minute load average), shared by the node's ranks, unless OMP_NUM_THREADS is set; N = exactly N."""
     bf16: bool = True
     """bfloat16 autocast for the encoder on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX); ignored on
     other CPUs. Losses stay float32."""
@@ -433,7 +436,7 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(t, name)}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
-    for name in ("kt_warmup_steps", "align_max_utts"):
+    for name in ("kt_warmup_steps", "align_max_utts", "threads"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if not 0.0 <= t.freq_warp < 1.0:

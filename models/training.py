@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ from models.config import ExperimentConfig, config_to_dict, dump_config
 from models.ctc_loss import ctc_infeasible, ctc_losses
 from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
-from models.distributed import DeviceError, all_reduce, init_distributed, pick_device
+from models.distributed import DeviceError, all_reduce, cpu_threads, init_distributed, pick_device
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 from models.precision import autocast_for, choose_precision, grad_scaler
@@ -813,8 +814,12 @@ class Trainer:
 
     def run(self) -> TrainOutcome:
         """Train up to cfg.train.epochs epochs (resuming if EXP_DIR has checkpoints); return the outcome."""
-        flushing = _flushes_subnormals()
+        flushing, threads_before = _flushes_subnormals(), torch.get_num_threads()
         if self.device.type == "cpu":
+            # threads and the subnormal setting are process-wide: both are restored when training ends
+            threads = cpu_threads(self.cfg.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if threads is not None:
+                torch.set_num_threads(threads)
             # Adam moments and late-training gradients reach subnormal floats, which x86 CPUs process many
             # times slower than normal ones. The setting is process-wide: restored when training ends.
             torch.set_flush_denormal(True)
@@ -822,6 +827,7 @@ class Trainer:
             return self._run()
         finally:
             torch.set_flush_denormal(flushing)
+            torch.set_num_threads(threads_before)
             if self.dd.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -847,7 +853,9 @@ class Trainer:
         self._say(
             f"{self.mode if self.use_kt else 'pretrain'}: {n_params / 1e6:.2f} M parameters, "
             f"{len(self.train_set)} train utterances in {len(self.sampler.batches)} batches, "
-            f"device {self.device} ({self.precision}), {self.dd.world} process(es)"
+            f"device {self.device} ({self.precision}"
+            + (f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else "")
+            + f"), {self.dd.world} process(es)"
         )
         for e in read_index(self.exp_dir) if self.dd.main else []:
             if e.get("dev_cer") is not None:

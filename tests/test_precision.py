@@ -59,3 +59,17 @@ def test_torchrun_ranks_take_the_gpu_of_their_local_rank(monkeypatch: pytest.Mon
     single = distributed.DistInfo()
     assert distributed.pick_device("cuda:3", single) == torch.device("cuda:3")  # one process: as asked
     assert chosen[-1] == torch.device("cuda:3")
+
+
+def test_cpu_threads_take_the_free_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (1.2, 0.0, 0.0))  # one core busy
+    assert distributed.free_cores() == 3
+    assert distributed.cpu_threads(0) == 3
+    assert distributed.cpu_threads(0, local_world=2) == 1  # two ranks on this node share them
+    assert distributed.cpu_threads(2) == 2  # train.threads=2 stands
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert distributed.cpu_threads(0) == 1  # never fewer than one
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert distributed.cpu_threads(0) is None  # the user's setting stands
