@@ -69,6 +69,14 @@ def decode(
     batch_frames: int = typer.Option(20000, "--batch-frames", help="Padded input frames per batch."),
     threads: int = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    nbest: int = typer.Option(
+        1, "--nbest", help="Beam search: write the K best distinct hypotheses per utterance to details.jsonl."
+    ),
+    timestamps: bool = typer.Option(
+        True,
+        "--timestamps/--no-timestamps",
+        help="Per-character start/end times and an utterance confidence in details.jsonl (CTC alignment).",
+    ),
 ) -> None:
     """Decode a prepared split (or audio files) with greedy CTC or beam search; write text, details, RTF."""
     console = Console()
@@ -84,6 +92,10 @@ def decode(
         raise error_exit(err, "--device cuda was asked for but no CUDA device is available")
     if batch_frames < 1:
         raise error_exit(err, "--batch-frames must be positive")
+    if nbest < 1 or (nbest > 1 and method != "beam"):
+        raise error_exit(err, f"--nbest takes K >= 1, and K > 1 needs --method beam (got {nbest}, {method})")
+    if nbest > beam_size:
+        raise error_exit(err, f"--nbest {nbest} cannot exceed --beam-size {beam_size}")
     if threads > 0:
         torch.set_num_threads(threads)
     try:
@@ -130,6 +142,8 @@ def decode(
             batch_frames=batch_frames,
             device=device,
             progress=lambda n: bar.advance(task, n),
+            nbest=nbest,
+            timestamps=timestamps,
         )
     rtf = real_time_factor(hyps)
     audio = sum(h.duration for h in hyps)
@@ -138,6 +152,7 @@ def decode(
         "input": [str(p) for p in inputs] if wav else str(inputs[0] / split),
         "method": method,
         "beam_size": beam_size if method == "beam" else None,
+        "nbest": nbest,
         "lm": str(lm) if lm is not None else None,
         "lm_weight": lm_weight if lm is not None else None,
         "device": device,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from data.features import FRAME_SHIFT_S, apply_cmvn, feature_width_mismatch
 from data.vocab import Vocabulary
+from models.diagnostics import ctc_token_spans
 
 BLANK_ID = 0
 METHODS = ("greedy", "beam")
@@ -139,18 +140,7 @@ class BeamSearchDecoder:
         )
         self._decoder = LexiconFreeDecoder(self.options, self.lm, blank, blank, [])
 
-    def decode_one(self, log_probs: np.ndarray) -> list[int]:
-        """(T, V) float32 log-probabilities of one utterance -> label ids of the best hypothesis."""
-        emissions = np.ascontiguousarray(log_probs, dtype=np.float32)
-        t, v = emissions.shape
-        if t == 0:
-            return []
-        if v != len(self.vocab):
-            raise DecodingError(f"emissions have {v} units but the vocabulary has {len(self.vocab)}")
-        results = self._decoder.decode(emissions.ctypes.data, t, v)
-        if not results:
-            return []
-        tokens = list(results[0].tokens)
+    def _collapse(self, tokens: Sequence[int]) -> list[int]:
         out: list[int] = []
         prev = -1
         for tok in tokens:
@@ -159,10 +149,39 @@ class BeamSearchDecoder:
             prev = tok
         return out
 
+    def nbest_one(self, log_probs: np.ndarray, k: int) -> list[tuple[list[int], float]]:
+        """(T, V) float32 log-probabilities of one utterance -> up to `k` distinct hypotheses (label ids and
+        the search's score, natural log, best first)."""
+        emissions = np.ascontiguousarray(log_probs, dtype=np.float32)
+        t, v = emissions.shape
+        if t == 0:
+            return [([], 0.0)]
+        if v != len(self.vocab):
+            raise DecodingError(f"emissions have {v} units but the vocabulary has {len(self.vocab)}")
+        out: list[tuple[list[int], float]] = []
+        seen: set[tuple[int, ...]] = set()
+        for result in self._decoder.decode(emissions.ctypes.data, t, v):
+            ids = self._collapse(list(result.tokens))
+            if tuple(ids) not in seen:  # different paths that spell the same text count once
+                seen.add(tuple(ids))
+                out.append((ids, float(result.score)))
+            if len(out) == k:
+                break
+        return out or [([], 0.0)]
+
+    def decode_one(self, log_probs: np.ndarray) -> list[int]:
+        """(T, V) float32 log-probabilities of one utterance -> label ids of the best hypothesis."""
+        return self.nbest_one(log_probs, 1)[0][0]
+
     def decode(self, log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
         """Batch version: log_probs (B, T, V), lengths (B,) -> one list of label ids per item."""
         lp = log_probs.detach().float().cpu().numpy()
         return [self.decode_one(lp[b, : int(n)]) for b, n in enumerate(lengths.tolist())]
+
+    def nbest(self, log_probs: Tensor, lengths: Tensor, k: int) -> list[list[tuple[list[int], float]]]:
+        """Batch version of `nbest_one`: (B, T, V), (B,) -> per item up to k (label ids, score)."""
+        lp = log_probs.detach().float().cpu().numpy()
+        return [self.nbest_one(lp[b, : int(n)], k) for b, n in enumerate(lengths.tolist())]
 
 
 def make_decoder(
@@ -197,13 +216,19 @@ class Utterance:
 
 @dataclass
 class Hypothesis:
-    """A decoded utterance: label ids, text, audio duration and the decode time charged to it (seconds)."""
+    """A decoded utterance: label ids, text, audio duration and the decode time charged to it (seconds);
+    `times`: per character (char, start s, end s) from the CTC forced alignment of the hypothesis on the
+    model's output; `confidence`: the mean over characters of the posterior the model gives each character
+    on its frames (None for an empty hypothesis); `nbest`: (text, score) alternatives of beam search."""
 
     id: str
     ids: list[int]
     text: str
     duration: float
     decode_time: float
+    times: list[tuple[str, float, float]] | None = None
+    confidence: float | None = None
+    nbest: list[tuple[str, float]] | None = None
 
 
 def batches_by_frames(lengths: Sequence[int], max_frames: int) -> list[list[int]]:
@@ -258,8 +283,14 @@ def transcribe(
     batch_frames: int = 20000,
     device: str | torch.device = "cpu",
     progress=None,
+    nbest: int = 1,
+    timestamps: bool = True,
 ) -> list[Hypothesis]:
     """Decode utterances with `model` (eval mode) and `decoder` (see `make_decoder`).
+
+    `nbest` > 1 (beam search only) keeps that many distinct hypotheses per utterance; `timestamps` adds each
+    character's times and the utterance's confidence (a CTC forced alignment of the hypothesis, charged to
+    the decode time).
 
     Batches by padded frames (`batches_by_frames`); each batch's wall time (CMVN, forward, search) is shared
     among its utterances in proportion to their frames. Utterances shorter than the model's minimum input
@@ -269,6 +300,10 @@ def transcribe(
     """
     shortest = model.cfg.min_input_frames
     units = Vocabulary(list(vocab))
+    searcher = getattr(decoder, "__self__", None)
+    if nbest > 1 and not isinstance(searcher, BeamSearchDecoder):
+        raise DecodingError(f"--nbest {nbest} needs beam search (--method beam)")
+    frame_s = frames_to_seconds(1) * model.cfg.subsampling
     results: list[Hypothesis | None] = [None] * len(utterances)
     usable = [i for i, u in enumerate(utterances) if u.feats.shape[0] >= shortest]
     for i, u in enumerate(utterances):
@@ -281,7 +316,21 @@ def transcribe(
         with torch.inference_mode():
             feats, lens = padded_batch([utterances[i].feats for i in idx], cmvn_mean, cmvn_std, device)
             out = model(feats, lens)
-            ids = decoder(out["log_probs"], out["lengths"])
+            if nbest > 1:
+                assert isinstance(searcher, BeamSearchDecoder)
+                lists = searcher.nbest(out["log_probs"], out["lengths"], nbest)
+                ids = [alts[0][0] for alts in lists]
+            else:
+                lists = None
+                ids = decoder(out["log_probs"], out["lengths"])
+            aligned = (
+                [
+                    ctc_token_spans(out["log_probs"][k, : int(out["lengths"][k])], ids[k])
+                    for k in range(len(ids))
+                ]
+                if timestamps
+                else [None] * len(ids)
+            )
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -289,7 +338,17 @@ def transcribe(
         for k, i in enumerate(idx):
             u = utterances[i]
             share = elapsed * float(lens[k]) / total
-            results[i] = Hypothesis(u.id, ids[k], units.decode(ids[k]), u.duration, share)
+            hyp = Hypothesis(u.id, ids[k], units.decode(ids[k]), u.duration, share)
+            spans = aligned[k]
+            if spans is not None:
+                hyp.times = [
+                    (vocab[tok], round(s0 * frame_s, 3), round(s1 * frame_s, 3))
+                    for tok, (s0, s1, _) in zip(ids[k], spans, strict=True)
+                ]
+                hyp.confidence = sum(p for _, _, p in spans) / len(spans) if spans else None
+            if lists is not None:
+                hyp.nbest = [(units.decode(alt), round(score, 4)) for alt, score in lists[k]]
+            results[i] = hyp
         if progress is not None:
             progress(len(idx))
     return [r for r in results if r is not None]
@@ -352,7 +411,8 @@ def wav_utterances(paths: Sequence[Path], width: int = 80) -> list[Utterance]:
 
 def write_hypotheses(out_dir: Path, hyps: Sequence[Hypothesis], summary: dict) -> None:
     """Write OUT/text (Kaldi style: id, space, hypothesis), OUT/details.jsonl (id, hyp, duration,
-    decode_time) and OUT/rtf.json (`summary`), each atomically (temp file + os.replace)."""
+    decode_time, and where known confidence, times [[char, start s, end s], ...] and nbest [{hyp, score}])
+    and OUT/rtf.json (`summary`), each atomically (temp file + os.replace)."""
     import json
 
     out_dir = Path(out_dir)
@@ -366,6 +426,9 @@ def write_hypotheses(out_dir: Path, hyps: Sequence[Hypothesis], summary: dict) -
                     "hyp": h.text,
                     "duration": round(h.duration, 4),
                     "decode_time": round(h.decode_time, 6),
+                    **({"confidence": round(h.confidence, 4)} if h.confidence is not None else {}),
+                    **({"times": [list(t) for t in h.times]} if h.times is not None else {}),
+                    **({"nbest": [{"hyp": t, "score": sc} for t, sc in h.nbest]} if h.nbest else {}),
                 },
                 ensure_ascii=False,
             )

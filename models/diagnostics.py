@@ -43,9 +43,10 @@ def token_char_ranges(tokens: list[str], reference: str) -> list[tuple[int, int]
     return ranges
 
 
-def ctc_char_spans(log_probs: Tensor, target: list[int]) -> list[tuple[int, int]] | None:
-    """CTC forced alignment of `target` ids on (T, V) log-probs -> (start, end) encoder frames (end
-    exclusive) per target unit, in order; None when the target cannot fit in T frames."""
+def ctc_token_spans(log_probs: Tensor, target: list[int]) -> list[tuple[int, int, float]] | None:
+    """CTC forced alignment of `target` ids on (T, V) log-probs -> (start, end, mean posterior) per target
+    unit, in order: its encoder frames (end exclusive) and the mean probability the model gives the unit on
+    them; None when the target cannot fit in T frames."""
     import torchaudio.functional as AF
 
     if not target:
@@ -64,7 +65,13 @@ def ctc_char_spans(log_probs: Tensor, target: list[int]) -> list[tuple[int, int]
             blank=0,
         )
         spans = AF.merge_tokens(frames[0], scores[0].exp())
-    return [(int(s.start), int(s.end)) for s in spans]
+    return [(int(s.start), int(s.end), float(s.score)) for s in spans]
+
+
+def ctc_char_spans(log_probs: Tensor, target: list[int]) -> list[tuple[int, int]] | None:
+    """`ctc_token_spans` without the posteriors: (start, end) encoder frames per target unit, or None."""
+    spans = ctc_token_spans(log_probs, target)
+    return None if spans is None else [(s, e) for s, e, _ in spans]
 
 
 def token_frame_spans(

@@ -161,3 +161,46 @@ def test_default_decode_folders_differ_by_method_beam_and_lm(tmp_path: Path) -> 
     assert len(names) == 7
     assert default_out(exp, "test", "beam", 10, lm, 0.5).name == "decode_test_beam_b10_char_3gram_w0.5"
     assert default_out(exp / "avg.pt", "test", "greedy", 10, None, 1.0) == exp / "decode_test_greedy"
+
+
+def test_ctc_times_follow_the_frames_around_known_silences() -> None:
+    import math
+
+    import torch
+
+    from models.diagnostics import ctc_token_spans
+
+    # 20 encoder frames over 3 units (0 = blank): silence, "A" on frames 5-7, silence, "B" on 13-14, silence
+    lp = torch.full((20, 3), -8.0)
+    lp[:, 0] = -0.01
+    lp[5:8, 1], lp[5:8, 0] = -0.05, -4.0
+    lp[13:15, 2], lp[13:15, 0] = -0.2, -2.0
+    spans = ctc_token_spans(lp, [1, 2])
+    assert [(s, e) for s, e, _ in spans] == [(5, 8), (13, 15)]
+    assert spans[0][2] == pytest.approx(math.exp(-0.05), rel=1e-4)  # the mean posterior on its frames
+    assert spans[1][2] < spans[0][2]
+    assert ctc_token_spans(lp[:2], [1, 1, 1]) is None  # cannot fit
+
+
+@pytest.mark.slow
+def test_decode_writes_times_confidence_and_nbest(
+    tiny_exp: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "nb"
+    res = _invoke("decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", out, "--method", "beam",
+                  "--beam-size", "8", "--nbest", "3", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    details = [json.loads(line) for line in (out / "details.jsonl").read_text(encoding="utf-8").splitlines()]
+    for d in details:
+        assert [t[0] for t in d["times"]] == list(d["hyp"])  # one entry per character, in order
+        ends = [0.0] + [x for _, s, e in d["times"] for x in (s, e)]
+        assert ends == sorted(ends) and ends[-1] <= d["duration"] + 0.08  # within the audio (80 ms frames)
+        assert (d["confidence"] is None) == (d["hyp"] == "") or 0.0 < d["confidence"] <= 1.0
+        assert 1 <= len(d["nbest"]) <= 3 and d["nbest"][0]["hyp"] == d["hyp"]
+        assert len({n["hyp"] for n in d["nbest"]}) == len(d["nbest"])  # distinct texts
+        scores = [n["score"] for n in d["nbest"]]
+        assert scores == sorted(scores, reverse=True)
+    bad = _invoke(
+        "decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "x", "--nbest", "2"
+    )
+    assert bad.exit_code == 2 and "needs --method beam" in bad.output
