@@ -38,6 +38,19 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int = SAMPLE_RATE) -> n
     return out.numpy().astype(np.float32, copy=False)
 
 
+def speed_perturb(wave: np.ndarray, factor: float, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Play a mono wave (N,) `factor` times as fast (tempo and pitch together, as Kaldi's speed
+    perturbation): resampled from rate * factor to rate, about N / factor samples."""
+    if factor == 1.0:
+        return wave
+    return resample(wave, round(rate * factor), rate)
+
+
+def speed_prefix(factor: float) -> str:
+    """The id and speaker prefix of a speed-perturbed copy: "sp0.9-" (Kaldi's convention)."""
+    return f"sp{factor:g}-"
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
     """A Resample module per rate pair (its sinc kernel is computed once)."""

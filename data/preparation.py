@@ -18,6 +18,7 @@ Steps, per split:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,8 @@ from data.features import (
     feature_dim,
     has_pitch,
     load_audio,
+    speed_perturb,
+    speed_prefix,
 )
 from data.ngram import LM_FILE_GLOB, lm_file_name, train_char_lm
 from data.store import (
@@ -100,7 +103,10 @@ class PrepareOptions:
     `shard_frames` frames per feature shard; `plm_batch_size` transcripts per teacher.encode call;
     `lm_order` order of the character n-gram LM of the train transcripts written to lang/ (0: none);
     `pitch` appends 3 pitch features to the 80 fbank bins (data.features.compute_pitch), meant for tonal
-    languages; with `lang_dir` (no train split) the lang folder's CMVN width decides instead."""
+    languages; with `lang_dir` (no train split) the lang folder's CMVN width decides instead.
+    `speed_perturb`: speed factors for the train split (e.g. (0.9, 1.0, 1.1), the standard AISHELL-1
+    setting): a copy of every train utterance per factor other than 1.0, ids and speakers prefixed
+    "sp<factor>-" (Kaldi's convention), the originals kept only when 1.0 is among them; () = none."""
 
     max_duration: float | None = DEFAULT_MAX_DURATION
     jobs: int = 1
@@ -108,6 +114,7 @@ class PrepareOptions:
     plm_batch_size: int = 64
     lm_order: int = 3
     pitch: bool = False
+    speed_perturb: tuple[float, ...] = ()
 
 
 @dataclass
@@ -246,6 +253,23 @@ def _screen(split: SplitInput, options: PrepareOptions) -> tuple[list[dict], lis
     return items, skips
 
 
+def speed_perturbed(items: list[dict], factors: Sequence[float]) -> list[dict]:
+    """The screened train items with one copy per speed factor (see PrepareOptions.speed_perturb), grouped
+    by factor in the order given; a copy's estimated length is the original's over the factor."""
+    out: list[dict] = []
+    for factor in factors:
+        if factor == 1.0:
+            out.extend(items)
+            continue
+        prefix = speed_prefix(factor)
+        for it in items:
+            copy = {**it, "id": prefix + it["id"], "speed": float(factor)}
+            copy["speaker"] = None if it["speaker"] is None else prefix + it["speaker"]
+            copy["est_frames"] = max(1, round(it["est_frames"] / factor))
+            out.append(copy)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # step 2/3: shards
 
@@ -269,6 +293,8 @@ def _fingerprint(items: list[dict], max_duration: float | None, extra: str = "")
     h.update(json.dumps([_FEATURE_VERSION, max_duration, extra], sort_keys=True).encode())
     for it in items:
         key = [it["id"], it["audio"], it["start"], it["end"], it["text"], it["speaker"]]
+        if it.get("speed", 1.0) != 1.0:  # (so that shards prepared before speed perturbation stay valid)
+            key.append(it["speed"])
         h.update(json.dumps(key, ensure_ascii=False).encode())
     return h.hexdigest()
 
@@ -307,7 +333,7 @@ def _featurise_shard(task: dict) -> dict:
     for it in task["items"]:
         uid = it["id"]
         try:
-            wave = load_audio(it["audio"], it["start"], it["end"])
+            wave = speed_perturb(load_audio(it["audio"], it["start"], it["end"]), it.get("speed", 1.0))
         except AudioError as exc:
             reason = corpora.MISSING_AUDIO if "not found" in str(exc) else corpora.UNREADABLE_AUDIO
             skips.append(Skip(uid, reason, str(exc)).to_dict())
@@ -439,6 +465,8 @@ def prepare(
     parts: dict[tuple[str, int], dict] = {}
     for split in splits:
         items, skips = _screen(split, options)
+        if split.name == "train" and options.speed_perturb:
+            items = speed_perturbed(items, options.speed_perturb)
         shards = _plan_shards(items, options.shard_frames)
         split_dir = out_dir / split.name
         fps = []
@@ -683,13 +711,19 @@ def _build_plm_cache(
         arrays: list[np.ndarray] = []
         tokens: list[list[str]] = []
         texts = [e["text"] for e in entries]
-        for start in range(0, len(texts), options.plm_batch_size):
-            batch = texts[start : start + options.plm_batch_size]
-            for toks, feats in teacher.encode(batch):
-                feats = np.asarray(feats, dtype=np.float32).reshape(len(toks), teacher.width)
-                arrays.append(feats)
-                tokens.append(list(toks))
-            progress.update(task_id, advance=len(batch))
+        counts = collections.Counter(texts)
+        unique = list(counts)  # speed-perturbed copies share their transcript: encode it once
+        encoded: dict[str, tuple[list[str], np.ndarray]] = {}
+        for start in range(0, len(unique), options.plm_batch_size):
+            batch = unique[start : start + options.plm_batch_size]
+            for text, (toks, feats) in zip(batch, teacher.encode(batch), strict=True):
+                matrix = np.asarray(feats, dtype=np.float32).reshape(len(toks), teacher.width)
+                encoded[text] = (list(toks), matrix)
+            progress.update(task_id, advance=sum(counts[t] for t in batch))
+        for text in texts:
+            toks, feats = encoded[text]
+            arrays.append(feats)
+            tokens.append(toks)
         if len(arrays) != len(entries):
             raise PrepareError(f"the PLM teacher returned {len(arrays)} results for {len(entries)} texts")
         offsets = write_shard(split_dir / PLM_DIR / shard_name(index), arrays, teacher.width)

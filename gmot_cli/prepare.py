@@ -34,8 +34,9 @@ class _Common:
     """Options shared by every prepare command."""
 
     def __init__(
-        self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu", pitch=False
-    ):
+        self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu", pitch=False,
+        speed="",
+    ):  # fmt: skip
         self.plm = plm
         self.plm_device = plm_device
         self.plm_layer = plm_layer
@@ -45,6 +46,7 @@ class _Common:
             jobs=max(1, jobs),
             shard_frames=shard_frames,
             pitch=pitch,
+            speed_perturb=parse_speed_factors(speed),
         )
 
 
@@ -94,6 +96,29 @@ def _pitch_opt(with_lang: bool = False):
         "--pitch/--no-pitch",
         help=help_text + (" With --lang the lang folder decides." if with_lang else ""),
     )
+
+
+def _speed_opt():
+    return typer.Option(
+        "",
+        "--speed-perturb",
+        help="Speed factors for the train split, e.g. 0.9,1.0,1.1 (copies with ids sp0.9-...; default none).",
+    )
+
+
+def parse_speed_factors(text: str) -> tuple[float, ...]:
+    """"0.9,1.0,1.1" -> (0.9, 1.0, 1.1); typer.BadParameter otherwise (distinct factors in [0.5, 2])."""
+    if not text.strip():
+        return ()
+    try:
+        factors = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated numbers such as 0.9,1.0,1.1, got {text!r}"
+        ) from None
+    if not factors or any(not 0.5 <= f <= 2.0 for f in factors) or len(set(factors)) != len(factors):
+        raise typer.BadParameter(f"speed factors must be distinct numbers in [0.5, 2], got {text!r}")
+    return factors
 
 
 def _lang_opt():
@@ -210,9 +235,12 @@ def kaldi(
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
     splits = []
     try:
         for name, path in _parse_splits(split, "DIR"):
@@ -236,9 +264,12 @@ def jsonl(
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
     splits = []
     try:
         for name, path in _parse_splits(split, "FILE"):
@@ -261,9 +292,12 @@ def aishell1(
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(),
+    speed_perturb: str = _speed_opt(),
 ) -> None:
     """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
     try:
         found = read_aishell1(corpus_dir)
     except CorpusError as exc:
@@ -292,11 +326,14 @@ def demo(
     max_duration: float = _maxdur_opt(),
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(),
+    speed_perturb: str = _speed_opt(),
 ) -> None:
     """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
     from data import demo as demo_corpus
 
-    common = _Common(plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch)
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
     if not demo_corpus.espeak_available():
         raise _fail(
             "espeak-ng was not found on PATH; the demo corpus needs it: install it with "

@@ -271,3 +271,36 @@ def test_line_progress_prints_stages_and_periodic_counts() -> None:
     assert lines[3] == "espeak-ng: started"
     assert lines[4].startswith("espeak-ng: running, 3") and lines[5].startswith("espeak-ng: done, 3")
     assert len(lines) == 6
+
+
+def test_speed_perturbation_of_the_train_split(tmp_path: Path, tiny_bert: Path) -> None:
+    from data.features import speed_perturb
+
+    wave = np.sin(np.linspace(0, 2000, 16000)).astype(np.float32)
+    assert len(speed_perturb(wave, 1.1)) == pytest.approx(16000 / 1.1, abs=2)
+    assert len(speed_perturb(wave, 0.9)) == pytest.approx(16000 / 0.9, abs=2)
+    train = good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:3])
+    dev = good_kaldi_dir(tmp_path, "dev", GOOD_TEXTS[3:5], seed=7)
+    teacher = TinyTeacher(tiny_bert)
+    out = tmp_path / "out"
+    splits = [SplitInput(n, *read_kaldi_dir(d)) for n, d in (("train", train), ("dev", dev))]
+    from data.preparation import PrepareOptions
+
+    prepare(out, splits, teacher=teacher, options=PrepareOptions(speed_perturb=(0.9, 1.0, 1.1)))
+    records = {r["id"]: r for r in read_manifest(out / "train")}
+    originals = [r for r in records if not r.startswith("sp")]
+    assert len(records) == 9 and len(originals) == 3
+    for uid in originals:
+        base = records[uid]
+        slow, fast = records[f"sp0.9-{uid}"], records[f"sp1.1-{uid}"]
+        assert slow["duration"] == pytest.approx(base["duration"] / 0.9, abs=0.002)
+        assert fast["duration"] == pytest.approx(base["duration"] / 1.1, abs=0.002)
+        assert slow["text"] == base["text"] and slow["token_ids"] == base["token_ids"]
+        assert slow["speaker"] == f"sp0.9-{base['speaker']}"
+        assert slow["plm"]["tokens"] == base["plm"]["tokens"]  # the same transcript, the same teacher tokens
+    assert len(read_manifest(out / "dev")) == 2  # only train is perturbed
+    calls = teacher.calls
+    assert calls <= 2  # one batch of the 3 distinct train transcripts (copies reuse them) and one for dev
+    res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "o2"), "--split", f"train={train}",
+                              "--no-plm-cache", "--speed-perturb", "0.9,abc"])  # fmt: skip
+    assert res.exit_code == 2 and "0.9,abc" in res.output

@@ -3,6 +3,7 @@ run.sh runs every stage end to end on a miniature AISHELL-1 tree with a tiny BER
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -174,6 +175,11 @@ def test_run_sh_end_to_end_on_a_miniature_aishell1(tmp_path: Path) -> None:
     for split in ("train", "dev", "test"):
         assert (data / split / "manifest.jsonl").is_file(), split
         assert list((data / split / "plm").glob("shard-*.npy")), split
+    train_ids = [json.loads(x)["id"] for x in (data / "train" / "manifest.jsonl").read_text().splitlines()]
+    dev_ids = [json.loads(x)["id"] for x in (data / "dev" / "manifest.jsonl").read_text().splitlines()]
+    originals = [i for i in train_ids if not i.startswith("sp")]
+    assert sorted(train_ids) == sorted(originals + [f"sp{f}-{i}" for f in ("0.9", "1.1") for i in originals])
+    assert not any(i.startswith("sp") for i in dev_ids)  # speed perturbation (on by default) is train only
     plm_name = (data / "lang" / "plm.json").read_text(encoding="utf-8")
     assert '"bert-base-chinese"' in plm_name  # the teacher came from the (fake) Hugging Face cache
     for exp in (out / "pretrain", out / "gmot_fgw", out / "baseline"):

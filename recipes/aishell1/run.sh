@@ -21,6 +21,7 @@ CONFIG=${CONFIG:-recipes/aishell1/conf.yaml} # YAML merged over the preset
 EPOCHS=${EPOCHS:-80}                         # pretrain epochs
 DISTILL_EPOCHS=${DISTILL_EPOCHS:-40}         # epochs from the averaged pretrain model: GM-OT, and the control
 BEAM=${BEAM:-10}                             # beam width of the beam-search decode
+SPEED_PERTURB=${SPEED_PERTURB-0.9,1.0,1.1}   # train speed factors (Kaldi / ESPnet / WeNet's setting); empty: none
 SPLITS=${SPLITS:-dev test}                   # splits to decode and score
 STAGE=${STAGE:-1}                            # first stage to run (1..7)
 STOP_STAGE=${STOP_STAGE:-7}                  # last stage to run
@@ -44,7 +45,7 @@ fi
 
 if stage 1; then
   banner 1 "prepare: fbank shards, CMVN, vocabulary and the $PLM token-feature cache"
-  gmot prepare aishell1 "$CORPUS" "$DATA" --plm "$PLM" --jobs "$JOBS"
+  gmot prepare aishell1 "$CORPUS" "$DATA" --plm "$PLM" --jobs "$JOBS" --speed-perturb "$SPEED_PERTURB"
 fi
 
 if stage 2; then
