@@ -86,7 +86,7 @@ def run_specs(tot_weight: float) -> dict[str, RunSpec]:
     """The known runs by name; `tot_weight` is the temporal-order prior weight of `fgw-tot`."""
     fgw = {"gmot.mode": "fgw", "gmot.tot_weight": 0.0}
     specs = [
-        RunSpec("baseline", "continued without transfer (CTC only)", {"gmot.mode": "none"}),
+        RunSpec("baseline", "no transfer (CTC only)", {"gmot.mode": "none"}),
         RunSpec("wd", "Wasserstein OT (alpha = 0)", {"gmot.mode": "wd", "gmot.tot_weight": 0.0}),
         RunSpec("fgw-cosine", "GM-OT, cosine structure", {**fgw, "gmot.structure": "cosine"}),
         RunSpec("fgw-temporal", "GM-OT, temporal structure", {**fgw, "gmot.structure": "temporal"}),
