@@ -148,7 +148,7 @@ def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def report(notes: str, screen: dict[str, Any] | None, curves: dict[int, dict[str, Any]]) -> str:
+def report(notes: str, screens: list[dict[str, Any]], curves: dict[int, dict[str, Any]]) -> str:
     """The whole markdown report."""
     lines = ["# Transfer study", ""]
     if notes:
@@ -162,10 +162,11 @@ def report(notes: str, screen: dict[str, Any] | None, curves: dict[int, dict[str
         "",
     ]
     machine = None
-    if screen is not None:
-        lines += ["## Screen (one seed)", "", *table(screen, with_decision=False), ""]
+    for k, screen in enumerate(screens):
+        title = "## Screen (one seed)" if k == 0 else f"## Screen, continued ({screen['data_dir']})"
+        lines += [title, "", *table(screen, with_decision=False), ""]
         lines += ["Command:", "", "```", screen["command"], "```", ""]
-        machine = screen["machine"]
+        machine = machine or screen["machine"]
     for size, data in sorted(curves.items()):
         lines += [f"## {size} train sentences", "", *table(data, with_decision=True), ""]
         lines += ["Command:", "", "```", data["command"], "```", ""]
@@ -178,7 +179,13 @@ def report(notes: str, screen: dict[str, Any] | None, curves: dict[int, dict[str
 def main(argv: list[str] | None = None) -> int:
     """Entry point: write the report (and the plot when there are curve points); 0 on success."""
     p = argparse.ArgumentParser(prog="benchmarks/transfer_report.py", description=__doc__.split("\n")[0])
-    p.add_argument("--screen", type=Path, help="ablation output folder of the one-seed screen")
+    p.add_argument(
+        "--screen",
+        type=Path,
+        action="append",
+        default=[],
+        help="ablation folder of a one-seed screen (repeatable)",
+    )
     p.add_argument("--curve", action="append", default=[], help="N=OUT_DIR: the runs at N train sentences")
     p.add_argument("--notes", type=Path, help="markdown put at the top of the report")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "transfer_study.md")
@@ -190,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not size.isdigit():
             p.error(f"--curve expects N=OUT_DIR, got {item!r}")
         curves[int(size)] = load(Path(folder))
-    screen = load(a.screen) if a.screen else None
+    screens = [load(folder) for folder in a.screen]
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
-    write_text_atomic(a.out, report(notes, screen, curves))
+    write_text_atomic(a.out, report(notes, screens, curves))
     print(f"wrote {a.out}")
     if curves:
         plot_curve(curves, a.plot)
