@@ -159,14 +159,14 @@ def compute_alignment(
         cfg = replace(base, mode=mode)  # mode "wd" runs Sinkhorn, i.e. alpha 0
         loss = GMOTLoss.from_plm_info(cfg, plm_info).to(device)
         with torch.inference_mode():
-            res = loss(adapted, out["lengths"], plm, plm_len)
+            res = loss(adapted, out["lengths"], plm, plm_len, blank_prob=out["log_probs"][..., 0].exp())
         plans[mode] = res["plan"][0, :n_frames].cpu().numpy()
         alphas[mode] = alpha
 
     loss = GMOTLoss.from_plm_info(base, plm_info).to(device)
-    z = loss.standardise(plm) if base.standardise else plm
     a_mask = torch.ones(1, n_frames, dtype=torch.bool, device=device)
     b_mask = torch.ones(1, plm.shape[1], dtype=torch.bool, device=device)
+    z = loss.teacher_features(plm, b_mask)  # standardised and, with gmot.centre, centred: as in training
     with torch.inference_mode():
         d_a = graphs.structure_matrix(adapted[:, :n_frames], a_mask, base.structure, base.hybrid_mix)
         d_l = graphs.structure_matrix(z.float(), b_mask, base.structure, base.hybrid_mix)

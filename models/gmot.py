@@ -225,8 +225,7 @@ class GMOTLoss(nn.Module):
          scalar alignment loss (both batch means, per cfg.reduction), "plan_entropy": scalar mean entropy
          of the plans over that of the uniform plan (1 = uniform; detached), "plan_marginal_error": scalar
          mean L1 error of the plans' exact marginals (how far the fixed budget is from convergence; detached),
-         "plan": (B, N, M) detached
-         transport plan, 0 at padding}.
+         "plan": (B, N, M) detached transport plan, 0 at padding}.
         Computed in float32 (autocast off). Every item needs at least one frame and one token.
         """
         cfg = self.cfg

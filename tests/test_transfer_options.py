@@ -276,6 +276,15 @@ def test_distill_logs_the_gradient_ratio_and_the_dev_plan_scores(tiny_prepared: 
 
     loaded = load_model(tmp_path / "exp", device="cpu")
     assert loaded.model.cfg.ctc_from == "adapter" and loaded.model.adapter is not None
+    # plot-alignment draws this model's plans with its own options (centred tokens, non-blank marginal)
+    from data.store import read_manifest
+    from models.alignment_plot import compute_alignment
+
+    utt = read_manifest(tiny_prepared / "dev")[0]["id"]
+    data = compute_alignment(loaded, tiny_prepared, "dev", utt, ("wd", "fgw"))
+    assert set(data.scores) == {"wd", "fgw"} and all(0 < s["entropy"] <= 1 for s in data.scores.values())
+    m = data.struct_linguistic.shape[0]
+    assert m == len(data.tokens) and data.plans["fgw"].shape[1] == m
 
 
 @pytest.mark.slow
