@@ -351,6 +351,8 @@ def parse_args(argv: list[str]) -> Options:
 def run_config(opt: Options, spec: RunSpec, seed: int) -> ExperimentConfig:
     """The resolved config of one run: preset, every --set, the run's overrides, epochs, seed, dev cap."""
     extra = {**spec.overrides, "train.epochs": opt.epochs, "train.seed": seed}
+    if opt.threads > 0:  # the trainer's own choice of threads (train.threads 0) must not override --threads
+        extra["train.threads"] = opt.threads
     if opt.dev_max_utts:
         extra["train.dev_max_utts"] = opt.dev_max_utts
     return resolve_config(opt.preset, None, opt.sets, extra)
