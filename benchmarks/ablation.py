@@ -84,17 +84,27 @@ class RunSpec:
 
 def run_specs(tot_weight: float) -> dict[str, RunSpec]:
     """The known runs by name; `tot_weight` is the temporal-order prior weight of `fgw-tot`."""
-    fgw = {"gmot.mode": "fgw", "gmot.tot_weight": 0.0}
+    # the arms before the transfer study: no centring and no order prior (no longer the defaults)
+    fgw = {"gmot.mode": "fgw", "gmot.tot_weight": 0.0, "gmot.centre": False}
     specs = [
         RunSpec("baseline", "no transfer (CTC only)", {"gmot.mode": "none"}),
-        RunSpec("wd", "Wasserstein OT (alpha = 0)", {"gmot.mode": "wd", "gmot.tot_weight": 0.0}),
+        RunSpec(
+            "wd",
+            "Wasserstein OT (alpha = 0)",
+            {"gmot.mode": "wd", "gmot.tot_weight": 0.0, "gmot.centre": False},
+        ),
         RunSpec("fgw-cosine", "GM-OT, cosine structure", {**fgw, "gmot.structure": "cosine"}),
         RunSpec("fgw-temporal", "GM-OT, temporal structure", {**fgw, "gmot.structure": "temporal"}),
         RunSpec("fgw-hybrid", "GM-OT, hybrid structure", {**fgw, "gmot.structure": "hybrid"}),
         RunSpec(
             "fgw-tot",
             f"GM-OT, cosine + temporal-order prior ({tot_weight:g})",
-            {"gmot.mode": "fgw", "gmot.structure": "cosine", "gmot.tot_weight": tot_weight},
+            {
+                "gmot.mode": "fgw",
+                "gmot.structure": "cosine",
+                "gmot.tot_weight": tot_weight,
+                "gmot.centre": False,
+            },
         ),
         RunSpec(
             "fgw-centred",

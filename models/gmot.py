@@ -68,14 +68,16 @@ class GMOTConfig:
     standardise: bool = True
     """Standardise PLM features per dimension with the training-corpus mean / std of plm.json before use.
     Raw PLM features are anisotropic (a 1 - cos loss against them is met by a constant; docs/transfer.md)."""
-    tot_weight: float = 0.0
+    tot_weight: float = 0.5
     """Temporal-order prior (after TOT, arXiv 2409.02239): adds tot_weight * |(i + 1/2)/N - (j + 1/2)/M| to
     the node cost, favouring plans near the diagonal. 0 disables it. (A linear-cost form of TOT's Gaussian
-    order prior: it enters the same solvers unchanged.)"""
-    centre: bool = False
+    order prior: it enters the same solvers unchanged.) Default 0.5 since the transfer study
+    (benchmarks/results/transfer_study.md): with centred tokens it makes the plans follow the sentence."""
+    centre: bool = True
     """Subtract each utterance's mean teacher token (after `standardise`). The last layer of a sentence
     encoder such as e5 carries the sentence more than the token: centring removes that shared part so the
-    tokens of one sentence differ and the node cost has contrast (docs/transfer.md)."""
+    tokens of one sentence differ and the node cost has contrast (docs/transfer.md). On by default since the
+    transfer study; checkpoints made before the option existed load with it off."""
     epsilon_scale: Literal["absolute", "cost_std"] = "absolute"
     """"absolute": epsilon as given; "cost_std": epsilon times each utterance's standard deviation of the
     node cost (detached), so the plan's sharpness does not depend on how far apart the features are."""
@@ -136,6 +138,8 @@ class GMOTConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown gmot config keys {unknown}")
+        if d and "centre" not in d:  # saved before centring existed (and was the default): it was off
+            d = {**d, "centre": False}
         return cls(**d)
 
 

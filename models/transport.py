@@ -484,12 +484,12 @@ def _checked(result: TransportResult, check: bool | None, validate: bool, what: 
     if check is None:
         check = validate and result.plan.device.type == "cpu"
     if check:
-        warn_unconverged(result, CONVERGENCE_TOL, what)
+        warn_unconverged(result, CONVERGENCE_TOL, what, stacklevel=4)  # the solver's caller
     return result
 
 
 def warn_unconverged(
-    result: TransportResult, threshold: float = CONVERGENCE_TOL, what: str = "transport"
+    result: TransportResult, threshold: float = CONVERGENCE_TOL, what: str = "transport", stacklevel: int = 2
 ) -> list[int]:
     """Warn, once per `what`, when items' marginal error is above `threshold`, naming them (as POT warns
     when its iterations run out); returns those items. One host synchronisation: call it where that is
@@ -505,7 +505,7 @@ def warn_unconverged(
             f"{worst:.2e} > {threshold:g}; items {bad[:10]}{' ...' if len(bad) > 10 else ''}); raise the "
             "iterations or epsilon",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
     return bad
 

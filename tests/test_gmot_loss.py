@@ -89,20 +89,22 @@ def test_gradients_reach_the_adapter_and_encoder_through_the_model() -> None:
 def test_standardisation_uses_the_given_statistics() -> None:
     acoustic, n_len, plm, m_len = _batch(5)
     mean, std = torch.linspace(-1, 1, 8), torch.linspace(0.5, 2, 8)
-    with_stats = GMOTLoss(GMOTConfig(standardise=True), mean, std)(acoustic, n_len, plm, m_len)
-    by_hand = GMOTLoss(GMOTConfig(standardise=False))(acoustic, n_len, (plm - mean) / std, m_len)
-    raw = GMOTLoss(GMOTConfig(standardise=False))(acoustic, n_len, plm, m_len)
+    with_stats = GMOTLoss(GMOTConfig(standardise=True, centre=False), mean, std)(acoustic, n_len, plm, m_len)
+    by_hand = GMOTLoss(GMOTConfig(standardise=False, centre=False))(
+        acoustic, n_len, (plm - mean) / std, m_len
+    )
+    raw = GMOTLoss(GMOTConfig(standardise=False, centre=False))(acoustic, n_len, plm, m_len)
     assert torch.allclose(with_stats["kt"], by_hand["kt"], atol=1e-6)
     assert not torch.allclose(with_stats["kt"], raw["kt"], atol=1e-3)
     info = GMOTLoss.from_plm_info(
-        GMOTConfig(), {"name": "x", "width": 8, "mean": mean.tolist(), "std": std.tolist()}
+        GMOTConfig(centre=False), {"name": "x", "width": 8, "mean": mean.tolist(), "std": std.tolist()}
     )
     assert torch.allclose(info(acoustic, n_len, plm, m_len)["kt"], with_stats["kt"], atol=1e-6)
     assert "plm_mean" in dict(info.named_buffers())
     with pytest.raises(ValueError, match="no PLM feature statistics"):
-        GMOTLoss(GMOTConfig(standardise=True))(acoustic, n_len, plm, m_len)
+        GMOTLoss(GMOTConfig(standardise=True, centre=False))(acoustic, n_len, plm, m_len)
     with pytest.raises(ValueError, match="width 4"):
-        GMOTLoss(GMOTConfig(), torch.zeros(4), torch.ones(4))(acoustic, n_len, plm, m_len)
+        GMOTLoss(GMOTConfig(centre=False), torch.zeros(4), torch.ones(4))(acoustic, n_len, plm, m_len)
 
 
 def test_mode_none_costs_nothing() -> None:

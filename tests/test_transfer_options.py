@@ -98,13 +98,14 @@ def test_centring_removes_each_utterances_mean_token() -> None:
     for k in range(3):
         torch.testing.assert_close(out[k, : zl[k]].mean(0), torch.zeros(z.shape[-1]), atol=1e-6, rtol=0)
         assert float(out[k, zl[k] :].abs().sum()) == 0.0
-    plain = GMOTLoss(GMOTConfig(standardise=False)).teacher_features(z, mask)
+    plain = GMOTLoss(GMOTConfig(standardise=False, centre=False)).teacher_features(z, mask)
     assert float(plain[0].mean(0).abs().max()) > 1.0
 
 
 def test_cost_std_epsilon_is_the_absolute_epsilon_times_the_spread() -> None:
     h, hl, z, zl = _batch(1)
-    rel = GMOTLoss(GMOTConfig(mode="wd", standardise=False, epsilon=0.5, epsilon_scale="cost_std"))
+    plain = {"standardise": False, "centre": False, "tot_weight": 0.0}
+    rel = GMOTLoss(GMOTConfig(mode="wd", epsilon=0.5, epsilon_scale="cost_std", **plain))
     out_rel = rel(h, hl, z, zl)
     from models import graphs
 
@@ -113,7 +114,7 @@ def test_cost_std_epsilon_is_the_absolute_epsilon_times_the_spread() -> None:
     cost = graphs.cosine_cost(h, z, am, bm)
     spread = cost_spread(cost, am[:, :, None] & bm[:, None, :])
     for k in range(3):  # each item at its own absolute epsilon 0.5 * spread_k
-        absolute = GMOTLoss(GMOTConfig(mode="wd", standardise=False, epsilon=0.5 * float(spread[k])))
+        absolute = GMOTLoss(GMOTConfig(mode="wd", epsilon=0.5 * float(spread[k]), **plain))
         one = absolute(h[k : k + 1, : hl[k]], hl[k : k + 1], z[k : k + 1, : zl[k]], zl[k : k + 1])
         torch.testing.assert_close(out_rel["plan"][k, : hl[k], : zl[k]], one["plan"][0], atol=1e-5, rtol=0)
 
@@ -308,3 +309,10 @@ def test_alignment_warning_names_backwards_and_uniform_plans() -> None:
     assert "align nothing" in diagnostics.alignment_warning({"align_lift": 1.02, "align_order": 0.1}, 0.0)
     assert diagnostics.alignment_warning({"align_lift": 2.5, "align_order": 0.9}, 0.5) is None
     assert diagnostics.alignment_warning({}, 0.0) is None
+
+
+def test_checkpoint_configs_from_before_centring_load_with_it_off() -> None:
+    assert GMOTConfig().centre is True and GMOTConfig().tot_weight == 0.5  # the study's defaults
+    old = {k: v for k, v in GMOTConfig().to_dict().items() if k not in ("centre",)}
+    assert GMOTConfig.from_dict(old).centre is False
+    assert GMOTConfig.from_dict({**old, "centre": True}).centre is True
