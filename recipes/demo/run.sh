@@ -32,11 +32,11 @@ gmot prepare demo "$DATA" --seed "$SEED" --voices-per-sentence "$VOICES" --jobs 
 echo "== 2/5 train from scratch, side by side (1 thread each): the baseline and GM-OT ($GMOT_SET)"
 mkdir -p "$EXP"
 # shellcheck disable=SC2086
-OMP_NUM_THREADS=1 gmot pretrain "$DATA" "$EXP/baseline" --preset "$PRESET" --epochs "$EPOCHS" --seed "$SEED" \
+COLUMNS=200 OMP_NUM_THREADS=1 gmot pretrain "$DATA" "$EXP/baseline" --preset "$PRESET" --epochs "$EPOCHS" --seed "$SEED" \
   --no-progress $EXTRA > "$EXP/baseline.log" 2>&1 &
 base_pid=$!
 # shellcheck disable=SC2086
-OMP_NUM_THREADS=1 gmot distill "$DATA" "$EXP/gmot" --preset "$PRESET" --epochs "$EPOCHS" --seed "$SEED" \
+COLUMNS=200 OMP_NUM_THREADS=1 gmot distill "$DATA" "$EXP/gmot" --preset "$PRESET" --epochs "$EPOCHS" --seed "$SEED" \
   --no-progress $GMOT_SET $EXTRA > "$EXP/gmot.log" 2>&1 &
 gmot_pid=$!
 shown_base=0 shown_gmot=0
