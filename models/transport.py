@@ -25,6 +25,7 @@ all have.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -87,6 +88,15 @@ class _Problem:
     valid: Tensor | None  # (B, N, M) bool, None when nothing is padded
     pad_a: Tensor | None  # (B, N) 1.0 at padded rows (added to denominators), None when none
     pad_b: Tensor | None  # (B, M)
+
+    def detached(self) -> _Problem:
+        """The same problem with cost and structures detached from the autograd graph."""
+        return dataclasses.replace(
+            self,
+            cost=self.cost.detach(),
+            struct_a=None if self.struct_a is None else self.struct_a.detach(),
+            struct_b=None if self.struct_b is None else self.struct_b.detach(),
+        )
 
     def subset(self, idx: Tensor) -> _Problem:
         """The problems at batch indices ``idx`` (padding masks recomputed)."""
@@ -442,20 +452,7 @@ def _objective(
 def _finish(p: _Problem, spec: _Spec, domain: str, grad: str, entropy: bool) -> TransportResult:
     if grad == "envelope":
         with torch.no_grad():
-            detached = _Problem(
-                p.cost.detach(),
-                None if p.struct_a is None else p.struct_a.detach(),
-                None if p.struct_b is None else p.struct_b.detach(),
-                p.a,
-                p.b,
-                p.log_a,
-                p.log_b,
-                p.row_valid,
-                p.col_valid,
-                p.valid,
-                p.pad_a,
-                p.pad_b,
-            )
+            detached = p.detached()
             plan, log_plan, f, g, iterations = _solve(detached, spec, domain)
     else:
         plan, log_plan, f, g, iterations = _solve(p, spec, domain)
@@ -758,28 +755,12 @@ def unbalanced_fused_gromov_wasserstein(
 
     if grad == "envelope":
         with torch.no_grad():
-            detached = _make_problem(
-                p.cost.detach(),
-                None if p.struct_a is None else p.struct_a.detach(),
-                None if p.struct_b is None else p.struct_b.detach(),
-                p.a,
-                p.b,
-                padded=p.valid is not None,
-            )
+            detached = p.detached()
             plan, lu, lv = solve(detached)
     else:
         plan, lu, lv = solve(p)
-    linear = (p.cost * plan).sum(dim=(1, 2))
+    transport_cost = _objective(p, plan, plan, alpha, epsilon, entropy=False)[1]  # the plan's own marginals
     r, c = plan.sum(2), plan.sum(1)
-    if alpha > 0:
-        sa, sb = p.struct_a, p.struct_b
-        assert sa is not None and sb is not None
-        quad_a = (torch.bmm(sa * sa, r.unsqueeze(2)).squeeze(2) * r).sum(1)
-        quad_b = (torch.bmm(sb * sb, c.unsqueeze(2)).squeeze(2) * c).sum(1)
-        cross = (torch.bmm(torch.bmm(sa, plan), sb.mT) * plan).sum(dim=(1, 2))
-        transport_cost = (1 - alpha) * linear + alpha * (quad_a + quad_b - 2 * cross)
-    else:
-        transport_cost = linear
     ref = p.a[:, :, None] * p.b[:, None, :]
     value = transport_cost + epsilon * _kl_mass(plan.flatten(1), ref.flatten(1), valid.flatten(1))
     if tau_a is not None:
