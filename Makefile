@@ -23,7 +23,7 @@ sysdeps:
 $(VENV)/.ready: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev,export,lhotse,hf]'
 	touch $@
 
 venv: sysdeps $(VENV)/.ready

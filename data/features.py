@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -114,28 +115,82 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
     return resample(np.ascontiguousarray(wave, dtype=np.float32), rate)
 
 
-def num_frames(num_samples: int) -> int:
-    """Number of fbank frames for `num_samples` samples at 16 kHz (25 ms window, 10 ms shift, snip edges)."""
-    return 0 if num_samples < _WINDOW else 1 + (num_samples - _WINDOW) // _SHIFT
+@dataclass(frozen=True)
+class FrontEnd:
+    """The options of the 80-bin Kaldi-style fbank that differ between the front ends gmot knows. All share
+    25 ms povey windows, a 10 ms shift, pre-emphasis 0.97, DC removal, power spectra, dither 0 and a 20 Hz
+    lower edge (see docs/design.md, "Features")."""
+
+    name: str
+    snip_edges: bool
+    """True: frame t covers samples [160 t, 160 t + 400), only whole windows (Kaldi's default). False: frame t
+    is centred on sample 160 t + 80, the signal mirrored at its ends (sherpa-onnx, lhotse, icefall)."""
+    high_freq: float
+    """Upper edge of the Mel filterbank in Hz; <= 0 is an offset from the Nyquist frequency (8 kHz)."""
+    sample_scale: float
+    """What samples in [-1, 1] are multiplied by before the fbank: 32768 (Kaldi's int16 range) or 1."""
 
 
-def duration_to_frames(seconds: float) -> int:
+FRONTENDS: dict[str, FrontEnd] = {
+    # What sherpa-onnx computes for a zipformer2_ctc model (its defaults), and lhotse's Fbank: an exported
+    # model then needs no front end of its own.
+    "sherpa-onnx": FrontEnd("sherpa-onnx", snip_edges=False, high_freq=-400.0, sample_scale=1.0),
+    # gmot's front end before 0.2 (torchaudio's kaldi.fbank defaults on int16-scaled samples). Prepared
+    # folders and checkpoints that do not name a front end were made with it.
+    "kaldi-snip": FrontEnd("kaldi-snip", snip_edges=True, high_freq=0.0, sample_scale=32768.0),
+}
+DEFAULT_FRONTEND = "sherpa-onnx"
+LEGACY_FRONTEND = "kaldi-snip"
+
+
+def frontend(name: str | None) -> FrontEnd:
+    """The FrontEnd called `name` (None: the legacy front end of folders and checkpoints that name none).
+    ValueError naming the known front ends for any other name."""
+    key = LEGACY_FRONTEND if name is None else name
+    if key not in FRONTENDS:
+        raise ValueError(f"unknown feature front end {name!r}; known: {', '.join(FRONTENDS)}")
+    return FRONTENDS[key]
+
+
+def num_frames(num_samples: int, front: str | None = DEFAULT_FRONTEND) -> int:
+    """Number of fbank frames for `num_samples` samples at 16 kHz with front end `front`: with snip edges
+    1 + (N - 400) // 160 (0 when N < 400), without (N + 80) // 160."""
+    if frontend(front).snip_edges:
+        return 0 if num_samples < _WINDOW else 1 + (num_samples - _WINDOW) // _SHIFT
+    return (num_samples + _SHIFT // 2) // _SHIFT
+
+
+def duration_to_frames(seconds: float, front: str | None = DEFAULT_FRONTEND) -> int:
     """Number of fbank frames for a duration in seconds (same rule as `num_frames`)."""
-    return num_frames(math.floor(seconds * SAMPLE_RATE))
+    return num_frames(math.floor(seconds * SAMPLE_RATE), front)
 
 
-def compute_fbank(wave: np.ndarray) -> np.ndarray:
-    """80-dim log Mel filterbank of a (N,) float32 16 kHz wave -> (T, 80) float32.
+def frame_centre_seconds(front: str | None = DEFAULT_FRONTEND) -> float:
+    """Where the window of frame 0 is centred, in seconds (frame t: this + 0.01 t): 12.5 ms with snip edges,
+    5 ms without."""
+    return (_WINDOW / 2 if frontend(front).snip_edges else _SHIFT / 2) / SAMPLE_RATE
 
-    torchaudio.compliance.kaldi.fbank with 25 ms windows, 10 ms shift, dither 0, samples scaled to the int16
-    range as Kaldi does. T = 1 + (N - 400) // 160, and 0 when N < 400 (an empty (0, 80) array).
+
+def compute_fbank(wave: np.ndarray, front: str | None = DEFAULT_FRONTEND) -> np.ndarray:
+    """80-dim log Mel filterbank of a (N,) float32 16 kHz wave in [-1, 1] -> (T, 80) float32,
+    T = num_frames(N, front) (an empty (0, 80) array when T is 0).
+
+    torchaudio.compliance.kaldi.fbank with the options of `FRONTENDS[front]`; with "sherpa-onnx" the result
+    equals kaldi-native-fbank's (the library sherpa-onnx computes features with) to about 1e-4.
     """
-    if wave.shape[0] < _WINDOW:
+    fe = frontend(front)
+    t = num_frames(wave.shape[0], fe.name)
+    if t == 0:
         return np.zeros((0, NUM_MEL_BINS), dtype=np.float32)
     import torch
     import torchaudio.compliance.kaldi
 
-    signal = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)).unsqueeze(0) * 32768.0
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if not fe.snip_edges:
+        # Kaldi's centred frames are whole windows of the signal mirrored at its ends; torchaudio's own
+        # snip_edges=False refuses signals shorter than one window, so the mirroring is done here
+        wave = _mirror_for_centred_frames(wave, t)
+    signal = torch.from_numpy(wave).unsqueeze(0) * fe.sample_scale
     feats = torchaudio.compliance.kaldi.fbank(
         signal,
         num_mel_bins=NUM_MEL_BINS,
@@ -143,9 +198,19 @@ def compute_fbank(wave: np.ndarray) -> np.ndarray:
         frame_shift=FRAME_SHIFT_MS,
         dither=0.0,
         energy_floor=0.0,
+        snip_edges=True,
+        high_freq=fe.high_freq,
         sample_frequency=float(SAMPLE_RATE),
     )
-    return feats.numpy()
+    return feats[:t].numpy()
+
+
+def _mirror_for_centred_frames(wave: np.ndarray, t: int) -> np.ndarray:
+    """(N,) wave -> the wave extended by mirror images (sample -1 is sample 0, N is N - 1, as Kaldi does)
+    so that `t` whole windows from its start are the centred frames: 120 samples before, enough after."""
+    lead = (_WINDOW - _SHIFT) // 2
+    tail = (t - 1) * _SHIFT + _WINDOW - lead - wave.shape[0]
+    return np.pad(wave, (lead, max(tail, 0)), mode="symmetric")
 
 
 def apply_cmvn(feats, mean, std):
@@ -218,8 +283,9 @@ PITCH_NORM_WINDOW = 151
 relative to the speaker's current register, which is what separates Mandarin tones across voices."""
 
 
-def compute_pitch(wave: np.ndarray) -> np.ndarray:
-    """Pitch features of a (N,) float32 16 kHz wave -> (T, 3) float32, T = num_frames(N) (aligned with fbank).
+def compute_pitch(wave: np.ndarray, front: str | None = DEFAULT_FRONTEND) -> np.ndarray:
+    """Pitch features of a (N,) float32 16 kHz wave -> (T, 3) float32, T = num_frames(N, front): frame t
+    analyses the same 25 ms window as fbank frame t of that front end.
 
     Columns: voicing (the NCCF at the chosen lag, high for voiced frames), log f0 minus its voicing-weighted
     moving mean over PITCH_NORM_WINDOW frames, and the frame-to-frame change of log f0. Frame t analyses the
@@ -228,12 +294,15 @@ def compute_pitch(wave: np.ndarray) -> np.ndarray:
     stretches with a smooth contour, and a small cost per unit lag (PITCH_LAG_COST) settles the tie between a
     period and its multiples.
     """
-    t = num_frames(wave.shape[0])
+    t = num_frames(wave.shape[0], front)
     if t == 0:
         return np.zeros((0, PITCH_DIM), dtype=np.float32)
     import torch
 
-    x = torch.from_numpy(resample(np.ascontiguousarray(wave, dtype=np.float32), SAMPLE_RATE, PITCH_RATE))
+    wave = np.ascontiguousarray(wave, dtype=np.float32)
+    if not frontend(front).snip_edges:
+        wave = _mirror_for_centred_frames(wave, t)
+    x = torch.from_numpy(resample(wave, SAMPLE_RATE, PITCH_RATE))
     x = x - x.mean()
     ratio = SAMPLE_RATE // PITCH_RATE
     win, shift = _WINDOW // ratio, _SHIFT // ratio  # 200, 80 samples at 8 kHz
@@ -310,13 +379,15 @@ def feature_width_mismatch(data_width: int, model_width: int) -> str | None:
     )
 
 
-def compute_features(wave: np.ndarray, pitch: bool = False) -> np.ndarray:
-    """The prepared features of a (N,) float32 16 kHz wave -> (T, feature_dim(pitch)) float32: fbank, and
-    with `pitch` the compute_pitch columns appended (same frames)."""
-    fbank = compute_fbank(wave)
+def compute_features(
+    wave: np.ndarray, pitch: bool = False, front: str | None = DEFAULT_FRONTEND
+) -> np.ndarray:
+    """The prepared features of a (N,) float32 16 kHz wave -> (T, feature_dim(pitch)) float32: fbank of front
+    end `front`, and with `pitch` the compute_pitch columns appended (same frames)."""
+    fbank = compute_fbank(wave, front)
     if not pitch:
         return fbank
-    return np.concatenate([fbank, compute_pitch(wave)], axis=1)
+    return np.concatenate([fbank, compute_pitch(wave, front)], axis=1)
 
 
 def _moving_sum(x: np.ndarray, window: int) -> np.ndarray:

@@ -36,7 +36,9 @@ import soundfile
 from data import corpora
 from data.corpora import Skip, UtteranceRecord
 from data.features import (
+    DEFAULT_FRONTEND,
     FRAME_SHIFT_S,
+    LEGACY_FRONTEND,
     SAMPLE_RATE,
     AudioError,
     CMVNStats,
@@ -55,6 +57,7 @@ from data.store import (
     PLM_DIR,
     REPORT,
     read_cmvn,
+    read_frontend,
     read_plm_info,
     shard_name,
     write_cmvn,
@@ -106,7 +109,9 @@ class PrepareOptions:
     languages; with `lang_dir` (no train split) the lang folder's CMVN width decides instead.
     `speed_perturb`: speed factors for the train split (e.g. (0.9, 1.0, 1.1), the standard AISHELL-1
     setting): a copy of every train utterance per factor other than 1.0, ids and speakers prefixed
-    "sp<factor>-" (Kaldi's convention), the originals kept only when 1.0 is among them; () = none."""
+    "sp<factor>-" (Kaldi's convention), the originals kept only when 1.0 is among them; () = none.
+    `frontend`: the fbank front end (data.features.FRONTENDS), written to lang/cmvn.json; with `lang_dir`
+    the lang folder's front end decides instead."""
 
     max_duration: float | None = DEFAULT_MAX_DURATION
     jobs: int = 1
@@ -115,6 +120,7 @@ class PrepareOptions:
     lm_order: int = 3
     pitch: bool = False
     speed_perturb: tuple[float, ...] = ()
+    frontend: str = DEFAULT_FRONTEND
 
 
 @dataclass
@@ -247,7 +253,7 @@ def _screen(split: SplitInput, options: PrepareOptions) -> tuple[list[dict], lis
                 "end": rec.end,
                 "text": text,
                 "speaker": rec.speaker,
-                "est_frames": duration_to_frames(duration),
+                "est_frames": duration_to_frames(duration, options.frontend),
             }
         )
     return items, skips
@@ -287,6 +293,15 @@ def _plan_shards(items: list[dict], shard_frames: int) -> list[list[dict]]:
     return shards
 
 
+def _feature_key(options: PrepareOptions) -> str:
+    """The feature settings a shard depends on, as a string for `_fingerprint` (the legacy front end adds
+    nothing, so that shards prepared before front ends were named stay valid)."""
+    key = "pitch" if options.pitch else ""
+    if options.frontend != LEGACY_FRONTEND:
+        key += f"|frontend={options.frontend}"
+    return key
+
+
 def _fingerprint(items: list[dict], max_duration: float | None, extra: str = "") -> str:
     """Hash of what a shard's content depends on (its utterances and the settings)."""
     h = hashlib.sha1()
@@ -318,9 +333,9 @@ def min_frames_for_text(num_chars: int) -> int:
 def _featurise_shard(task: dict) -> dict:
     """Worker: featurise one shard's items, write the shard .npy and its part file; return the part.
 
-    task: {"split_dir", "index", "items", "fingerprint", "max_duration", "pitch"}. Part: {"fingerprint",
-    "index", "kept": [{"id", "text", "speaker", "duration", "num_frames", "offset"}], "skips": [...],
-    "cmvn": {...}}.
+    task: {"split_dir", "index", "items", "fingerprint", "max_duration", "pitch", "frontend"}. Part:
+    {"fingerprint", "index", "kept": [{"id", "text", "speaker", "duration", "num_frames", "offset"}],
+    "skips": [...], "cmvn": {...}}.
     """
     split_dir = Path(task["split_dir"])
     index = task["index"]
@@ -349,7 +364,7 @@ def _featurise_shard(task: dict) -> dict:
         if not np.isfinite(wave).all():
             skips.append(Skip(uid, corpora.UNREADABLE_AUDIO, f"{it['audio']} has NaN/inf samples").to_dict())
             continue
-        feats = compute_features(wave, pitch)
+        feats = compute_features(wave, pitch, task["frontend"])
         if feats.shape[0] == 0:
             detail = f"{it['audio']}: {duration * 1000:.1f} ms is shorter than one 25 ms frame"
             skips.append(Skip(uid, corpora.EMPTY_AUDIO, detail).to_dict())
@@ -436,7 +451,9 @@ def prepare(
                 f"--lang {lang_dir} is not a prepared lang folder (needs vocab.txt and cmvn.json)"
             )
         try:
-            options = dataclasses.replace(options, pitch=has_pitch(read_cmvn(lang_dir)[0].shape[0]))
+            options = dataclasses.replace(
+                options, pitch=has_pitch(read_cmvn(lang_dir)[0].shape[0]), frontend=read_frontend(lang_dir)
+            )
         except ValueError as err:
             raise PrepareError(f"{lang_dir}/cmvn.json: {err}") from None
         if teacher is not None:
@@ -471,7 +488,7 @@ def prepare(
         split_dir = out_dir / split.name
         fps = []
         for index, group in enumerate(shards):
-            fp = _fingerprint(group, options.max_duration, "pitch" if options.pitch else "")
+            fp = _fingerprint(group, options.max_duration, _feature_key(options))
             fps.append(fp)
             done = _read_part(split_dir / PARTS_DIR / f"feats-{index:05d}.json", fp)
             if done is not None and (split_dir / FEATS_DIR / shard_name(index)).is_file():
@@ -486,6 +503,7 @@ def prepare(
                     "fingerprint": fp,
                     "max_duration": options.max_duration,
                     "pitch": options.pitch,
+                    "frontend": options.frontend,
                 }
             )
         _remove_stale_shards(split_dir, len(shards))
@@ -521,7 +539,7 @@ def prepare(
             out_lang.mkdir(parents=True, exist_ok=True)
             vocab.to_file(out_lang / "vocab.txt")
             mean, std = stats.mean_std()
-            write_cmvn(out_lang, mean, std, stats.frames)
+            write_cmvn(out_lang, mean, std, stats.frames, options.frontend)
             _remove_lms(out_lang)
             if options.lm_order > 0:
                 lm_path = out_lang / lm_file_name(options.lm_order)

@@ -94,13 +94,15 @@ def write_vocab(lang_dir: Path, vocab: Vocabulary) -> None:
     vocab.to_file(Path(lang_dir) / "vocab.txt")
 
 
-def write_cmvn(lang_dir: Path, mean: np.ndarray, std: np.ndarray, frames: int) -> None:
-    """Write `lang_dir/cmvn.json`: {"dim", "frames", "mean", "std"}; mean and std are (dim,)."""
+def write_cmvn(lang_dir: Path, mean: np.ndarray, std: np.ndarray, frames: int, frontend: str) -> None:
+    """Write `lang_dir/cmvn.json`: {"dim", "frames", "frontend", "mean", "std"}; mean and std are (dim,),
+    `frontend` names the data.features front end the features were computed with."""
     write_json_atomic(
         Path(lang_dir) / "cmvn.json",
         {
             "dim": len(mean),
             "frames": int(frames),
+            "frontend": frontend,
             "mean": [float(x) for x in mean],
             "std": [float(x) for x in std],
         },
@@ -259,6 +261,17 @@ def read_cmvn(lang_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         raise StoreError(f"no CMVN statistics: {path}")
     d = json.loads(path.read_text(encoding="utf-8"))
     return np.asarray(d["mean"], dtype=np.float32), np.asarray(d["std"], dtype=np.float32)
+
+
+def read_frontend(lang_dir: Path) -> str:
+    """The feature front end named in `lang_dir/cmvn.json` ("kaldi-snip" for folders prepared before front
+    ends were named). StoreError when the file is missing."""
+    path = Path(lang_dir) / "cmvn.json"
+    if not path.is_file():
+        raise StoreError(f"no CMVN statistics: {path}")
+    from data.features import LEGACY_FRONTEND
+
+    return str(json.loads(path.read_text(encoding="utf-8")).get("frontend") or LEGACY_FRONTEND)
 
 
 def read_plm_info(lang_dir: Path) -> dict | None:

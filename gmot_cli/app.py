@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 # Subcommand modules, in the order a user meets them.
-COMMAND_MODULES: list[str] = ["prepare", "pretrain", "distill", "decode", "score", "plot_alignment"]
+COMMAND_MODULES: list[str] = ["prepare", "pretrain", "distill", "decode", "score", "plot_alignment", "export"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"gmot_cli.{_name}").register(app)

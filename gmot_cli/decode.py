@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data.features import AudioError, feature_width_mismatch
 from data.scoring import ScoringError, score_transcripts
-from data.store import StoreError
+from data.store import StoreError, read_frontend
 from gmot_cli.errors import error_exit
 from gmot_cli.score import print_score
 from models.checkpoint import CheckpointError, load_model
@@ -102,7 +102,7 @@ def decode(
         loaded = load_model(model, device=device)
         decoder = make_decoder(method, loaded.vocab, beam_size, lm, lm_weight if lm is not None else 0.0)
         if wav:
-            utts, refs = wav_utterances(inputs, width=loaded.cmvn_mean.shape[0]), {}
+            utts, refs = wav_utterances(inputs, loaded.cmvn_mean.shape[0], loaded.frontend), {}
         else:
             split_dir = inputs[0] / split
             if not split_dir.is_dir():
@@ -111,6 +111,13 @@ def decode(
                     err,
                     f"split {split!r} is not prepared in {inputs[0]} (no folder {split_dir}); "
                     f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
+                )
+            lang = inputs[0] / "lang"
+            data_front = read_frontend(lang) if (lang / "cmvn.json").is_file() else None
+            if data_front is not None and data_front != loaded.frontend:
+                raise DecodingError(
+                    f"{inputs[0]} has {data_front!r} features but the model was trained on "
+                    f"{loaded.frontend!r} features: prepare it again with --frontend {loaded.frontend}"
                 )
             utts, refs = split_utterances(split_dir)
             # checked before the progress bar starts (transcribe would raise it at the first batch)

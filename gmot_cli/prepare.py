@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data.corpora import CorpusError, read_aishell1, read_jsonl, read_kaldi_dir
+from data.features import DEFAULT_FRONTEND, FRONTENDS
 from data.preparation import (
     DEFAULT_MAX_DURATION,
     DEFAULT_SHARD_FRAMES,
@@ -35,7 +36,7 @@ class _Common:
 
     def __init__(
         self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu", pitch=False,
-        speed="",
+        speed="", frontend=DEFAULT_FRONTEND,
     ):  # fmt: skip
         self.plm = plm
         self.plm_device = plm_device
@@ -47,6 +48,7 @@ class _Common:
             shard_frames=shard_frames,
             pitch=pitch,
             speed_perturb=parse_speed_factors(speed),
+            frontend=parse_frontend(frontend),
         )
 
 
@@ -104,6 +106,23 @@ def _speed_opt():
         "--speed-perturb",
         help="Speed factors for the train split, e.g. 0.9,1.0,1.1 (copies with ids sp0.9-...; default none).",
     )
+
+
+def _frontend_opt(with_lang: bool = False):
+    return typer.Option(
+        DEFAULT_FRONTEND,
+        "--frontend",
+        help=f"Fbank front end: {', '.join(FRONTENDS)}. The default computes what sherpa-onnx computes, so "
+        "an exported model decodes there as it does here; kaldi-snip is gmot's front end before 0.2."
+        + (" With --lang the lang folder decides." if with_lang else ""),
+    )
+
+
+def parse_frontend(name: str) -> str:
+    """A known front end name (data.features.FRONTENDS), else typer.BadParameter listing them."""
+    if name not in FRONTENDS:
+        raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}, not {name!r}")
+    return name
 
 
 def parse_speed_factors(text: str) -> tuple[float, ...]:
@@ -236,11 +255,13 @@ def kaldi(
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(with_lang=True),
     speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(with_lang=True),
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
     common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
-    )
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
     splits = []
     try:
         for name, path in _parse_splits(split, "DIR"):
@@ -265,11 +286,13 @@ def jsonl(
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(with_lang=True),
     speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(with_lang=True),
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
     common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
-    )
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
     splits = []
     try:
         for name, path in _parse_splits(split, "FILE"):
@@ -293,11 +316,13 @@ def aishell1(
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(),
     speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(),
 ) -> None:
     """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
     common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
-    )
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
     try:
         found = read_aishell1(corpus_dir)
     except CorpusError as exc:
@@ -327,13 +352,15 @@ def demo(
     shard_frames: int = _shard_opt(),
     pitch: bool = _pitch_opt(),
     speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(),
 ) -> None:
     """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
     from data import demo as demo_corpus
 
     common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
-    )
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
     if not demo_corpus.espeak_available():
         raise _fail(
             "espeak-ng was not found on PATH; the demo corpus needs it: install it with "

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data.features import feature_width_mismatch
+from data.features import LEGACY_FRONTEND, feature_width_mismatch
 from models.encoder import ConformerCTC, ModelConfig
 
 FORMAT = "gmot-checkpoint"
@@ -214,12 +214,20 @@ def check_state_dict_compatible(
         )
 
 
-def init_from_checkpoint(model: ConformerCTC, path: Path, vocab: Sequence[str]) -> dict[str, Any]:
+def frontend_of(state: dict[str, Any]) -> str:
+    """The feature front end a checkpoint was trained on (data.features.FRONTENDS; checkpoints saved before
+    front ends were named used "kaldi-snip")."""
+    return str((state.get("cmvn") or {}).get("frontend") or LEGACY_FRONTEND)
+
+
+def init_from_checkpoint(
+    model: ConformerCTC, path: Path, vocab: Sequence[str], data_frontend: str | None = None
+) -> dict[str, Any]:
     """Initialise `model` from checkpoint `path` (`--init-from`), checking it is compatible first.
 
     The checkpoint's vocabulary must equal `vocab` unit for unit, its input width (CMVN statistics) the
-    model's, and every shared parameter must have the same shape; adapter weights may be missing
-    (pretrain -> distill: the adapter keeps its fresh init) or extra.
+    model's, its front end `data_frontend` (when given), and every shared parameter must have the same
+    shape; adapter weights may be missing (pretrain -> distill: the adapter keeps its fresh init) or extra.
     Returns the loaded checkpoint dict. Raises CheckpointError naming the file otherwise.
     """
     state = load_checkpoint(path)
@@ -239,6 +247,12 @@ def init_from_checkpoint(model: ConformerCTC, path: Path, vocab: Sequence[str]) 
     mismatch = ckpt_mean is not None and feature_width_mismatch(model.cfg.input_dim, len(ckpt_mean))
     if mismatch:
         raise CheckpointError(f"checkpoint {path}: {mismatch}")
+    ckpt_front = frontend_of(state)
+    if data_frontend is not None and ckpt_front != data_frontend:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {ckpt_front!r} features but the data folder has "
+            f"{data_frontend!r} features: prepare the data with --frontend {ckpt_front}"
+        )
     sd = state["model"]
     check_state_dict_compatible(path, sd, model, allow_missing_adapter=True)
     own = model.state_dict()
@@ -284,6 +298,8 @@ class LoadedModel:
     """(input_dim,) global CMVN mean, float32."""
     cmvn_std: Tensor
     """(input_dim,) global CMVN std, float32."""
+    frontend: str
+    """The feature front end the model was trained on (a data.features.FRONTENDS key)."""
     config: dict[str, Any]
     """The checkpoint's resolved config (nested dict)."""
     path: Path
@@ -328,4 +344,6 @@ def load_model(path_or_exp_dir: Path, device: str | torch.device = "cpu") -> Loa
             f"{cfg.input_dim}-dim input"
         )
     model.to(device).eval()
-    return LoadedModel(model, vocab, mean.to(device), std.to(device), state["config"], path)
+    return LoadedModel(
+        model, vocab, mean.to(device), std.to(device), frontend_of(state), state["config"], path
+    )

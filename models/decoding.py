@@ -385,14 +385,15 @@ def split_utterances(split_dir: Path) -> tuple[list[Utterance], dict[str, str]]:
     return utts, refs
 
 
-def wav_utterances(paths: Sequence[Path], width: int = 80) -> list[Utterance]:
+def wav_utterances(paths: Sequence[Path], width: int = 80, frontend: str | None = None) -> list[Utterance]:
     """Utterances from audio files: any sample rate (resampled to 16 kHz), multi-channel averaged to mono;
-    the features a model taking `width` columns was trained on: (T, 80) fbank, or (T, 83) with pitch.
+    the features a model taking `width` columns was trained on: (T, 80) fbank, or (T, 83) with pitch, from
+    front end `frontend` (data.features.FRONTENDS; None: the default).
 
     The id is the file name without its extension (the full path when two files share a name). Raises
     data.features.AudioError naming the file when one cannot be read, DecodingError for another width.
     """
-    from data.features import SAMPLE_RATE, compute_features, has_pitch, load_audio
+    from data.features import DEFAULT_FRONTEND, SAMPLE_RATE, compute_features, has_pitch, load_audio
 
     try:
         pitch = has_pitch(width)
@@ -405,7 +406,8 @@ def wav_utterances(paths: Sequence[Path], width: int = 80) -> list[Utterance]:
     for p, stem in zip(paths, stems, strict=True):
         wave = load_audio(p)
         utt_id = stem if stems.count(stem) == 1 else str(p)
-        out.append(Utterance(utt_id, compute_features(wave, pitch), wave.shape[0] / SAMPLE_RATE))
+        feats = compute_features(wave, pitch, frontend or DEFAULT_FRONTEND)
+        out.append(Utterance(utt_id, feats, wave.shape[0] / SAMPLE_RATE))
     return out
 
 

@@ -272,6 +272,11 @@ class ConformerCTC(nn.Module):
                 f"every utterance needs at least {shortest} frames for the x{self.cfg.subsampling} "
                 f"subsampling; got lengths {lengths.tolist()} with padded length {feats.shape[1]}"
             )
+        return self.forward_unchecked(feats, lengths)
+
+    def forward_unchecked(self, feats: Tensor, lengths: Tensor) -> dict[str, Tensor]:
+        """`forward` without its input checks (which read tensor values on the host): the graph that ONNX
+        export traces. Inputs shorter than cfg.min_input_frames give undefined outputs here."""
         x, out_lengths = self.subsampling(feats, lengths)
         out_lengths = out_lengths.to(torch.long)
         t = x.shape[1]

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from data.features import has_pitch
 from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset, bucket_batches, collate
 from data.scoring import score_pairs
-from data.store import StoreError, read_cmvn, read_plm_info, read_vocab
+from data.store import StoreError, read_cmvn, read_frontend, read_plm_info, read_vocab
 from models.checkpoint import (
     AVERAGE_NAME,
     CheckpointError,
@@ -184,6 +184,7 @@ class Trainer:
         try:
             self.vocab = read_vocab(lang)
             mean, std = read_cmvn(lang)
+            self.frontend = read_frontend(lang)
             self.plm_info = read_plm_info(lang)
         except StoreError as err:
             raise TrainingError(str(err)) from None
@@ -406,7 +407,7 @@ class Trainer:
             return
         self.epoch_sums = {}
         if self.init_from is not None:
-            init_from_checkpoint(_unwrap(self.model), self.init_from, self.vocab)
+            init_from_checkpoint(_unwrap(self.model), self.init_from, self.vocab, self.frontend)
             self._say(f"initialised the encoder from {self.init_from}")
 
     # --- one batch ----------------------------------------------------------------------------------------
@@ -689,6 +690,7 @@ class Trainer:
             "cmvn": {
                 "mean": torch.from_numpy(self.cmvn[0].copy()),
                 "std": torch.from_numpy(self.cmvn[1].copy()),
+                "frontend": self.frontend,
             },
             "plm": self.plm_info,
             "mode": self.mode,

@@ -72,7 +72,7 @@ def build_tiny_prepared(root: Path, seed: int = 0) -> Path:
         if split == "train":
             all_train = utts
     feats = np.concatenate([u["feats"] for u in all_train]).astype(np.float16).astype(np.float64)
-    write_cmvn(root / "lang", feats.mean(0), feats.std(0), len(feats))
+    write_cmvn(root / "lang", feats.mean(0), feats.std(0), len(feats), "sherpa-onnx")
     plm = np.concatenate([u["plm_feats"] for u in all_train]).astype(np.float16).astype(np.float64)
     write_plm_info(
         root / "lang",

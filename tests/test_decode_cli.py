@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import torch
 from tiny_model import build_tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -87,8 +88,8 @@ def test_wav_input_resamples_and_mixes_stereo_down(tmp_path: Path) -> None:
     soundfile.write(stereo, np.stack([_tone(16000), _tone(16000)], axis=1), 16000)
     utts = wav_utterances([mono16, other, stereo])
     assert [u.id for u in utts] == ["mono16", "tone22k", "stereo"]
-    # 0.6 s at any rate -> 0.6 s at 16 kHz -> 58 frames of 25 ms every 10 ms
-    assert [u.feats.shape for u in utts] == [(58, 80)] * 3
+    # 0.6 s at any rate -> 0.6 s at 16 kHz -> 60 centred frames, one every 10 ms
+    assert [u.feats.shape for u in utts] == [(60, 80)] * 3
     assert [round(u.duration, 3) for u in utts] == [0.6, 0.6, 0.6]
     assert np.allclose(utts[2].feats, utts[0].feats, atol=1e-4)  # stereo of identical channels == mono
     # the resampled tone has its energy in the same Mel bins as the native 16 kHz one
@@ -204,3 +205,14 @@ def test_decode_writes_times_confidence_and_nbest(
         "decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "x", "--nbest", "2"
     )
     assert bad.exit_code == 2 and "needs --method beam" in bad.output
+
+
+def test_data_of_another_front_end_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
+    state = torch.load(exp / "avg.pt", weights_only=True)
+    state["cmvn"]["frontend"] = "kaldi-snip"
+    torch.save(state, exp / "avg.pt")
+    res = _invoke("decode", exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "hyp")
+    assert res.exit_code == 2
+    assert "'sherpa-onnx' features but the model was trained on 'kaldi-snip'" in res.output
+    assert not (tmp_path / "hyp").exists()

@@ -46,6 +46,12 @@ def test_pitch_frames_match_fbank_frames(samples: int) -> None:
     assert pitch.shape == (num_frames(samples), PITCH_DIM)
     assert pitch.shape[0] == compute_fbank(wave).shape[0]
     assert pitch.dtype == np.float32 and np.isfinite(pitch).all()
+    legacy = compute_pitch(wave, "kaldi-snip")
+    assert (
+        legacy.shape
+        == (num_frames(samples, "kaldi-snip"), PITCH_DIM)
+        == (compute_fbank(wave, "kaldi-snip").shape[0], PITCH_DIM)
+    )
 
 
 @pytest.mark.parametrize("f0", [75.0, 140.0, 250.0, 380.0])
@@ -98,7 +104,7 @@ def test_noise_and_silence_are_unvoiced() -> None:
 def test_features_with_pitch_append_three_columns() -> None:
     wave = _voice(np.full(8000, 200.0))
     both = compute_features(wave, pitch=True)
-    assert both.shape == (num_frames(8000), feature_dim(True)) == (48, NUM_MEL_BINS + PITCH_DIM)
+    assert both.shape == (num_frames(8000), feature_dim(True)) == (50, NUM_MEL_BINS + PITCH_DIM)
     np.testing.assert_array_equal(both[:, :NUM_MEL_BINS], compute_fbank(wave))
     np.testing.assert_array_equal(both[:, NUM_MEL_BINS:], compute_pitch(wave))
     np.testing.assert_array_equal(compute_features(wave), compute_fbank(wave))

@@ -304,3 +304,26 @@ def test_speed_perturbation_of_the_train_split(tmp_path: Path, tiny_bert: Path) 
     res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "o2"), "--split", f"train={train}",
                               "--no-plm-cache", "--speed-perturb", "0.9,abc"])  # fmt: skip
     assert res.exit_code == 2 and "0.9,abc" in res.output
+
+
+def test_front_end_option_is_recorded_and_followed_with_lang(tmp_path: Path) -> None:
+    from data.store import read_frontend
+
+    train = good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:2])
+    dev = good_kaldi_dir(tmp_path, "dev", ["你好"], seed=4)
+    out = tmp_path / "legacy"
+    res = runner.invoke(app, ["prepare", "kaldi", str(out), "--split", f"train={train}", "--no-plm-cache",
+                              "--frontend", "kaldi-snip"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert read_frontend(out / "lang") == "kaldi-snip"
+    rec = read_manifest(out / "train")[0]
+    assert rec["num_frames"] == 1 + (round(rec["duration"] * 16_000) - 400) // 160  # whole windows only
+    # a split prepared later against this lang folder gets the lang folder's front end, not the default
+    res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "more"), "--split", f"dev={dev}",
+                              "--lang", str(out / "lang"), "--no-plm-cache"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rec = read_manifest(tmp_path / "more" / "dev")[0]
+    assert rec["num_frames"] == 1 + (round(rec["duration"] * 16_000) - 400) // 160
+    res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "x"), "--split", f"train={train}",
+                              "--no-plm-cache", "--frontend", "htk"])  # fmt: skip
+    assert res.exit_code == 2 and "--frontend must be one of sherpa-onnx, kaldi-snip" in res.output

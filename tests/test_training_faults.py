@@ -172,7 +172,7 @@ def test_init_from_missing_or_corrupt_is_a_clear_error(
     assert "Traceback" not in output
 
 
-def _fake_checkpoint(path: Path, vocab: list[str], **model_overrides) -> None:
+def _fake_checkpoint(path: Path, vocab: list[str], frontend: str = "sherpa-onnx", **model_overrides) -> None:
     cfg = _tiny(*(f"model.{k}={v}" for k, v in model_overrides.items()))
     model = ConformerCTC(cfg.model, len(vocab))
     save_checkpoint(
@@ -181,14 +181,14 @@ def _fake_checkpoint(path: Path, vocab: list[str], **model_overrides) -> None:
             "model": model.state_dict(),
             "config": config_to_dict(cfg),
             "vocab": vocab,
-            "cmvn": {"mean": torch.zeros(80), "std": torch.ones(80)},
+            "cmvn": {"mean": torch.zeros(80), "std": torch.ones(80), "frontend": frontend},
             "epoch": 1,
             "step": 1,
         },
     )
 
 
-@pytest.mark.parametrize("problem", ["vocab-size", "vocab-units", "width"])
+@pytest.mark.parametrize("problem", ["vocab-size", "vocab-units", "width", "frontend"])
 def test_init_from_another_vocabulary_or_width(tiny_prepared: Path, tmp_path: Path, problem: str) -> None:
     vocab = (tiny_prepared / "lang" / "vocab.txt").read_text(encoding="utf-8").splitlines()
     path = tmp_path / "other.pt"
@@ -196,6 +196,8 @@ def test_init_from_another_vocabulary_or_width(tiny_prepared: Path, tmp_path: Pa
         _fake_checkpoint(path, [*vocab, "多"])
     elif problem == "vocab-units":
         _fake_checkpoint(path, [*vocab[:-1], "多"])
+    elif problem == "frontend":
+        _fake_checkpoint(path, vocab, frontend="kaldi-snip")
     else:
         _fake_checkpoint(path, vocab, d_model=16)
     code, output = _run_cli(
@@ -204,7 +206,8 @@ def test_init_from_another_vocabulary_or_width(tiny_prepared: Path, tmp_path: Pa
     assert code == 1
     flat = " ".join(output.split())
     expected = {"vocab-size": "vocabulary of 13 units", "vocab-units": "different vocabulary",
-                "width": "does not match the model"}[problem]  # fmt: skip
+                "width": "does not match the model",
+                "frontend": "'kaldi-snip' features but the data folder has"}[problem]  # fmt: skip
     assert expected in flat, output
 
 

@@ -4,12 +4,13 @@ with the folder's vocabulary and CMVN. It does not depend on the training engine
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.store import SplitReader, read_cmvn, read_plm_info, read_vocab
+from data.store import SplitReader, read_cmvn, read_frontend, read_plm_info, read_vocab
 from models.checkpoint import save_checkpoint
 from models.decoding import padded_batch
 from models.encoder import PRESETS, ConformerCTC
@@ -17,15 +18,17 @@ from models.encoder import PRESETS, ConformerCTC
 TINY_GMOT = {"mode": "fgw", "alpha": 0.5, "epsilon": 0.1}
 
 
-def build_tiny_checkpoint(prepared: Path, exp_dir: Path, steps: int = 60, seed: int = 0) -> Path:
-    """Fit a tiny model (preset `tiny`, with an adapter to the PLM width) on prepared/train for `steps`
-    full-batch CTC steps and save it as exp_dir/avg.pt; returns exp_dir."""
+def build_tiny_checkpoint(
+    prepared: Path, exp_dir: Path, steps: int = 60, seed: int = 0, ctc_from: str = "encoder"
+) -> Path:
+    """Fit a tiny model (preset `tiny`, with an adapter to the PLM width, its CTC head reading `ctc_from`) on
+    prepared/train for `steps` full-batch CTC steps and save it as exp_dir/avg.pt; returns exp_dir."""
     torch.manual_seed(seed)
     lang = prepared / "lang"
     vocab = read_vocab(lang)
     mean, std = (torch.from_numpy(a) for a in read_cmvn(lang))
     plm = read_plm_info(lang)
-    cfg = PRESETS["tiny"]
+    cfg = dataclasses.replace(PRESETS["tiny"], ctc_from=ctc_from)
     model = ConformerCTC(cfg, len(vocab), plm["width"] if plm else None)
     reader = SplitReader(prepared / "train")
     feats = [reader.features(r) for r in reader.records]
@@ -47,7 +50,7 @@ def build_tiny_checkpoint(prepared: Path, exp_dir: Path, steps: int = 60, seed: 
         "model": model.state_dict(),
         "config": {"model": cfg.to_dict(), "gmot": dict(TINY_GMOT)},
         "vocab": vocab,
-        "cmvn": {"mean": mean.float(), "std": std.float()},
+        "cmvn": {"mean": mean.float(), "std": std.float(), "frontend": read_frontend(lang)},
         "plm": {k: (list(v) if isinstance(v, np.ndarray) else v) for k, v in plm.items()} if plm else None,
         "epoch": 1,
         "step": steps,

@@ -1,0 +1,74 @@
+"""`gmot export EXP OUT_DIR`: the trained CTC model as ONNX (CMVN folded in) + tokens.txt for sherpa-onnx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from data.features import NUM_MEL_BINS
+from gmot_cli.errors import error_exit
+from models.checkpoint import CheckpointError, load_model
+from models.export import DEFAULT_OPSET, SHERPA_FRONTEND, ExportError, export_onnx
+
+
+def export(
+    model: Path = typer.Argument(
+        ..., help="Experiment folder (uses avg.pt, else the newest checkpoint) or .pt."
+    ),
+    out_dir: Path = typer.Argument(..., help="Output folder for model.onnx and tokens.txt."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset version."),
+    check: bool = typer.Option(
+        True, "--check/--no-check", help="Run the export with onnxruntime and compare it with torch."
+    ),
+) -> None:
+    """Export a trained model as ONNX for sherpa-onnx (offline CTC) or onnxruntime, with its tokens.txt."""
+    console = Console()
+    err = Console(stderr=True)
+    try:
+        loaded = load_model(model)
+        result = export_onnx(loaded, out_dir, opset=opset, check=check)
+    except (CheckpointError, ExportError) as e:
+        raise error_exit(err, str(e)) from None
+    except OSError as e:
+        raise error_exit(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
+    size_mb = result.model_path.stat().st_size / 1e6
+    console.print(
+        f"wrote {escape(str(result.model_path))} ({size_mb:.1f} MB) and {escape(str(result.tokens_path))} "
+        f"({len(loaded.vocab)} units, x{loaded.model.cfg.subsampling} subsampling)",
+        highlight=False,
+    )
+    if result.max_abs_diff is not None:
+        console.print(
+            f"onnxruntime against torch: largest log-probability difference {result.max_abs_diff:.2e}"
+        )
+    sherpa_ready = loaded.frontend == SHERPA_FRONTEND and loaded.model.cfg.input_dim == NUM_MEL_BINS
+    if loaded.frontend != SHERPA_FRONTEND:
+        err.print(
+            f"[yellow]warning:[/yellow] this model was trained on {escape(loaded.frontend)!r} features; "
+            f"sherpa-onnx computes {SHERPA_FRONTEND!r} features, so it would not decode as `gmot decode` "
+            "does. "
+            "Train on data prepared with the default --frontend to deploy with sherpa-onnx.",
+            highlight=False,
+        )
+    elif loaded.model.cfg.input_dim != NUM_MEL_BINS:
+        err.print(
+            "[yellow]warning:[/yellow] this model takes fbank + pitch features, which sherpa-onnx does not "
+            "compute; use the ONNX file with your own features (onnxruntime).",
+            highlight=False,
+        )
+    if sherpa_ready:
+        console.print(
+            "decode with sherpa-onnx: sherpa-onnx-offline "
+            f"--zipformer-ctc-model={escape(str(result.model_path))} "
+            f"--tokens={escape(str(result.tokens_path))} audio.wav",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `export` command to the app."""
+    app.command("export")(export)

@@ -1,0 +1,214 @@
+"""ONNX export of a trained model for sherpa-onnx and onnxruntime (`gmot export`).
+
+What is written (docs/design.md, "Deployment"):
+
+- `model.onnx`: inputs `x` (N, T, 80) float32 fbank of the model's front end (before CMVN: the global CMVN
+  is folded into the graph) and `x_lens` (N,) int64; outputs `log_probs` (N, T', V) float32 CTC
+  log-probabilities and `log_probs_len` (N,) int64 valid output frames. N and T are dynamic, V is fixed.
+  Its metadata names the model type sherpa-onnx loads it as (`zipformer2_ctc`, whose features are the
+  "sherpa-onnx" front end), the vocabulary size, the subsampling factor and the front end.
+- `tokens.txt`: one "unit id" line per CTC unit, id 0 = `<blank>`, as sherpa-onnx reads it.
+
+The PLM adapter is part of the graph only when the CTC head reads it (`model.ctc_from=adapter`); otherwise
+it is unused at decode time and left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from models.checkpoint import LoadedModel
+
+SHERPA_MODEL_TYPE = "zipformer2_ctc"
+"""The sherpa-onnx offline CTC model type the export is loaded as: its front end defaults (no snip edges,
+samples in [-1, 1], 20-7600 Hz, dither 0) are gmot's "sherpa-onnx" front end, and it reads the vocabulary
+size from the output shape."""
+SHERPA_FRONTEND = "sherpa-onnx"
+DEFAULT_OPSET = 18
+"""The opset torch's exporter writes natively (asking for an older one makes it convert, which fails for
+Split); onnxruntime 1.16 and newer and the onnxruntime inside sherpa-onnx read it."""
+
+
+class ExportError(Exception):
+    """A model that cannot be exported as asked; the message says why."""
+
+
+class _ExportGraph(nn.Module):
+    """CMVN + the model's CTC path: (x (N, T, F) raw fbank, x_lens (N,)) -> (log_probs, log_probs_len)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.register_buffer("mean", loaded.cmvn_mean.detach().float().cpu().clone())
+        self.register_buffer("inv_std", 1.0 / loaded.cmvn_std.detach().float().cpu().clamp_min(1e-5))
+
+    def forward(self, x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.model.forward_unchecked((x - self.mean) * self.inv_std, x_lens)
+        return out["log_probs"], out["lengths"].to(torch.int64)
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote and how closely onnxruntime reproduced torch."""
+
+    model_path: Path
+    tokens_path: Path
+    max_abs_diff: float | None
+    """Largest |log_prob| difference between onnxruntime and torch on the check batch (None: not checked)."""
+    metadata: dict[str, str]
+
+
+def tokens_text(vocab: list[str]) -> str:
+    """The tokens.txt content for `vocab` (index = CTC id): "unit id" per line. ExportError for a unit that
+    sherpa-onnx could not read back (empty, or holding whitespace)."""
+    lines = []
+    for i, unit in enumerate(vocab):
+        if not unit or any(ch.isspace() for ch in unit):
+            raise ExportError(
+                f"vocabulary unit {i} ({unit!r}) is empty or holds whitespace, which tokens.txt cannot hold"
+            )
+        lines.append(f"{unit} {i}")
+    return "\n".join(lines) + "\n"
+
+
+def export_metadata(loaded: LoadedModel) -> dict[str, str]:
+    """The key/value metadata stored in model.onnx (all values strings, as ONNX keeps them)."""
+    from gmot_cli import __version__
+
+    cfg = loaded.model.cfg
+    return {
+        "model_type": SHERPA_MODEL_TYPE,
+        "model_author": "gmot",
+        "gmot_version": __version__,
+        "vocab_size": str(len(loaded.vocab)),
+        "subsampling_factor": str(cfg.subsampling),
+        "feature_dim": str(cfg.input_dim),
+        "frontend": loaded.frontend,
+        "ctc_from": cfg.ctc_from,
+        "comment": f"gmot conformer-CTC exported from {loaded.path.name}; CMVN folded in",
+    }
+
+
+def _check_batch(input_dim: int, min_frames: int) -> tuple[Tensor, Tensor]:
+    """A padded batch of two utterances of different lengths (seeded): x (2, T, F), x_lens (2,)."""
+    gen = torch.Generator().manual_seed(0)
+    t = max(4 * min_frames, 120)
+    x = torch.randn(2, t, input_dim, generator=gen) * 3.0 + 10.0
+    return x, torch.tensor([t, t - 2 * min_frames], dtype=torch.int64)
+
+
+def export_onnx(
+    loaded: LoadedModel, out_dir: Path, *, opset: int = DEFAULT_OPSET, check: bool = True
+) -> ExportResult:
+    """Write `out_dir/model.onnx` and `out_dir/tokens.txt` for the model in `loaded` (see the module doc).
+
+    Each file is written to a temporary name in `out_dir` and renamed, so an interrupted export leaves no
+    half-written model. With `check`, onnxruntime runs a padded batch and its log-probabilities are compared
+    with torch's (`ExportResult.max_abs_diff`); onnxruntime must then be installed. Raises ExportError for a
+    vocabulary that tokens.txt cannot hold, or when onnx is missing.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'gmot[export]'") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokens = tokens_text(loaded.vocab)
+    graph = _ExportGraph(loaded).eval().cpu()
+    x, x_lens = _check_batch(loaded.model.cfg.input_dim, loaded.model.cfg.min_input_frames)
+    model_path, tokens_path = out_dir / "model.onnx", out_dir / "tokens.txt"
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".onnx.tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), _quiet_exporter_logs():
+            warnings.simplefilter("ignore")
+            batch, frames = torch.export.Dim("N", min=1), torch.export.Dim("T", min=16)
+            torch.onnx.export(
+                graph,
+                (x, x_lens),
+                tmp,
+                input_names=["x", "x_lens"],
+                output_names=["log_probs", "log_probs_len"],
+                dynamic_shapes={"x": {0: batch, 1: frames}, "x_lens": {0: batch}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        proto = onnx.load(tmp)
+        meta = export_metadata(loaded)
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(proto)
+        onnx.save(proto, tmp)
+        diff = _compare_with_torch(tmp, graph, x, x_lens) if check else None
+        os.replace(tmp, model_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    tmp_tokens = tokens_path.with_name(".tokens.txt.tmp")
+    tmp_tokens.write_text(tokens, encoding="utf-8")
+    os.replace(tmp_tokens, tokens_path)
+    return ExportResult(model_path, tokens_path, diff, meta)
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """Silence the exporter's own progress lines and warnings about operator sets gmot does not use (e.g.
+    torchvision's) while it runs; errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _compare_with_torch(path: str, graph: nn.Module, x: Tensor, x_lens: Tensor) -> float:
+    """Largest |log_prob| difference of onnxruntime against torch over the valid frames of (x, x_lens)."""
+    ort = onnxruntime_module()
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got, got_lens = session.run(None, {"x": x.numpy(), "x_lens": x_lens.numpy()})
+    with torch.no_grad():
+        want, want_lens = graph(x, x_lens)
+    if not np.array_equal(got_lens, want_lens.numpy()):
+        raise ExportError(f"onnxruntime gives output lengths {got_lens.tolist()}, torch {want_lens.tolist()}")
+    diff = 0.0
+    for i, n in enumerate(want_lens.tolist()):
+        diff = max(diff, float(np.abs(got[i, :n] - want[i, :n].numpy()).max()))
+    return diff
+
+
+def onnxruntime_module():
+    """The onnxruntime module, or ExportError with the install hint."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("checking the export needs onnxruntime: pip install 'gmot[export]'") from None
+    return onnxruntime
+
+
+def onnx_log_probs(model_path: Path, feats: np.ndarray) -> np.ndarray:
+    """Run an exported model on one utterance's raw fbank (T, F) float32 -> (T', V) log-probabilities."""
+    ort = onnxruntime_module()
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(feats, dtype=np.float32)[None]
+    log_probs, lens = session.run(None, {"x": x, "x_lens": np.array([x.shape[1]], dtype=np.int64)})
+    return log_probs[0, : int(lens[0])]

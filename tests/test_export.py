@@ -1,0 +1,148 @@
+"""`gmot export`: ONNX that onnxruntime runs as torch does, and that sherpa-onnx decodes as `gmot decode`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from tiny_model import build_tiny_checkpoint
+from typer.testing import CliRunner
+
+from gmot_cli.app import app
+from models.checkpoint import load_model
+from models.decoding import greedy_ctc, padded_batch, wav_utterances
+from models.export import ExportError, export_onnx, onnx_log_probs, tokens_text
+
+onnx = pytest.importorskip("onnx", reason="pip install 'gmot[export]'")
+ort = pytest.importorskip("onnxruntime", reason="pip install 'gmot[export]'")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", params=["encoder", "adapter"])
+def exported(request, tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(experiment folder, export folder) for a tiny model whose CTC head reads `param`."""
+    exp = tmp_path_factory.mktemp("exp")
+    build_tiny_checkpoint(tiny_prepared, exp, steps=20, ctc_from=request.param)
+    # a tiny model fitted on synthetic features says "blank" to real audio; lowering the blank's bias makes
+    # it emit characters, so that the decoders have text to agree on
+    state = torch.load(exp / "avg.pt", weights_only=True)
+    state["model"]["ctc_head.bias"][0] -= 4.0
+    torch.save(state, exp / "avg.pt")
+    out = tmp_path_factory.mktemp("onnx")
+    res = runner.invoke(app, ["export", str(exp), str(out)])
+    assert res.exit_code == 0, res.output
+    assert "largest log-probability difference" in res.output
+    return exp, out
+
+
+def _speechy(seconds: float, seed: int) -> np.ndarray:
+    """Tones with a moving pitch, noise, and digital silence at both ends."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * 16_000)) / 16_000
+    f0 = 180 + 60 * np.sin(2 * np.pi * 1.5 * t)
+    wave = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / 16_000) + 0.03 * rng.standard_normal(t.shape[0])
+    wave[:2400] = 0.0
+    wave[-1600:] = 0.0
+    return wave.astype(np.float32)
+
+
+def test_files_metadata_and_tokens(exported: tuple[Path, Path]) -> None:
+    exp, out = exported
+    loaded = load_model(exp)
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "tokens.txt"]  # no temporary files left
+    lines = (out / "tokens.txt").read_text(encoding="utf-8").splitlines()
+    assert lines == [f"{u} {i}" for i, u in enumerate(loaded.vocab)] and lines[0] == "<blank> 0"
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert meta["model_type"] == "zipformer2_ctc"
+    assert meta["vocab_size"] == str(len(loaded.vocab))
+    assert meta["subsampling_factor"] == str(loaded.model.cfg.subsampling)
+    assert meta["frontend"] == loaded.frontend == "sherpa-onnx"
+    assert meta["ctc_from"] == loaded.model.cfg.ctc_from
+
+
+def test_onnxruntime_matches_torch_on_a_padded_batch_of_other_lengths(exported: tuple[Path, Path]) -> None:
+    """Dynamic batch and length: three utterances, none of the length the export was traced with; the
+    graph takes raw fbank (CMVN folded in)."""
+    exp, out = exported
+    loaded = load_model(exp)
+    rng = np.random.default_rng(3)
+    feats = [rng.normal(8.0, 3.0, (n, 80)).astype(np.float32) for n in (301, 77, 150)]
+    x = np.zeros((3, 301, 80), dtype=np.float32)
+    for i, f in enumerate(feats):
+        x[i, : len(f)] = f
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got, got_lens = session.run(None, {"x": x, "x_lens": np.array([301, 77, 150], dtype=np.int64)})
+    with torch.no_grad():
+        normed, lens = padded_batch(feats, loaded.cmvn_mean, loaded.cmvn_std, "cpu")
+        want = loaded.model(normed, lens)
+    assert got_lens.tolist() == want["lengths"].tolist()
+    assert got.shape[2] == len(loaded.vocab)
+    for i, n in enumerate(got_lens.tolist()):
+        np.testing.assert_allclose(got[i, :n], want["log_probs"][i, :n].numpy(), atol=1e-4)
+
+
+def test_sherpa_onnx_decodes_a_wav_as_gmot_decode_does(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    sherpa_onnx = pytest.importorskip("sherpa_onnx", reason="pip install 'gmot[export]'")
+    exp, out = exported
+    loaded = load_model(exp)
+    recogniser = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
+        model=str(out / "model.onnx"), tokens=str(out / "tokens.txt"), num_threads=1
+    )
+    nonempty = 0
+    for seed in range(3):
+        wav = tmp_path / f"u{seed}.wav"
+        soundfile.write(wav, _speechy(1.5 + 0.4 * seed, seed), 16_000)
+        res = runner.invoke(app, ["decode", str(exp), "--wav", str(wav)])
+        assert res.exit_code == 0, res.output
+        ours = next(line for line in res.output.splitlines() if line.startswith(f"u{seed} "))
+        ours_text = ours.split(" ", 1)[1].strip()
+        wave, rate = soundfile.read(wav, dtype="float32")
+        stream = recogniser.create_stream()
+        stream.accept_waveform(rate, wave)
+        recogniser.decode_stream(stream)
+        assert stream.result.text == ours_text
+        # and the exported graph on our own features gives the same greedy path
+        utt = wav_utterances([wav], 80, loaded.frontend)[0]
+        log_probs = torch.from_numpy(onnx_log_probs(out / "model.onnx", utt.feats))
+        ids = greedy_ctc(log_probs[None], torch.tensor([log_probs.shape[0]]))
+        assert "".join(loaded.vocab[i] for i in ids[0]) == ours_text
+        nonempty += bool(ours_text)
+    assert nonempty == 3  # the comparison saw text each time
+
+
+def test_legacy_front_end_model_exports_with_a_warning(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=2)
+    state = torch.load(exp / "avg.pt", weights_only=True)
+    state["cmvn"].pop("frontend")  # as saved before front ends were named
+    torch.save(state, exp / "avg.pt")
+    res = runner.invoke(app, ["export", str(exp), str(tmp_path / "onnx"), "--no-check"])
+    assert res.exit_code == 0, res.output
+    assert "'kaldi-snip' features" in res.output and "sherpa-onnx-offline" not in res.output
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+
+
+def test_bad_inputs_exit_with_a_message(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert res.exit_code == 2 and "error:" in res.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["export", str(empty), str(tmp_path / "out")])
+    assert res.exit_code == 2 and "holds no checkpoint" in res.output
+    with pytest.raises(ExportError, match="unit 2"):
+        tokens_text(["<blank>", "<unk>", "a b"])
+
+
+def test_export_onnx_leaves_an_existing_model_when_it_fails(tiny_prepared: Path, tmp_path: Path) -> None:
+    loaded = load_model(build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=2))
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous export")
+    loaded.vocab = [*loaded.vocab[:-1], "two words"]
+    with pytest.raises(ExportError):
+        export_onnx(loaded, out)
+    assert (out / "model.onnx").read_bytes() == b"previous export"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
