@@ -1,4 +1,4 @@
-"""`gmot prepare {demo,aishell1,kaldi,jsonl}`: corpora -> training-ready folders (data/preparation.py)."""
+"""`gmot prepare {demo,aishell1,kaldi,jsonl,lhotse,hf}`: corpora -> prepared folders (data/preparation.py)."""
 
 from __future__ import annotations
 
@@ -275,6 +275,41 @@ def jsonl(
         for name, path in _parse_splits(split, "FILE"):
             records, skips = read_jsonl(path)
             splits.append(SplitInput(name, records, skips, source=str(path)))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
+@prepare_app.command("lhotse")
+def lhotse(
+    out_dir: Path = typer.Argument(..., help="Output folder."),
+    split: list[str] = typer.Option(
+        ...,
+        "--split",
+        help="NAME=CUTS (a lhotse CutSet .jsonl[.gz]) or NAME=RECORDINGS,SUPERVISIONS (repeatable).",
+    ),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
+) -> None:
+    """Prepare lhotse manifests: one utterance per supervision of a mono audio file (needs gmot[lhotse])."""
+    from data.lhotse_source import read_lhotse
+
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "CUTS"):
+            records, skips = read_lhotse([Path(p) for p in str(path).split(",")])
+            splits.append(SplitInput(name, records, skips, source=f"lhotse {path}"))
     except CorpusError as exc:
         raise _fail(str(exc)) from None
     _run(out_dir, splits, common, _load_teacher(common), lang)
