@@ -315,6 +315,48 @@ def lhotse(
     _run(out_dir, splits, common, _load_teacher(common), lang)
 
 
+@prepare_app.command("hf")
+def hf(
+    out_dir: Path = typer.Argument(..., help="Output folder (audio bytes are written to OUT_DIR/corpus/hf)."),
+    split: list[str] = typer.Option(
+        ...,
+        "--split",
+        help="NAME=DIR or NAME=DIR:SUBSET: a dataset saved by save_to_disk, or an audiofolder (repeatable).",
+    ),
+    audio_column: str = typer.Option("audio", "--audio-column", help="Column holding the audio."),
+    text_column: str = typer.Option("text", "--text-column", help="Column holding the transcript."),
+    id_column: str | None = typer.Option(
+        None, "--id-column", help="Column holding utterance ids (default: 'id' if present, else row-NNNNNN)."
+    ),
+    speaker_column: str | None = typer.Option(None, "--speaker-column", help="Column holding speaker ids."),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
+) -> None:
+    """Prepare Hugging Face datasets saved on disk, or audiofolders (offline; saved ones need gmot[hf])."""
+    from data.hf_source import HFColumns, read_hf
+
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb
+    )
+    columns = HFColumns(audio_column, text_column, id_column, speaker_column)
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "DIR"):
+            records, skips = read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
+            splits.append(SplitInput(name, records, skips, source=f"Hugging Face {path}"))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
 @prepare_app.command("aishell1")
 def aishell1(
     corpus_dir: Path = typer.Argument(..., help="Folder holding data_aishell/ (or data_aishell itself)."),
