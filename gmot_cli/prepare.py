@@ -350,6 +350,8 @@ def hf(
     splits = []
     try:
         for name, path in _parse_splits(split, "DIR"):
+            if "/" in name or name.startswith("."):  # it names the folder the audio bytes are written to
+                raise _fail(f"invalid split name {name!r}")
             records, skips = read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
             splits.append(SplitInput(name, records, skips, source=f"Hugging Face {path}"))
     except CorpusError as exc:
