@@ -127,3 +127,21 @@ def test_missing_folder_and_missing_datasets(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
     res = _invoke(tmp_path / "o", "--split", f"train={tmp_path / 'd'}")
     assert res.exit_code == 2 and "pip install 'gmot[hf]'" in res.output
+
+
+def test_audiofolder_with_split_folders_and_jsonl_metadata(tmp_path: Path) -> None:
+    root = tmp_path / "af"
+    for split in ("train", "test"):
+        lines = []
+        for i, (s, t) in enumerate(zip(SECONDS[:2], TEXTS[:2], strict=True)):
+            write_wav(root / split / f"{split}{i}.wav", s, seed=i)
+            lines.append(json.dumps({"file_name": f"{split}{i}.wav", "text": t, "id": f"{split}{i}"}))
+        (root / split / "metadata.jsonl").write_text("\n".join([*lines, "{oops"]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    res = _invoke(out, "--split", f"train={root}", "--split", f"dev={root}:test")
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in read_manifest(out / "train")] == ["train0", "train1"]
+    assert [r["id"] for r in read_manifest(out / "dev")] == ["test0", "test1"]
+    bad = _report(out, "dev")["malformed_line"]
+    assert [b["id"] for b in bad] == [f"{root / 'test' / 'metadata.jsonl'} row 2"]
+    assert "metadata.jsonl:3" in bad[0]["detail"]
