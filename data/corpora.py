@@ -1,4 +1,5 @@
-"""Corpus readers: Kaldi data dirs, AISHELL-1, JSONL manifests -> one normalised utterance record type.
+"""Corpus readers: Kaldi data dirs, AISHELL-1, JSONL manifests -> one normalised utterance record type
+(lhotse manifests and Hugging Face datasets: data/lhotse_source.py, data/hf_source.py).
 
 Readers never raise on a bad entry: they return the records they could build and a list of `Skip`s naming
 each dropped utterance (or file line) and the reason. They raise `CorpusError` only when the input as a whole
@@ -27,6 +28,7 @@ NO_TRANSCRIPT = "no_transcript"  # id in wav.scp / segments (or an AISHELL wav) 
 UNSUPPORTED_AUDIO_ENTRY = "unsupported_audio_entry"  # a `cmd |` pipe or ark entry we do not run
 TOO_SHORT_FOR_TEXT = "too_short_for_transcript"  # fewer frames after x4 subsampling than characters
 TOO_LONG = "too_long"  # longer than --max-duration
+MULTIPLE_SUPERVISIONS = "multiple_supervisions"  # a lhotse cut with more than one supervision
 
 
 class CorpusError(Exception):

@@ -1,4 +1,4 @@
-"""`gmot prepare {demo,aishell1,kaldi,jsonl}`: corpora -> training-ready folders (data/preparation.py)."""
+"""`gmot prepare {demo,aishell1,kaldi,jsonl,lhotse,hf}`: corpora -> prepared folders (data/preparation.py)."""
 
 from __future__ import annotations
 
@@ -298,6 +298,89 @@ def jsonl(
         for name, path in _parse_splits(split, "FILE"):
             records, skips = read_jsonl(path)
             splits.append(SplitInput(name, records, skips, source=str(path)))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
+@prepare_app.command("lhotse")
+def lhotse(
+    out_dir: Path = typer.Argument(..., help="Output folder."),
+    split: list[str] = typer.Option(
+        ...,
+        "--split",
+        help="NAME=CUTS (a lhotse CutSet .jsonl[.gz]) or NAME=RECORDINGS,SUPERVISIONS (repeatable).",
+    ),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(with_lang=True),
+) -> None:
+    """Prepare lhotse manifests: one utterance per supervision of a mono audio file (needs gmot[lhotse])."""
+    from data.lhotse_source import read_lhotse
+
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "CUTS"):
+            records, skips = read_lhotse([Path(p) for p in str(path).split(",")])
+            splits.append(SplitInput(name, records, skips, source=f"lhotse {path}"))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    _run(out_dir, splits, common, _load_teacher(common), lang)
+
+
+@prepare_app.command("hf")
+def hf(
+    out_dir: Path = typer.Argument(..., help="Output folder (audio bytes are written to OUT_DIR/corpus/hf)."),
+    split: list[str] = typer.Option(
+        ...,
+        "--split",
+        help="NAME=DIR or NAME=DIR:SUBSET: a dataset saved by save_to_disk, or an audiofolder (repeatable).",
+    ),
+    audio_column: str = typer.Option("audio", "--audio-column", help="Column holding the audio."),
+    text_column: str = typer.Option("text", "--text-column", help="Column holding the transcript."),
+    id_column: str | None = typer.Option(
+        None, "--id-column", help="Column holding utterance ids (default: 'id' if present, else row-NNNNNN)."
+    ),
+    speaker_column: str | None = typer.Option(None, "--speaker-column", help="Column holding speaker ids."),
+    lang: Path | None = _lang_opt(),
+    plm: str | None = _plm_opt(),
+    plm_layer: int = _layer_opt(),
+    plm_device: str = _plm_device_opt(),
+    no_plm_cache: bool = _no_cache_opt(),
+    jobs: int = _jobs_opt(),
+    max_duration: float = _maxdur_opt(),
+    shard_frames: int = _shard_opt(),
+    pitch: bool = _pitch_opt(with_lang=True),
+    speed_perturb: str = _speed_opt(),
+    frontend: str = _frontend_opt(with_lang=True),
+) -> None:
+    """Prepare Hugging Face datasets saved on disk, or audiofolders (offline; saved ones need gmot[hf])."""
+    from data.hf_source import HFColumns, read_hf
+
+    common = _Common(
+        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
+        frontend,
+    )  # fmt: skip
+    columns = HFColumns(audio_column, text_column, id_column, speaker_column)
+    splits = []
+    try:
+        for name, path in _parse_splits(split, "DIR"):
+            if "/" in name or name.startswith("."):  # it names the folder the audio bytes are written to
+                raise _fail(f"invalid split name {name!r}")
+            records, skips = read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
+            splits.append(SplitInput(name, records, skips, source=f"Hugging Face {path}"))
     except CorpusError as exc:
         raise _fail(str(exc)) from None
     _run(out_dir, splits, common, _load_teacher(common), lang)
