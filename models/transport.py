@@ -270,7 +270,8 @@ def _column_normalised(z: Tensor, p: _Problem) -> tuple[Tensor, Tensor]:
     z: (B, N, M) log kernel with -inf at padded entries. Returns kernel (B, N, M) and (B, M), 0 at padded
     columns; ``kernel = exp(z + scaling[:, None, :])`` at valid entries.
     """
-    col_max = z.amax(dim=1)
+    # on the CPU, amax over the middle dimension is ~4x slower than max over it (torch 2.11, M ~ 24)
+    col_max = z.max(dim=1).values
     if p.valid is not None:
         col_max = col_max.masked_fill(~p.col_valid, 0.0)
     e = torch.exp(z - col_max[:, None, :])
