@@ -3,9 +3,11 @@
 Generates a Kaldi dir of synthetic utterances (speech-like tones and noise, 2-6 s, at 16 kHz and, for a
 quarter of them, 22.05 kHz as espeak writes), then times `data.preparation.prepare` with 1 and 2 worker
 processes (no PLM). Prints seconds of audio per second of wall time; the target is >= 300x real time per core.
-`--pitch` times the 83-dim features (fbank + pitch) instead.
+`--pitch` times the 83-dim features (fbank + pitch) instead. `--speed-perturb 0.9,1.0,1.1` adds the speed-
+perturbed copies of the train split (three times the audio, two thirds of it resampled first): "x real time"
+then counts the seconds of the original audio, so the row shows what perturbation costs a user.
 
-    python benchmarks/bench_prepare.py [--quick] [--minutes M] [--pitch]
+    python benchmarks/bench_prepare.py [--quick] [--minutes M] [--pitch] [--speed-perturb 0.9,1.0,1.1]
 """
 
 from __future__ import annotations
@@ -53,8 +55,11 @@ def make_corpus(root: Path, minutes: float, seed: int = 0) -> float:
     return total
 
 
-def time_prepare(root: Path, jobs: int, shard_frames: int, pitch: bool = False) -> tuple[float, float, float]:
-    """(wall seconds, seconds of audio prepared, CPU seconds of this process) for one fresh run."""
+def time_prepare(
+    root: Path, jobs: int, shard_frames: int, pitch: bool = False, speed: tuple[float, ...] = ()
+) -> tuple[float, float, float]:
+    """(wall seconds, seconds of audio prepared, CPU seconds of this process) for one fresh run; with speed
+    factors the prepared seconds include the perturbed copies."""
     out = root / f"out-{jobs}"
     shutil.rmtree(out, ignore_errors=True)
     records, skips = read_kaldi_dir(root / "train")
@@ -62,7 +67,7 @@ def time_prepare(root: Path, jobs: int, shard_frames: int, pitch: bool = False) 
     result = prepare(
         out,
         [SplitInput("train", records, skips)],
-        options=PrepareOptions(jobs=jobs, shard_frames=shard_frames, pitch=pitch),
+        options=PrepareOptions(jobs=jobs, shard_frames=shard_frames, pitch=pitch, speed_perturb=speed),
     )
     wall = time.perf_counter() - start
     return wall, result.splits[0].seconds, time.process_time() - cpu
@@ -74,7 +79,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="minutes of audio to generate")
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     parser.add_argument("--pitch", action="store_true", help="fbank + pitch features (83 dims)")
+    parser.add_argument(
+        "--speed-perturb", default="", help="train-split speed factors, e.g. 0.9,1.0,1.1 (default none)"
+    )
     args = parser.parse_args()
+    speed = tuple(float(f) for f in args.speed_perturb.split(",")) if args.speed_perturb else ()
     minutes = args.minutes or (3.0 if args.quick else 20.0)
     console = Console()
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:
@@ -83,10 +92,13 @@ def main() -> None:
         # at least 4 shards per worker so the pool has work to balance
         shard_frames = max(2_000, int(total * 100 / (4 * max(args.jobs))))
         what = "fbank + pitch" if args.pitch else "fbank"
+        what += f", speed {args.speed_perturb}" if speed else ""
         table = Table(
             title=f"prepare throughput ({what}), {total / 60:.1f} min of audio, {os.cpu_count()} CPUs"
         )
         cols = ("jobs", "wall s", "x real time", "x real time per job", "x per CPU-second", "target/core")
+        if speed:
+            cols = (*cols, "s prepared")
         for col in cols:
             table.add_column(col, justify="right")
         warm_root = root / "warmup"
@@ -95,11 +107,12 @@ def main() -> None:
         for jobs in args.jobs:
             # the first pool of a process starts the forkserver (one torch import); later pools only fork
             cold[jobs], _, _ = time_prepare(warm_root, jobs, 1_000)
-            wall, seconds, cpu = time_prepare(root, jobs, shard_frames, args.pitch)
-            rtf = seconds / wall
+            wall, prepared, cpu = time_prepare(root, jobs, shard_frames, args.pitch, speed)
+            rtf = total / wall  # of the corpus as given: perturbed copies are extra work, not extra input
             # CPU time is only measurable for the inline run (workers are children of the forkserver)
-            per_cpu = f"{seconds / cpu:.0f}" if jobs == 1 else "-"
-            table.add_row(str(jobs), f"{wall:.2f}", f"{rtf:.0f}", f"{rtf / jobs:.0f}", per_cpu, "300")
+            per_cpu = f"{total / cpu:.0f}" if jobs == 1 else "-"
+            row = [str(jobs), f"{wall:.2f}", f"{rtf:.0f}", f"{rtf / jobs:.0f}", per_cpu, "300"]
+            table.add_row(*row, *([f"{prepared:.0f}"] if speed else []))
         console.print(table)
         console.print(f"load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
         console.print(

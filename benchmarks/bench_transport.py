@@ -1,19 +1,27 @@
 """Benchmark: batched entropic FGW (models.transport) against POT 0.9.7, forward + backward of the value.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--device cpu|cuda] [--repeats R] [--threads T]
+       [--epsilon E] [--no-ott]
 
 For each (B, N, M) the same problems go to every solver: node features (B, N, 384) and (B, M, 384) drawn at
 random; cost = graphs.cosine_cost, structures = graphs.structure_matrix(kind="cosine") (built once, outside
-the timed region, as leaves that require grad); float32; alpha 0.5, epsilon 0.1; 10 outer x 20 inner
-iterations for every solver, no tolerance. Timed: the solve plus ``value.sum().backward()`` into the cost
-and both structures. Reported: median wall time over the repeats, and peak memory allocated during one
+the timed region, as leaves that require grad); float32; alpha 0.5, epsilon 0.1 (--epsilon); 10 outer x 20
+inner iterations for every solver, no tolerance. Timed: the solve plus ``value.sum().backward()`` into the
+cost and both structures. Reported: median wall time over the repeats, and peak memory allocated during one
 run (CPU: torch profiler memory events, i.e. tensors allocated by torch; CUDA: max_memory_allocated).
 
 - equal lengths: ours (solver="ppa", the algorithm of POT's batch solver; and "pgd") vs
   ``ot.batch.solve_gromov_batch(..., max_iter=10, max_iter_inner=20, tol=0, tol_inner=0, grad="envelope")``;
 - ragged (lengths uniform in [N/2, N] x [M/2, M]): ours on the padded batch vs a loop over pairs of
   ``ot.gromov.entropic_fused_gromov_wasserstein2(..., solver="PPA", max_iter=10, numItermax=20)`` (POT
-  differentiates it by autograd through its iterations).
+  differentiates it by autograd through its iterations);
+- OTT-JAX (optional column, when jax and ott-jax are importable; ``pip install ott-jax``, benchmark only):
+  ``ott.solvers.quadratic.gromov_wasserstein.GromovWasserstein`` on the equal-length batch under
+  ``jax.jit(jax.vmap(...))``, 10 outer x 20 inner (min = max iterations), objective scaled to ours
+  (fused_penalty = (1 - alpha) / alpha, epsilon / alpha), the solve on stopped gradients and the value
+  ``(1 - alpha) <C, T> + alpha GW(T)`` differentiated at the plan (the envelope gradient, as ours and POT's
+  batch solver). With --threads 1 XLA is restricted to one thread (XLA_FLAGS, set before jax is imported);
+  otherwise XLA uses its default (all cores).
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ def ours(problem, solver: str) -> Callable[[], None]:
             inner_iter=INNER,
             solver=solver,
             symmetric=True,
+            check_convergence=False,  # epsilon 0.05 at 20 inner iterations: a few items above 1e-3
         )
         res.value.sum().backward()
 
@@ -140,6 +149,47 @@ def pot_loop(problem) -> Callable[[], None]:
     return run
 
 
+def ott_fgw(problem) -> Callable[[], None] | None:
+    """OTT-JAX's GromovWasserstein, forward + backward of the FGW value; None when jax is not importable."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        from ott.geometry import geometry
+        from ott.problems.quadratic import quadratic_problem
+        from ott.solvers.linear import sinkhorn as ott_sinkhorn
+        from ott.solvers.quadratic import gromov_wasserstein
+    except ImportError:
+        return None
+    cost, sa, sb, a, b, _, _ = (t.detach().cpu().numpy() if torch.is_tensor(t) else t for t in problem)
+    linear = ott_sinkhorn.Sinkhorn(min_iterations=INNER, max_iterations=INNER, inner_iterations=INNER)
+    solver = gromov_wasserstein.GromovWasserstein(
+        linear, epsilon=EPSILON / ALPHA, min_iterations=OUTER, max_iterations=OUTER
+    )
+
+    def value(c, da, dl, wa, wb):
+        prob = quadratic_problem.QuadraticProblem(
+            geometry.Geometry(cost_matrix=jax.lax.stop_gradient(da)),
+            geometry.Geometry(cost_matrix=jax.lax.stop_gradient(dl)),
+            geometry.Geometry(cost_matrix=jax.lax.stop_gradient(c)),
+            fused_penalty=(1 - ALPHA) / ALPHA,
+            a=wa,
+            b=wb,
+        )
+        plan = jax.lax.stop_gradient(solver(prob).matrix)
+        r, k = plan.sum(1), plan.sum(0)
+        gw = r @ (da * da) @ r + k @ (dl * dl) @ k - 2 * jnp.sum((da @ plan @ dl.T) * plan)
+        return (1 - ALPHA) * jnp.sum(c * plan) + ALPHA * gw
+
+    grad = jax.jit(jax.vmap(jax.value_and_grad(value, argnums=(0, 1, 2))))
+    args = tuple(jnp.asarray(x) for x in (cost, sa, sb, a, b))
+
+    def run() -> None:
+        out = grad(*args)
+        jax.block_until_ready(out)
+
+    return run
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -184,13 +234,21 @@ def peak_mib(fn: Callable[[], None], device: str) -> float:
 
 
 def main() -> None:
+    global EPSILON
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="three shapes instead of the full grid")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds per cell (default 9, quick 7)")
     parser.add_argument("--loop-repeats", type=int, default=3, help="timed runs of the slow per-pair loop")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--epsilon", type=float, default=0.1, help="entropic regularisation")
+    parser.add_argument("--no-ott", action="store_true", help="leave the OTT-JAX column out")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "N", "M"), help="one shape only")
     args = parser.parse_args()
+    EPSILON = args.epsilon
+    if args.threads == 1:
+        flags = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
     warnings.filterwarnings(
         "ignore", category=UserWarning
     )  # POT: "Sinkhorn did not converge" at 20 iterations
@@ -199,12 +257,24 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (7 if args.quick else 9)
-    shapes = QUICK if args.quick else FULL
+    shapes = [tuple(args.shape)] if args.shape else QUICK if args.quick else FULL
+    have_ott = (
+        not args.no_ott and args.device == "cpu" and ott_fgw(make_problem(1, 4, 2, "cpu", False)) is not None
+    )
+    if not have_ott:
+        console_note = "OTT-JAX column left out: " + (
+            "--no-ott"
+            if args.no_ott
+            else "CPU only"
+            if args.device != "cpu"
+            else "jax / ott-jax not importable"
+        )
+        print(console_note)
     console = Console(width=150)
     mem = "CUDA max_memory_allocated" if args.device == "cuda" else "torch CPU allocations (profiler)"
     table = Table(
         title=f"FGW forward+backward, float32, {args.device}, {torch.get_num_threads()} threads, "
-        f"{OUTER}x{INNER} iterations; median ms, peak MiB ({mem})"
+        f"{OUTER}x{INNER} iterations, epsilon {EPSILON:g}; median ms, peak MiB ({mem})"
     )
     for col in (
         "B",
@@ -214,6 +284,8 @@ def main() -> None:
         "ours ppa",
         "POT batch",
         "speed-up",
+        "OTT-JAX",
+        "vs OTT",
         "MiB ours/POT",
         "ours ragged",
         "POT loop (ragged)",
@@ -223,16 +295,16 @@ def main() -> None:
     for batch, n, m in shapes:
         equal = make_problem(batch, n, m, args.device, ragged=False)
         ragged = make_problem(batch, n, m, args.device, ragged=True)
-        t = timed(
-            {
-                "pgd": ours(equal, "pgd"),
-                "ppa": ours(equal, "ppa"),
-                "pot": pot_batch(equal),
-                "ragged": ours(ragged, "ppa"),
-            },
-            args.device,
-            repeats,
-        )
+        fns = {
+            "pgd": ours(equal, "pgd"),
+            "ppa": ours(equal, "ppa"),
+            "pot": pot_batch(equal),
+            "ragged": ours(ragged, "ppa"),
+        }
+        if have_ott:
+            fns["ott"] = ott_fgw(equal)
+        t = timed(fns, args.device, repeats)
+        t_ott = t.get("ott")
         t_pgd, t_ppa, t_pot, t_rag = t["pgd"], t["ppa"], t["pot"], t["ragged"]
         t_loop = timed({"loop": pot_loop(ragged)}, args.device, args.loop_repeats)["loop"]
         mem_ours, mem_pot = peak_mib(ours(equal, "ppa"), args.device), peak_mib(pot_batch(equal), args.device)
@@ -244,6 +316,8 @@ def main() -> None:
             f"{t_ppa:.1f}",
             f"{t_pot:.1f}",
             f"{t_pot / t_ppa:.1f}x",
+            "-" if t_ott is None else f"{t_ott:.1f}",
+            "-" if t_ott is None else f"{t_ott / t_pgd:.1f}x",
             f"{mem_ours:.0f}/{mem_pot:.0f}",
             f"{t_rag:.1f}",
             f"{t_loop:.0f}",

@@ -45,6 +45,10 @@ class GMOTConfig:
     solver: Literal["pgd", "ppa"] = "pgd"
     """FGW outer loop: "pgd" (projected mirror descent: Sinkhorn on the linearised cost) or "ppa" (proximal
     point: the cost also includes -epsilon log T_k, converging to the unregularised FGW plan)."""
+    start: Literal["auto", "warm", "cold"] = "auto"
+    """Where each pgd projection starts (transport.fused_gromov_wasserstein): "auto" (per item, the previous
+    outer step's potentials or zero ones, whichever leaves the smaller row error), "warm" (always the
+    previous ones: gmot before 0.2, the transfer study and its demo numbers) or "cold" (POT's)."""
     tol: float | None = None
     """Optional per-item convergence tolerance checked every few iterations; None = fixed budget, no host
     synchronisation (fastest on a GPU)."""
@@ -99,6 +103,8 @@ class GMOTConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("none", "wd", "fgw"):
             raise ValueError(f"gmot.mode must be none, wd or fgw, got {self.mode!r}")
+        if self.start not in ("auto", "warm", "cold"):
+            raise ValueError(f"gmot.start must be auto, warm or cold, got {self.start!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"gmot.alpha must lie in [0, 1], got {self.alpha}")
         if self.epsilon <= 0:
@@ -140,6 +146,8 @@ class GMOTConfig:
             raise ValueError(f"unknown gmot config keys {unknown}")
         if d and "centre" not in d:  # saved before centring existed (and was the default): it was off
             d = {**d, "centre": False}
+        if d and "start" not in d:  # saved before the start was a choice: projections always started warm
+            d = {**d, "start": "warm"}
         return cls(**d)
 
 
@@ -325,7 +333,7 @@ class GMOTLoss(nn.Module):
         return transport.fused_gromov_wasserstein(
             cost, d_a, d_l, a, bm, alpha=cfg.alpha, epsilon=cfg.epsilon, outer_iter=cfg.outer_iter,
             inner_iter=cfg.inner_iter, solver=cfg.solver, tol=cfg.tol, grad=cfg.grad, symmetric=True,
-            validate=False,
+            validate=False, start=cfg.start,
         )  # fmt: skip
 
 

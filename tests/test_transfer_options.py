@@ -316,3 +316,28 @@ def test_checkpoint_configs_from_before_centring_load_with_it_off() -> None:
     old = {k: v for k, v in GMOTConfig().to_dict().items() if k not in ("centre",)}
     assert GMOTConfig.from_dict(old).centre is False
     assert GMOTConfig.from_dict({**old, "centre": True}).centre is True
+
+
+def test_configs_from_before_the_start_choice_keep_warm_projections() -> None:
+    """Runs saved before `gmot.start` existed (the transfer study's) resume with the warm starts they used;
+    new runs get the solver's default."""
+    assert GMOTConfig().start == "auto"
+    old = {k: v for k, v in GMOTConfig().to_dict().items() if k != "start"}
+    assert GMOTConfig.from_dict(old).start == "warm"
+    with pytest.raises(ValueError, match=r"gmot\.start"):
+        GMOTConfig(start="hot")
+
+
+def test_the_start_reaches_the_solver() -> None:
+    """Warm and cold starts give different plans at a small budget, through the loss."""
+    torch.manual_seed(0)
+    h, z = torch.randn(2, 30, 16), torch.randn(2, 6, 16)
+    a_len, b_len = torch.tensor([30, 25]), torch.tensor([6, 4])
+    plans = {}
+    for start in ("warm", "cold"):
+        cfg = GMOTConfig(
+            start=start, epsilon=0.01, inner_iter=3, centre=False, tot_weight=0.0, standardise=False
+        )
+        loss = GMOTLoss(cfg)
+        plans[start] = loss(h, a_len, z, b_len)["plan"]
+    assert not torch.allclose(plans["warm"], plans["cold"])

@@ -31,12 +31,14 @@ def problems(draw):
     return cost, torch.cdist(xa, xa), torch.cdist(xb, xb), a, b, n_lens, m_lens
 
 
-def check_plan(plan, a, b, n_lens, m_lens, atol):
+def check_plan(plan, a, b, n_lens, m_lens, atol, rows_exact=False):
     assert bool(torch.isfinite(plan).all()) and bool((plan >= 0).all())
     for i, (ni, mi) in enumerate(zip(n_lens, m_lens, strict=True)):
         assert bool((plan[i, ni:] == 0).all()) and bool((plan[i, :, mi:] == 0).all())
-    assert torch.allclose(plan.sum(1), b, atol=1e-10, rtol=0)  # columns exact after each projection
-    assert torch.allclose(plan.sum(2), a, atol=atol, rtol=0)
+    # the side each projection ends on is exact: columns (sinkhorn, pgd), rows (ppa, as POT)
+    exact, approx = (plan.sum(2), plan.sum(1)) if rows_exact else (plan.sum(1), plan.sum(2))
+    assert torch.allclose(exact, a if rows_exact else b, atol=1e-10, rtol=0)
+    assert torch.allclose(approx, b if rows_exact else a, atol=atol, rtol=0)
 
 
 @SETTINGS
@@ -55,7 +57,7 @@ def test_fgw_plan_is_feasible_and_padding_is_zero(problem, epsilon, alpha, solve
     res = fused_gromov_wasserstein(
         cost, sa, sb, a, b, alpha=alpha, epsilon=epsilon, outer_iter=5, inner_iter=200, solver=solver
     )
-    check_plan(res.plan, a, b, n_lens, m_lens, atol=1e-6)
+    check_plan(res.plan, a, b, n_lens, m_lens, atol=1e-6, rows_exact=solver == "ppa")
     assert bool(torch.isfinite(res.value).all())
     # the objective is a sum of non-negative terms (plus KL >= 0 for pgd)
     assert bool((res.transport_cost >= -1e-12).all()) and bool((res.value >= res.transport_cost - 1e-9).all())
