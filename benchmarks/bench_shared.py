@@ -6,7 +6,8 @@ OpenMP's active or passive wait policy.
 
 Each cell runs in a fresh child process (the wait policy is read when OpenMP starts): build the demo model
 and synthetic batches (benchmarks/bench_train.py's), take 2 warm-up steps, then time N steps and print the
-median. The competitor is a Python busy loop started before the child and stopped after it. Run it on an
+median. Steps run in the precision training picks on this CPU (bf16 where it has native bf16). The
+competitor is a Python busy loop started before the child and stopped after it. Run it on an
 otherwise idle machine: the point is the difference between the rows, and other load changes it.
 """
 
@@ -82,7 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps = 3 if a.quick else a.steps
     policies = ["active"] if a.quick else ["active", "passive"]
-    print(f"demo distill step, {os.cpu_count()} cores, {steps} timed steps per cell (median s / worst s)")
+    import torch
+
+    from models.precision import choose_precision
+
+    precision = choose_precision(torch.device("cpu"), True)
+    print(
+        f"demo distill step, {os.cpu_count()} cores, {precision} (as training picks it), {steps} timed steps "
+        "per cell (median s / worst s)"
+    )
     print("| competitor | wait policy | threads asked | threads used | median s | worst s |")
     print("|---|---|---|---|---|---|")
     for competitor in (False, True):

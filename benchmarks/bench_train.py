@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.ctc_loss import ctc_losses
 from models.encoder import PRESETS, ConformerCTC, count_parameters
 from models.gmot import GMOTConfig, GMOTLoss
+from models.precision import autocast_for, choose_precision
 
 
 @dataclass
@@ -88,11 +89,12 @@ def train_step(
     kt_loss: GMOTLoss | None,
     device: torch.device,
     kt_weight: float = 0.5,
+    precision: str = "auto",
 ) -> float:
-    """One optimiser step on `batch`; returns the loss value (forces the step to finish)."""
-    use_bf16 = device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
-    with ctx:
+    """One optimiser step on `batch`; returns the loss value (forces the step to finish). `precision`:
+    "auto" (what training picks on `device`, models/precision.py), "bf16", "fp16" or "fp32"."""
+    chosen = choose_precision(device, True) if precision == "auto" else precision
+    with autocast_for(device, chosen):  # type: ignore[arg-type]
         out = model(batch["feats"], batch["lens"])
     per_utt = ctc_losses(out, batch["tokens"], batch["token_lens"])
     loss = per_utt.mean()
@@ -112,7 +114,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_preset(
-    name: str, frames_budget: int, n_batches: int, repeats: int, device: torch.device, gmot: GMOTConfig
+    name: str,
+    frames_budget: int,
+    n_batches: int,
+    repeats: int,
+    device: torch.device,
+    gmot: GMOTConfig,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Seconds per step of pretrain and distill for model preset `name` on the same `n_batches` batches.
 
@@ -133,8 +141,8 @@ def bench_preset(
     opt_pre = torch.optim.AdamW(pre.parameters(), lr=1e-4)
     opt_dis = torch.optim.AdamW(dis.parameters(), lr=1e-4)
     # warm-up (allocator, kernels, AdamW state) on the first batch
-    train_step(pre, opt_pre, batches[0], None, device)
-    train_step(dis, opt_dis, batches[0], kt, device)
+    train_step(pre, opt_pre, batches[0], None, device, precision=precision)
+    train_step(dis, opt_dis, batches[0], kt, device, precision=precision)
     best: dict[str, list[float]] = {"pretrain": [], "distill": []}
     for batch in batches:
         per: dict[str, list[float]] = {"pretrain": [], "distill": []}
@@ -142,7 +150,7 @@ def bench_preset(
             for mode, model, opt, loss in (("pretrain", pre, opt_pre, None), ("distill", dis, opt_dis, kt)):
                 _sync(device)
                 t0 = time.perf_counter()
-                train_step(model, opt, batch, loss, device)
+                train_step(model, opt, batch, loss, device, precision=precision)
                 _sync(device)
                 per[mode].append(time.perf_counter() - t0)
         for mode in per:
@@ -179,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch CPU threads (default 1: steadiest on a shared machine)"
     )
     ap.add_argument("--presets", default="demo,aishell1", help="comma-separated model presets")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="autocast of the forward pass (auto: what training picks on this device, models/precision.py)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(max(args.threads, 1))
     device = torch.device(args.device)
@@ -196,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     target = 1.05 if device.type == "cuda" else 1.15
     table = Table(
         title=f"train step: distill (GM-OT fgw, {gmot.outer_iter}x{gmot.inner_iter} {gmot.solver}, "
-        f"{gmot.structure}) over pretrain, {device.type}, {torch.get_num_threads()} threads"
+        f"{gmot.structure}) over pretrain, {device.type}, {torch.get_num_threads()} threads, "
+        f"{choose_precision(device, True) if args.precision == 'auto' else args.precision}"
     )
     cols = (
         "preset",
@@ -213,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="left" if col in ("preset", "batch") else "right")
     for name in args.presets.split(","):
         console.print(f"timing {name} ...")
-        r = bench_preset(name, budgets[name], n_batches, repeats, device, gmot)
+        r = bench_preset(name, budgets[name], n_batches, repeats, device, gmot, args.precision)
         ratio = r["distill"] / r["pretrain"]
         table.add_row(
             name,

@@ -6,6 +6,7 @@ Launch with `torchrun`; RANK, LOCAL_RANK and WORLD_SIZE say who a process is. Ra
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -80,18 +81,48 @@ def all_reduce(values: list[float], dd: DistInfo, device: torch.device, op: str 
     return t.tolist()
 
 
-def free_cores() -> int:
-    """Cores this process may use that are not busy now: the CPU affinity set minus the 1-minute load
-    average (rounded), at least 1."""
+def cpu_times(path: str = "/proc/stat") -> tuple[int, int]:
+    """(total, idle) CPU time in clock ticks summed over the machine's CPUs, from the aggregate `cpu` line
+    of /proc/stat (idle includes iowait). OSError / ValueError where it cannot be read."""
+    with open(path, encoding="ascii") as f:
+        fields = f.readline().split()
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        raise ValueError(f"{path}: no aggregate cpu line")
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+def busy_cores_now(window_s: float = 0.25) -> float | None:
+    """Cores' worth of CPU time the machine spent busy over the next `window_s` seconds (this process sleeps
+    meanwhile), from two reads of /proc/stat; None where /proc/stat is missing. Unlike the load average,
+    which lags by about a minute, it sees a process that just stopped or started."""
+    try:
+        total0, idle0 = cpu_times()
+        time.sleep(window_s)
+        total1, idle1 = cpu_times()
+    except (OSError, ValueError):
+        return None
+    total = total1 - total0
+    if total <= 0:
+        return None
+    return (total - (idle1 - idle0)) / total * (os.cpu_count() or 1)
+
+
+def free_cores(siblings: int = 0) -> int:
+    """Cores this process may use that are not busy now: the CPU affinity set minus the busy cores measured
+    over a quarter of a second (the 1-minute load average where /proc/stat is missing), at least 1.
+    `siblings` busy cores are taken to be this job's own other ranks starting up, and not counted."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    try:
-        busy = round(os.getloadavg()[0])
-    except OSError:
-        busy = 0
-    return max(1, cores - busy)
+    busy = busy_cores_now()
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, cores - round(max(0.0, busy - siblings)))
 
 
 def cpu_threads(requested: int, local_world: int = 1) -> int | None:
@@ -103,4 +134,5 @@ def cpu_threads(requested: int, local_world: int = 1) -> int | None:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, free_cores() // max(local_world, 1))
+    local_world = max(local_world, 1)
+    return max(1, free_cores(siblings=local_world - 1) // local_world)

@@ -64,12 +64,52 @@ def test_torchrun_ranks_take_the_gpu_of_their_local_rank(monkeypatch: pytest.Mon
 def test_cpu_threads_take_the_free_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (1.2, 0.0, 0.0))  # one core busy
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: 1.2)  # one core busy
     assert distributed.free_cores() == 3
     assert distributed.cpu_threads(0) == 3
-    assert distributed.cpu_threads(0, local_world=2) == 1  # two ranks on this node share them
+    assert distributed.cpu_threads(0, local_world=2) == 2  # the busy core is the other rank: 4 // 2 each
     assert distributed.cpu_threads(2) == 2  # train.threads=2 stands
-    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: 9.0)
     assert distributed.cpu_threads(0) == 1  # never fewer than one
+    # without /proc/stat the load average decides
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: None)
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (2.2, 0.0, 0.0))
+    assert distributed.free_cores() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert distributed.cpu_threads(0) is None  # the user's setting stands
+
+
+def test_busy_cores_are_read_from_proc_stat(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n", encoding="ascii")
+    assert distributed.cpu_times(str(stat)) == (1000, 850)
+    stat.write_text("intr 5\n", encoding="ascii")
+    with pytest.raises(ValueError, match="no aggregate cpu line"):
+        distributed.cpu_times(str(stat))
+    # two reads 300 ticks apart, 150 of them idle, on 2 CPUs: one core's worth busy
+    reads = iter([(1000, 850), (1300, 1000)])
+    monkeypatch.setattr(distributed, "cpu_times", lambda: next(reads))
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 2)
+    assert distributed.busy_cores_now(window_s=0.0) == pytest.approx(1.0)
+    monkeypatch.setattr(distributed, "cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    assert distributed.busy_cores_now(window_s=0.0) is None
+
+
+def test_busy_cores_see_a_process_that_runs_now() -> None:
+    """On Linux: a busy loop in another process shows up within a quarter of a second (the load average
+    would take about a minute). Other load may add to it, never take it away, so only a floor is checked."""
+    import subprocess
+    import sys
+
+    if distributed.busy_cores_now(window_s=0.05) is None:
+        pytest.skip("no /proc/stat")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+
+        time.sleep(0.3)
+        loaded = distributed.busy_cores_now()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert loaded is not None and loaded >= 0.6
