@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,31 @@ class Skip:
     def to_dict(self) -> dict:
         """JSON form used in reports."""
         return {"id": self.id, "reason": self.reason, "detail": self.detail}
+
+
+def drop_duplicate_ids(
+    entries: Sequence[tuple[str, int, UtteranceRecord | Skip]], where: str, unit: str = "on lines"
+) -> tuple[list[UtteranceRecord], list[Skip]]:
+    """Entries (id, position, record or skip) in input order -> (records, skips). Every entry whose id occurs
+    more than once is dropped, and each such id becomes one `duplicate_id` skip listing its positions
+    ("{where}: id appears {unit} 3, 7"); the skips among the other entries pass through."""
+    positions: dict[str, list[int]] = defaultdict(list)
+    for uid, pos, _ in entries:
+        positions[uid].append(pos)
+    records: list[UtteranceRecord] = []
+    skips: list[Skip] = []
+    for uid, _, got in entries:
+        if len(positions[uid]) > 1:
+            continue
+        if isinstance(got, Skip):
+            skips.append(got)
+        else:
+            records.append(got)
+    for uid, pos in positions.items():
+        if len(pos) > 1:
+            listed = ", ".join(str(n) for n in pos)
+            skips.append(Skip(uid, DUPLICATE_ID, f"{where}: id appears {unit} {listed}"))
+    return records, skips
 
 
 def _read_table(path: Path, skips: list[Skip], *, need_value: bool = True) -> dict[str, tuple[str, int]]:
@@ -302,13 +328,5 @@ def read_jsonl(path: Path) -> tuple[list[UtteranceRecord], list[Skip]]:
                 lineno,
             )
         )
-    lines_of: dict[str, list[int]] = defaultdict(list)
-    for rec, lineno in entries:
-        lines_of[rec.id].append(lineno)
-    records = []
-    for uid, linenos in lines_of.items():
-        if len(linenos) > 1:
-            where = ", ".join(str(n) for n in linenos)
-            skips.append(Skip(uid, DUPLICATE_ID, f"{path}: id appears on lines {where}"))
-    records = [rec for rec, _ in entries if len(lines_of[rec.id]) == 1]
-    return records, skips
+    records, repeated = drop_duplicate_ids([(rec.id, lineno, rec) for rec, lineno in entries], str(path))
+    return records, skips + repeated

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import re
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import soundfile
 
 from data import corpora
-from data.corpora import CorpusError, Skip, UtteranceRecord
+from data.corpora import CorpusError, Skip, UtteranceRecord, drop_duplicate_ids
 
 INSTALL_HINT = "reading a saved Hugging Face dataset needs the datasets package: pip install 'gmot[hf]'"
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")  # audiofolder's metadata, with a file_name column
@@ -239,21 +238,8 @@ def read_hf(
         raw_id = row[columns.id] if columns.id else None
         uid = f"row-{index:06d}" if raw_id is None or str(raw_id) == "" else str(raw_id)
         entries.append((uid, index, _row_record(index, row, uid, columns, table, audio_dir)))
-    rows_of: dict[str, list[int]] = defaultdict(list)
-    for uid, index, _ in entries:
-        rows_of[uid].append(index)
-    records = []
-    for uid, _, got in entries:
-        if len(rows_of[uid]) > 1:
-            continue
-        if isinstance(got, Skip):
-            skips.append(got)
-        else:
-            records.append(got)
-    for uid, indices in rows_of.items():
-        if len(indices) > 1:
-            where = ", ".join(str(i) for i in indices)
-            skips.append(Skip(uid, corpora.DUPLICATE_ID, f"{table.where}: id appears in rows {where}"))
+    records, more = drop_duplicate_ids(entries, table.where, "in rows")
+    skips.extend(more)
     _remove_unused(audio_dir, {Path(r.audio) for r in records})
     return records, skips
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from data import corpora
-from data.corpora import CorpusError, Skip, UtteranceRecord
+from data.corpora import CorpusError, Skip, UtteranceRecord, drop_duplicate_ids
 
 INSTALL_HINT = "reading lhotse manifests needs the lhotse package: pip install 'gmot[lhotse]'"
 _KEPT_TRANSFORMS = {"Resample"}  # load_audio resamples to 16 kHz itself; other transforms change the audio
@@ -158,28 +158,6 @@ def _segment(
     )
 
 
-def _drop_duplicates(
-    entries: list[tuple[str, int, UtteranceRecord | Skip]], path: Path, skips: list[Skip]
-) -> list[UtteranceRecord]:
-    """Records whose id occurs once in `entries` (id, line, record or skip); every repeated id is a skip."""
-    lines_of: dict[str, list[int]] = defaultdict(list)
-    for uid, lineno, _ in entries:
-        lines_of[uid].append(lineno)
-    for uid, linenos in lines_of.items():
-        if len(linenos) > 1:
-            where = ", ".join(str(n) for n in linenos)
-            skips.append(Skip(uid, corpora.DUPLICATE_ID, f"{path}: id appears on lines {where}"))
-    records = []
-    for uid, _, got in entries:
-        if len(lines_of[uid]) > 1:
-            continue
-        if isinstance(got, Skip):
-            skips.append(got)
-        else:
-            records.append(got)
-    return records
-
-
 def read_cuts(path: Path) -> tuple[list[UtteranceRecord], list[Skip]]:
     """Read a lhotse CutSet (JSONL, e.g. from CutSet.from_manifests(...).to_file("cuts.jsonl.gz")).
 
@@ -216,7 +194,8 @@ def read_cuts(path: Path) -> tuple[list[UtteranceRecord], list[Skip]]:
             sup = cut.supervisions[0]
             got = _segment(uid, cut.recording, cut.start + sup.start, sup.duration, sup, path)
         entries.append((uid, lineno, got))
-    return _drop_duplicates(entries, path, skips), skips
+    records, more = drop_duplicate_ids(entries, str(path))
+    return records, skips + more
 
 
 def read_recordings_supervisions(
@@ -251,7 +230,8 @@ def read_recordings_supervisions(
         else:
             got = _segment(sup.id, found[0][1], sup.start, sup.duration, sup, recordings)
         entries.append((sup.id, lineno, got))
-    return _drop_duplicates(entries, supervisions, skips), skips
+    records, more = drop_duplicate_ids(entries, str(supervisions))
+    return records, skips + more
 
 
 def read_lhotse(paths: list[Path]) -> tuple[list[UtteranceRecord], list[Skip]]:

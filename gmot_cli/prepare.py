@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -10,7 +11,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from data.corpora import CorpusError, read_aishell1, read_jsonl, read_kaldi_dir
+from data.corpora import CorpusError, Skip, UtteranceRecord, read_aishell1, read_jsonl, read_kaldi_dir
 from data.features import DEFAULT_FRONTEND, FRONTENDS
 from data.preparation import (
     DEFAULT_MAX_DURATION,
@@ -241,6 +242,24 @@ def _parse_splits(values: list[str], what: str) -> list[tuple[str, Path]]:
     return out
 
 
+def _read_splits(
+    split: list[str],
+    what: str,
+    reader: Callable[[str, Path], tuple[list[UtteranceRecord], list[Skip]]],
+    source: Callable[[Path], str],
+) -> list[SplitInput]:
+    """The NAME=VALUE `--split` options read with `reader(name, value)`; a CorpusError ends the command with
+    exit code 2 and its message."""
+    splits = []
+    try:
+        for name, path in _parse_splits(split, what):
+            records, skips = reader(name, path)
+            splits.append(SplitInput(name, records, skips, source=source(path)))
+    except CorpusError as exc:
+        raise _fail(str(exc)) from None
+    return splits
+
+
 @prepare_app.command("kaldi")
 def kaldi(
     out_dir: Path = typer.Argument(..., help="Output folder."),
@@ -262,13 +281,7 @@ def kaldi(
         plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
         frontend,
     )  # fmt: skip
-    splits = []
-    try:
-        for name, path in _parse_splits(split, "DIR"):
-            records, skips = read_kaldi_dir(path)
-            splits.append(SplitInput(name, records, skips, source=str(path)))
-    except CorpusError as exc:
-        raise _fail(str(exc)) from None
+    splits = _read_splits(split, "DIR", lambda name, path: read_kaldi_dir(path), str)
     _run(out_dir, splits, common, _load_teacher(common), lang)
 
 
@@ -293,13 +306,7 @@ def jsonl(
         plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
         frontend,
     )  # fmt: skip
-    splits = []
-    try:
-        for name, path in _parse_splits(split, "FILE"):
-            records, skips = read_jsonl(path)
-            splits.append(SplitInput(name, records, skips, source=str(path)))
-    except CorpusError as exc:
-        raise _fail(str(exc)) from None
+    splits = _read_splits(split, "FILE", lambda name, path: read_jsonl(path), str)
     _run(out_dir, splits, common, _load_teacher(common), lang)
 
 
@@ -330,13 +337,10 @@ def lhotse(
         plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
         frontend,
     )  # fmt: skip
-    splits = []
-    try:
-        for name, path in _parse_splits(split, "CUTS"):
-            records, skips = read_lhotse([Path(p) for p in str(path).split(",")])
-            splits.append(SplitInput(name, records, skips, source=f"lhotse {path}"))
-    except CorpusError as exc:
-        raise _fail(str(exc)) from None
+    def read(name: str, path: Path) -> tuple[list, list]:
+        return read_lhotse([Path(p) for p in str(path).split(",")])
+
+    splits = _read_splits(split, "CUTS", read, "lhotse {}".format)
     _run(out_dir, splits, common, _load_teacher(common), lang)
 
 
@@ -374,15 +378,12 @@ def hf(
         frontend,
     )  # fmt: skip
     columns = HFColumns(audio_column, text_column, id_column, speaker_column)
-    splits = []
-    try:
-        for name, path in _parse_splits(split, "DIR"):
-            if "/" in name or name.startswith("."):  # it names the folder the audio bytes are written to
-                raise _fail(f"invalid split name {name!r}")
-            records, skips = read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
-            splits.append(SplitInput(name, records, skips, source=f"Hugging Face {path}"))
-    except CorpusError as exc:
-        raise _fail(str(exc)) from None
+    def read(name: str, path: Path) -> tuple[list, list]:
+        if "/" in name or name.startswith("."):  # it names the folder the audio bytes are written to
+            raise CorpusError(f"invalid split name {name!r}")
+        return read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
+
+    splits = _read_splits(split, "DIR", read, "Hugging Face {}".format)
     _run(out_dir, splits, common, _load_teacher(common), lang)
 
 
