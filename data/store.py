@@ -274,6 +274,21 @@ def read_frontend(lang_dir: Path) -> str:
     return str(json.loads(path.read_text(encoding="utf-8")).get("frontend") or LEGACY_FRONTEND)
 
 
+def frontend_mismatch(data_dir: Path, model_frontend: str) -> str | None:
+    """None when the prepared folder `data_dir` (its lang/cmvn.json) has features of `model_frontend`, or
+    names no lang folder; else a sentence saying what each side is and how to prepare the data to match."""
+    lang = Path(data_dir) / "lang"
+    if not (lang / "cmvn.json").is_file():
+        return None
+    data_frontend = read_frontend(lang)
+    if data_frontend == model_frontend:
+        return None
+    return (
+        f"{data_dir} has {data_frontend!r} features but the model was trained on {model_frontend!r} "
+        f"features: prepare it again with --frontend {model_frontend}"
+    )
+
+
 def read_plm_info(lang_dir: Path) -> dict | None:
     """Content of `lang_dir/plm.json` (name, source, width, layer, mean, std), or None when absent."""
     path = Path(lang_dir) / "plm.json"

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data.features import AudioError, feature_width_mismatch
 from data.scoring import ScoringError, score_transcripts
-from data.store import StoreError, read_frontend
+from data.store import StoreError, frontend_mismatch
 from gmot_cli.errors import error_exit
 from gmot_cli.score import print_score
 from models.checkpoint import CheckpointError, load_model
@@ -112,13 +112,9 @@ def decode(
                     f"split {split!r} is not prepared in {inputs[0]} (no folder {split_dir}); "
                     f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
                 )
-            lang = inputs[0] / "lang"
-            data_front = read_frontend(lang) if (lang / "cmvn.json").is_file() else None
-            if data_front is not None and data_front != loaded.frontend:
-                raise DecodingError(
-                    f"{inputs[0]} has {data_front!r} features but the model was trained on "
-                    f"{loaded.frontend!r} features: prepare it again with --frontend {loaded.frontend}"
-                )
+            front_mismatch = frontend_mismatch(inputs[0], loaded.frontend)
+            if front_mismatch:
+                raise DecodingError(front_mismatch)
             utts, refs = split_utterances(split_dir)
             # checked before the progress bar starts (transcribe would raise it at the first batch)
             mismatch = utts and feature_width_mismatch(utts[0].feats.shape[1], loaded.cmvn_mean.shape[0])

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from data.store import StoreError
+from data.store import StoreError, frontend_mismatch
 from gmot_cli.errors import error_exit
 from models.alignment_plot import (
     FIGURE_SUFFIXES,
@@ -61,6 +61,9 @@ def plot_alignment(
             raise StoreError(
                 f"split {split!r} is not prepared in {data_dir} (no {data_dir / split / 'manifest.jsonl'})"
             )
+        front_mismatch = frontend_mismatch(data_dir, loaded.frontend)
+        if front_mismatch:
+            raise StoreError(front_mismatch)
         if worst > 0:
             utts, refs = split_utterances(data_dir / split)
             hyps = transcribe(

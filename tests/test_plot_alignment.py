@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tiny_model import TINY_GMOT, build_tiny_checkpoint
 from typer.testing import CliRunner
 
@@ -144,3 +145,15 @@ def test_bad_inputs(tiny_exp: Path, tiny_prepared: Path, tmp_path: Path) -> None
         app, ["plot-alignment", str(tmp_path / "missing.pt"), str(tiny_prepared), "--utt", "x"]
     )
     assert res.exit_code == 2 and "missing.pt does not exist" in res.output
+
+
+def test_data_of_another_front_end_is_refused(tiny_exp: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+    state = torch.load(tiny_exp / "avg.pt", weights_only=True)
+    state["cmvn"]["frontend"] = "kaldi-snip"
+    legacy = tmp_path / "legacy.pt"
+    torch.save(state, legacy)
+    res = runner.invoke(app, ["plot-alignment", str(legacy), str(tiny_prepared), "--worst", "1",
+                              "--out", str(tmp_path / "p.png")])  # fmt: skip
+    assert res.exit_code == 2
+    assert "'sherpa-onnx' features but the model was trained on 'kaldi-snip'" in res.output
+    assert not (tmp_path / "p.png").exists()
