@@ -147,6 +147,11 @@ def export_onnx(
                 verbose=False,
             )
         proto = onnx.load(tmp)
+        written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        if written != opset:
+            raise ExportError(
+                f"torch's exporter could not write opset {opset} (it wrote {written}); use --opset {written}"
+            )
         meta = export_metadata(loaded)
         del proto.metadata_props[:]
         for key, value in meta.items():

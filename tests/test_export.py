@@ -146,3 +146,12 @@ def test_export_onnx_leaves_an_existing_model_when_it_fails(tiny_prepared: Path,
         export_onnx(loaded, out)
     assert (out / "model.onnx").read_bytes() == b"previous export"
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    """torch's exporter writes opset 18 natively and cannot convert this graph to 17 (Split): say so instead
+    of writing a model of another opset than asked."""
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
+    res = runner.invoke(app, ["export", str(exp), str(tmp_path / "onnx"), "--opset", "17", "--no-check"])
+    assert res.exit_code == 2 and "could not write opset 17" in res.output
+    assert not (tmp_path / "onnx" / "model.onnx").exists()
