@@ -11,7 +11,7 @@ from rich.markup import escape
 from data.features import NUM_MEL_BINS
 from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError, load_model
-from models.export import DEFAULT_OPSET, SHERPA_FRONTEND, ExportError, export_onnx
+from models.export import DEFAULT_OPSET, SHERPA_FRONTEND, ExportError, export_onnx, sherpa_onnx_command
 
 
 def export(
@@ -60,10 +60,10 @@ def export(
             highlight=False,
         )
     if sherpa_ready:
+        console.print("decode a wav with sherpa-onnx (pip install sherpa-onnx):", highlight=False)
         console.print(
-            "decode with sherpa-onnx: sherpa-onnx-offline "
-            f"--zipformer-ctc-model={escape(str(result.model_path))} "
-            f"--tokens={escape(str(result.tokens_path))} audio.wav",
+            sherpa_onnx_command(result.model_path, result.tokens_path),
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )

@@ -201,6 +201,19 @@ def _compare_with_torch(path: str, graph: nn.Module, x: Tensor, x_lens: Tensor) 
     return diff
 
 
+def sherpa_onnx_command(model_path: Path, tokens_path: Path, wav: str = "audio.wav") -> str:
+    """A shell command that transcribes `wav` with sherpa-onnx's Python package (`pip install sherpa-onnx`)
+    from an export, printing the text: what `gmot export` prints and the README shows."""
+    code = (
+        "import sys, soundfile, sherpa_onnx; "
+        "r = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc("
+        f"model='{model_path}', tokens='{tokens_path}'); "
+        "s = r.create_stream(); w, sr = soundfile.read(sys.argv[1], dtype='float32'); "
+        "s.accept_waveform(sr, w); r.decode_stream(s); print(s.result.text)"
+    )
+    return f'python -c "{code}" {wav}'
+
+
 def onnxruntime_module():
     """The onnxruntime module, or ExportError with the install hint."""
     try:

@@ -44,7 +44,7 @@ def test_hf_dataset_to_sherpa_onnx(tmp_path: Path) -> None:
     for args in steps:
         res = runner.invoke(app, args)
         assert res.exit_code == 0, (args[0], res.output)
-    assert "sherpa-onnx-offline --zipformer-ctc-model=" in res.output
+    assert "sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(" in res.output
 
     recogniser = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
         model=str(onnx_dir / "model.onnx"), tokens=str(onnx_dir / "tokens.txt"), num_threads=1

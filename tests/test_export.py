@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from gmot_cli.app import app
 from models.checkpoint import load_model
 from models.decoding import greedy_ctc, padded_batch, wav_utterances
-from models.export import ExportError, export_onnx, onnx_log_probs, tokens_text
+from models.export import ExportError, export_onnx, onnx_log_probs, sherpa_onnx_command, tokens_text
 
 onnx = pytest.importorskip("onnx", reason="pip install 'gmot[export]'")
 ort = pytest.importorskip("onnxruntime", reason="pip install 'gmot[export]'")
@@ -121,7 +121,7 @@ def test_legacy_front_end_model_exports_with_a_warning(tiny_prepared: Path, tmp_
     torch.save(state, exp / "avg.pt")
     res = runner.invoke(app, ["export", str(exp), str(tmp_path / "onnx"), "--no-check"])
     assert res.exit_code == 0, res.output
-    assert "'kaldi-snip' features" in res.output and "sherpa-onnx-offline" not in res.output
+    assert "'kaldi-snip' features" in res.output and "from_zipformer_ctc" not in res.output
     assert (tmp_path / "onnx" / "model.onnx").is_file()
 
 
@@ -155,3 +155,24 @@ def test_an_opset_the_exporter_cannot_write_is_refused(tiny_prepared: Path, tmp_
     res = runner.invoke(app, ["export", str(exp), str(tmp_path / "onnx"), "--opset", "17", "--no-check"])
     assert res.exit_code == 2 and "could not write opset 17" in res.output
     assert not (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def test_the_printed_sherpa_onnx_command_transcribes(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    """The command `gmot export` prints (and the README shows) runs as it stands and prints what
+    `gmot decode --wav` prints."""
+    import shlex
+    import subprocess
+    import sys
+
+    pytest.importorskip("sherpa_onnx", reason="pip install 'gmot[export]'")
+    exp, out = exported
+    wav = tmp_path / "said.wav"
+    soundfile.write(wav, _speechy(1.7, 5), 16_000)
+    printed = sherpa_onnx_command(out / "model.onnx", out / "tokens.txt", str(wav))
+    argv = shlex.split(printed)
+    assert argv[0] == "python"
+    run = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    res = runner.invoke(app, ["decode", str(exp), "--wav", str(wav)])
+    ours = next(line for line in res.output.splitlines() if line.startswith("said "))
+    assert run.stdout.strip() == ours.split(" ", 1)[1].strip() != ""
