@@ -101,6 +101,7 @@ def test_gradients_reach_features_and_vanish_at_padding():
         uniform_marginal(ym, F64),
         outer_iter=5,
         inner_iter=10,
+        check_convergence=False,  # a small budget on purpose: this test is about where gradients go
     )
     gx, gy = torch.autograd.grad(res.value.sum(), (x, y))
     assert bool((gx[~xm] == 0).all()) and bool((gy[~ym] == 0).all())
