@@ -5,6 +5,8 @@ What is written (docs/design.md, "Deployment"):
 - `model.onnx`: inputs `x` (N, T, 80) float32 fbank of the model's front end (before CMVN: the global CMVN
   is folded into the graph) and `x_lens` (N,) int64; outputs `log_probs` (N, T', V) float32 CTC
   log-probabilities and `log_probs_len` (N,) int64 valid output frames. N and T are dynamic, V is fixed.
+  Output frames are 40 ms apart, as sherpa-onnx assumes for this model type: an x8 model's frames are each
+  given twice (`output_repeat`), which leaves the greedy transcript unchanged.
   Its metadata names the model type sherpa-onnx loads it as (`zipformer2_ctc`, whose features are the
   "sherpa-onnx" front end), the vocabulary size, the subsampling factor and the front end.
 - `tokens.txt`: one "unit id" line per CTC unit, id 0 = `<blank>`, as sherpa-onnx reads it.
@@ -45,18 +47,35 @@ class ExportError(Exception):
     """A model that cannot be exported as asked; the message says why."""
 
 
+SHERPA_SUBSAMPLING = 4
+"""The frame rate sherpa-onnx assumes for `zipformer2_ctc` outputs (40 ms): its times are frame x 40 ms."""
+
+
+def output_repeat(subsampling: int) -> int:
+    """How many times the export repeats each output frame, so that its frames are 40 ms apart as sherpa-onnx
+    assumes: 2 for x8 models, 1 for x4. Greedy CTC reads the same text from repeated frames (a repeated frame
+    only repeats a symbol, which CTC's collapse removes), and sherpa-onnx's times come out right."""
+    return max(1, subsampling // SHERPA_SUBSAMPLING)
+
+
 class _ExportGraph(nn.Module):
-    """CMVN + the model's CTC path: (x (N, T, F) raw fbank, x_lens (N,)) -> (log_probs, log_probs_len)."""
+    """CMVN + the model's CTC path: (x (N, T, F) raw fbank, x_lens (N,)) -> (log_probs, log_probs_len), each
+    output frame repeated `output_repeat(subsampling)` times."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
         self.model = loaded.model
+        self.repeat = output_repeat(loaded.model.cfg.subsampling)
         self.register_buffer("mean", loaded.cmvn_mean.detach().float().cpu().clone())
         self.register_buffer("inv_std", 1.0 / loaded.cmvn_std.detach().float().cpu().clamp_min(1e-5))
 
     def forward(self, x: Tensor, x_lens: Tensor) -> tuple[Tensor, Tensor]:
         out = self.model.forward_unchecked((x - self.mean) * self.inv_std, x_lens)
-        return out["log_probs"], out["lengths"].to(torch.int64)
+        log_probs, lengths = out["log_probs"], out["lengths"].to(torch.int64)
+        if self.repeat > 1:
+            log_probs = log_probs.repeat_interleave(self.repeat, dim=1)
+            lengths = lengths * self.repeat
+        return log_probs, lengths
 
 
 @dataclass
@@ -94,6 +113,8 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
         "gmot_version": __version__,
         "vocab_size": str(len(loaded.vocab)),
         "subsampling_factor": str(cfg.subsampling),
+        "output_frame_repeat": str(output_repeat(cfg.subsampling)),
+        "output_frame_shift_ms": str(10 * cfg.subsampling // output_repeat(cfg.subsampling)),
         "feature_dim": str(cfg.input_dim),
         "frontend": loaded.frontend,
         "ctc_from": cfg.ctc_from,

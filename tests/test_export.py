@@ -22,11 +22,13 @@ ort = pytest.importorskip("onnxruntime", reason="pip install 'gmot[export]'")
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", params=["encoder", "adapter"])
+@pytest.fixture(scope="module", params=[("encoder", 4), ("adapter", 4), ("encoder", 8)], ids=str)
 def exported(request, tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(experiment folder, export folder) for a tiny model whose CTC head reads `param`."""
+    """(experiment folder, export folder) for a tiny model whose CTC head reads `param[0]`, subsampling by
+    `param[1]`."""
     exp = tmp_path_factory.mktemp("exp")
-    build_tiny_checkpoint(tiny_prepared, exp, steps=20, ctc_from=request.param)
+    ctc_from, subsampling = request.param
+    build_tiny_checkpoint(tiny_prepared, exp, steps=20, ctc_from=ctc_from, subsampling=subsampling)
     # a tiny model fitted on synthetic features says "blank" to real audio; lowering the blank's bias makes
     # it emit characters, so that the decoders have text to agree on
     state = torch.load(exp / "avg.pt", weights_only=True)
@@ -62,6 +64,7 @@ def test_files_metadata_and_tokens(exported: tuple[Path, Path]) -> None:
     assert meta["subsampling_factor"] == str(loaded.model.cfg.subsampling)
     assert meta["frontend"] == loaded.frontend == "sherpa-onnx"
     assert meta["ctc_from"] == loaded.model.cfg.ctc_from
+    assert meta["output_frame_shift_ms"] == "40"  # what sherpa-onnx assumes, also for x8 models
 
 
 def test_onnxruntime_matches_torch_on_a_padded_batch_of_other_lengths(exported: tuple[Path, Path]) -> None:
@@ -79,10 +82,14 @@ def test_onnxruntime_matches_torch_on_a_padded_batch_of_other_lengths(exported: 
     with torch.no_grad():
         normed, lens = padded_batch(feats, loaded.cmvn_mean, loaded.cmvn_std, "cpu")
         want = loaded.model(normed, lens)
-    assert got_lens.tolist() == want["lengths"].tolist()
+    repeat = (
+        loaded.model.cfg.subsampling // 4
+    )  # x8 frames are given twice (40 ms apart, as sherpa-onnx reads)
+    assert got_lens.tolist() == [n * repeat for n in want["lengths"].tolist()]
     assert got.shape[2] == len(loaded.vocab)
+    expected = want["log_probs"].repeat_interleave(repeat, dim=1).numpy()
     for i, n in enumerate(got_lens.tolist()):
-        np.testing.assert_allclose(got[i, :n], want["log_probs"][i, :n].numpy(), atol=1e-4)
+        np.testing.assert_allclose(got[i, :n], expected[i, :n], atol=1e-4)
 
 
 def test_sherpa_onnx_decodes_a_wav_as_gmot_decode_does(exported: tuple[Path, Path], tmp_path: Path) -> None:
@@ -110,6 +117,13 @@ def test_sherpa_onnx_decodes_a_wav_as_gmot_decode_does(exported: tuple[Path, Pat
         log_probs = torch.from_numpy(onnx_log_probs(out / "model.onnx", utt.feats))
         ids = greedy_ctc(log_probs[None], torch.tensor([log_probs.shape[0]]))
         assert "".join(loaded.vocab[i] for i in ids[0]) == ours_text
+        # sherpa-onnx's times are the frames where the greedy path emits, in the model's own frame rate
+        with torch.no_grad():
+            feats, lens = padded_batch([utt.feats], loaded.cmvn_mean, loaded.cmvn_std, "cpu")
+            path = loaded.model(feats, lens)["log_probs"][0].argmax(-1).tolist()
+        emitted = [t for t, k in enumerate(path) if k != 0 and (t == 0 or path[t - 1] != k)]
+        frame_s = 0.01 * loaded.model.cfg.subsampling
+        assert list(stream.result.timestamps) == pytest.approx([t * frame_s for t in emitted], abs=1e-4)
         nonempty += bool(ours_text)
     assert nonempty == 3  # the comparison saw text each time
 

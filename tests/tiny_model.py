@@ -19,7 +19,12 @@ TINY_GMOT = {"mode": "fgw", "alpha": 0.5, "epsilon": 0.1}
 
 
 def build_tiny_checkpoint(
-    prepared: Path, exp_dir: Path, steps: int = 60, seed: int = 0, ctc_from: str = "encoder"
+    prepared: Path,
+    exp_dir: Path,
+    steps: int = 60,
+    seed: int = 0,
+    ctc_from: str = "encoder",
+    subsampling: int = 4,
 ) -> Path:
     """Fit a tiny model (preset `tiny`, with an adapter to the PLM width, its CTC head reading `ctc_from`) on
     prepared/train for `steps` full-batch CTC steps and save it as exp_dir/avg.pt; returns exp_dir."""
@@ -28,7 +33,7 @@ def build_tiny_checkpoint(
     vocab = read_vocab(lang)
     mean, std = (torch.from_numpy(a) for a in read_cmvn(lang))
     plm = read_plm_info(lang)
-    cfg = dataclasses.replace(PRESETS["tiny"], ctc_from=ctc_from)
+    cfg = dataclasses.replace(PRESETS["tiny"], ctc_from=ctc_from, subsampling=subsampling)
     model = ConformerCTC(cfg, len(vocab), plm["width"] if plm else None)
     reader = SplitReader(prepared / "train")
     feats = [reader.features(r) for r in reader.records]
