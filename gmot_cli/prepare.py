@@ -127,7 +127,7 @@ def parse_frontend(name: str) -> str:
 
 
 def parse_speed_factors(text: str) -> tuple[float, ...]:
-    """"0.9,1.0,1.1" -> (0.9, 1.0, 1.1); typer.BadParameter otherwise (distinct factors in [0.5, 2])."""
+    """Parse "0.9,1.0,1.1" -> (0.9, 1.0, 1.1); typer.BadParameter otherwise (distinct factors in [0.5, 2])."""
     if not text.strip():
         return ()
     try:
