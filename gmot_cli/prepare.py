@@ -337,6 +337,7 @@ def lhotse(
         plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
         frontend,
     )  # fmt: skip
+
     def read(name: str, path: Path) -> tuple[list, list]:
         return read_lhotse([Path(p) for p in str(path).split(",")])
 
@@ -378,6 +379,7 @@ def hf(
         frontend,
     )  # fmt: skip
     columns = HFColumns(audio_column, text_column, id_column, speaker_column)
+
     def read(name: str, path: Path) -> tuple[list, list]:
         if "/" in name or name.startswith("."):  # it names the folder the audio bytes are written to
             raise CorpusError(f"invalid split name {name!r}")
