@@ -8,10 +8,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from data.features import NUM_MEL_BINS
+from data.features import NUM_MEL_BINS, AudioError
 from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError, load_model
-from models.export import DEFAULT_OPSET, SHERPA_FRONTEND, ExportError, export_onnx, sherpa_onnx_command
+from models.export import (
+    DEFAULT_OPSET,
+    SHERPA_FRONTEND,
+    ExportError,
+    compare_with_sherpa,
+    export_onnx,
+    sherpa_onnx_command,
+)
 
 
 def export(
@@ -22,6 +29,12 @@ def export(
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset version."),
     check: bool = typer.Option(
         True, "--check/--no-check", help="Run the export with onnxruntime and compare it with torch."
+    ),
+    compare: Path | None = typer.Option(
+        None,
+        "--compare",
+        help="A folder of audio files (.wav, .flac; searched recursively): transcribe them with sherpa-onnx "
+        "and with gmot (greedy) and count identical transcripts; exit code 1 if any differ.",
     ),
 ) -> None:
     """Export a trained model as ONNX for sherpa-onnx (offline CTC) or onnxruntime, with its tokens.txt."""
@@ -61,12 +74,25 @@ def export(
         )
     if sherpa_ready:
         console.print("decode a wav with sherpa-onnx (pip install sherpa-onnx):", highlight=False)
+        command = sherpa_onnx_command(result.model_path, result.tokens_path)
+        console.print(command, markup=False, highlight=False, soft_wrap=True)
+    if compare is not None:
+        wavs = sorted(p for p in compare.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
+        if not wavs:
+            raise error_exit(err, f"--compare {compare}: no .wav or .flac files there")
+        try:
+            cmp = compare_with_sherpa(loaded, result, wavs)
+        except (ExportError, AudioError) as e:
+            raise error_exit(err, str(e)) from None
         console.print(
-            sherpa_onnx_command(result.model_path, result.tokens_path),
-            markup=False,
+            f"sherpa-onnx transcribes {cmp.identical} of {cmp.files} files in {escape(str(compare))} exactly "
+            f"as gmot does (greedy; gmot {cmp.gmot_seconds:.1f} s, sherpa-onnx {cmp.sherpa_seconds:.1f} s)",
             highlight=False,
-            soft_wrap=True,
         )
+        for wav, ours, theirs in cmp.differing[:10]:
+            console.print(f"  {wav}: gmot {ours!r}, sherpa-onnx {theirs!r}", markup=False, highlight=False)
+        if cmp.differing:
+            raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

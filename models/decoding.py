@@ -57,8 +57,9 @@ def greedy_ctc(log_probs: Tensor, lengths: Tensor, blank: int = BLANK_ID) -> lis
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence C/C++ writes to file descriptor 2 (KenLM prints a progress bar while loading an ARPA file)."""
+def quiet_stderr() -> Iterator[None]:
+    """Silence C/C++ writes to file descriptor 2 (KenLM prints a progress bar while loading an ARPA file,
+    sherpa-onnx a note for every file it resamples)."""
     try:
         saved = os.dup(2)
     except OSError:  # pragma: no cover - no fd 2
@@ -88,7 +89,7 @@ def load_kenlm(path: Path, vocab: Sequence[str]):
     if not os.access(path, os.R_OK):
         raise DecodingError(f"language model {path} is not readable (permissions)")
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return KenLM(str(path), Dictionary(list(vocab)))
     except RuntimeError as err:
         lines = [s.strip() for s in str(err).splitlines() if s.strip()]

@@ -235,6 +235,59 @@ def sherpa_onnx_command(model_path: Path, tokens_path: Path, wav: str = "audio.w
     return f'python -c "{code}" {wav}'
 
 
+@dataclass
+class SherpaComparison:
+    """How sherpa-onnx's transcripts of some audio files compare with gmot's greedy ones."""
+
+    files: int
+    differing: list[tuple[Path, str, str]]
+    """(file, gmot's text, sherpa-onnx's text) for each file where they differ."""
+    gmot_seconds: float
+    sherpa_seconds: float
+
+    @property
+    def identical(self) -> int:
+        """Number of files both transcribe alike."""
+        return self.files - len(self.differing)
+
+
+def compare_with_sherpa(
+    loaded: LoadedModel, result: ExportResult, wavs: list[Path], threads: int = 1
+) -> SherpaComparison:
+    """Transcribe `wavs` with the torch model (gmot's greedy CTC on its own front end) and with sherpa-onnx's
+    offline recogniser on the export in `result`, and compare the texts. ExportError without sherpa-onnx;
+    data.features.AudioError naming a file that cannot be read."""
+    import time
+
+    import soundfile
+
+    from models.decoding import greedy_ctc, quiet_stderr, transcribe, wav_utterances
+
+    try:
+        import sherpa_onnx
+    except ImportError:
+        raise ExportError("comparing with sherpa-onnx needs it: pip install 'gmot[export]'") from None
+    start = time.perf_counter()
+    utts = wav_utterances(wavs, loaded.cmvn_mean.shape[0], loaded.frontend)
+    ours = transcribe(loaded.model, loaded.vocab, loaded.cmvn_mean, loaded.cmvn_std, utts, greedy_ctc)
+    ours_s = time.perf_counter() - start
+    recogniser = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
+        model=str(result.model_path), tokens=str(result.tokens_path), num_threads=threads
+    )
+    start = time.perf_counter()
+    theirs = []
+    for wav in wavs:
+        wave, rate = soundfile.read(str(wav), dtype="float32", always_2d=True)
+        stream = recogniser.create_stream()
+        with quiet_stderr():  # sherpa-onnx notes every resampler it creates
+            stream.accept_waveform(rate, wave.mean(axis=1))
+        recogniser.decode_stream(stream)
+        theirs.append(stream.result.text)
+    sherpa_s = time.perf_counter() - start
+    differing = [(w, h.text, t) for w, h, t in zip(wavs, ours, theirs, strict=True) if h.text != t]
+    return SherpaComparison(len(wavs), differing, ours_s, sherpa_s)
+
+
 def onnxruntime_module():
     """The onnxruntime module, or ExportError with the install hint."""
     try:

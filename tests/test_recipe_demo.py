@@ -68,6 +68,10 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     gmot_state = out / "exp" / "gmot" / "avg.pt"
     assert gmot_state.is_file() and (out / "exp" / "baseline" / "avg.pt").is_file()
     assert len(list((out / "plots").glob("*.png"))) == 3
+    # the GM-OT model exported for sherpa-onnx, which transcribes every test wav as gmot does
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "tokens.txt").is_file()
+    flat = " ".join(run.stdout.split())
+    assert "sherpa-onnx transcribes" in flat and "exactly as gmot does" in flat
     # the corpus folder records the sentences' licence
     assert "CC-BY-SA-4.0" in (out / "data" / "corpus" / "LICENSE-sentences.txt").read_text()
     # re-running skips finished stages and ends with the same table

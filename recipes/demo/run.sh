@@ -26,10 +26,10 @@ here=$(dirname "$0")
 sentences=()
 [ -n "$TRAIN_SENTENCES" ] && sentences=(--train-sentences "$TRAIN_SENTENCES")
 
-echo "== 1/5 prepare: the embedded Mandarin corpus (espeak-ng) and the e5-small PLM cache"
+echo "== 1/6 prepare: the embedded Mandarin corpus (espeak-ng) and the e5-small PLM cache"
 gmot prepare demo "$DATA" --seed "$SEED" --voices-per-sentence "$VOICES" --jobs "$JOBS" "${sentences[@]}"
 
-echo "== 2/5 train from scratch, side by side (1 thread each): the baseline and GM-OT ($GMOT_SET)"
+echo "== 2/6 train from scratch, side by side (1 thread each): the baseline and GM-OT ($GMOT_SET)"
 mkdir -p "$EXP"
 # shellcheck disable=SC2086
 COLUMNS=200 OMP_NUM_THREADS=1 gmot pretrain "$DATA" "$EXP/baseline" --preset "$PRESET" --epochs "$EPOCHS" --seed "$SEED" \
@@ -59,7 +59,7 @@ if [ $status -ne 0 ]; then
 fi
 grep -h "^model:" "$EXP/baseline.log" "$EXP/gmot.log" | sed 's/^/   /'
 
-echo "== 3/5 decode: the test split (voices never heard in training), no PLM: greedy CTC, then beam search"
+echo "== 3/6 decode: the test split (voices never heard in training), no PLM: greedy CTC, then beam search"
 echo "   with the train transcripts' character 3-gram (lang/char_3gram.arpa), its weight chosen on dev"
 LM=$DATA/lang/char_3gram.arpa
 decode() {  # decode RUN OUT_FOLDER [options]: skipped when OUT_FOLDER's result is newer than the model
@@ -81,7 +81,7 @@ for run in baseline gmot; do
   decode "$run" "$EXP/$run/decode_test_lm" --split test --method beam --lm "$LM" --lm-weight "$weight"
 done
 
-echo "== 4/5 score"
+echo "== 4/6 score"
 for run in baseline gmot; do
   for dec in decode_test decode_test_lm; do
     gmot score "$DATA/test" "$EXP/$run/$dec" --json > "$EXP/$run/$dec/score.json"
@@ -89,7 +89,11 @@ for run in baseline gmot; do
   gmot score "$DATA/test" "$EXP/$run/decode_test_lm"
 done
 
-echo "== 5/5 plot-alignment: WD and FGW plans of the 3 worst test utterances, with their alignment scores"
+echo "== 5/6 plot-alignment: WD and FGW plans of the 3 worst test utterances, with their alignment scores"
 gmot plot-alignment "$EXP/gmot" "$DATA" --split test --worst 3 --compare wd,fgw --out "$OUT/plots/worst.png"
+
+echo "== 6/6 export: GM-OT as ONNX for sherpa-onnx, and sherpa-onnx on the test wavs against gmot's own decode"
+gmot export "$EXP/gmot" "$OUT/onnx" --compare "$DATA/corpus/wav/test" \
+  || echo "warning: the export or its sherpa-onnx comparison failed (see above); the results below stand"
 
 python "$here/summary.py" "$OUT"
