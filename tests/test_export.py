@@ -190,3 +190,21 @@ def test_the_printed_sherpa_onnx_command_transcribes(exported: tuple[Path, Path]
     res = runner.invoke(app, ["decode", str(exp), "--wav", str(wav)])
     ours = next(line for line in res.output.splitlines() if line.startswith("said "))
     assert run.stdout.strip() == ours.split(" ", 1)[1].strip() != ""
+
+
+def test_compare_counts_files_transcribed_alike(exported: tuple[Path, Path], tmp_path: Path) -> None:
+    exp, _ = exported
+    audio = tmp_path / "audio" / "nested"
+    audio.mkdir(parents=True)
+    for seed in range(3):
+        soundfile.write(audio / f"c{seed}.wav", _speechy(1.2 + 0.3 * seed, 10 + seed), 16_000)
+    res = runner.invoke(
+        app, ["export", str(exp), str(tmp_path / "onnx"), "--compare", str(tmp_path / "audio")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "transcribes 3 of 3 files" in " ".join(res.output.split())
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(
+        app, ["export", str(exp), str(tmp_path / "onnx2"), "--compare", str(tmp_path / "empty")]
+    )
+    assert res.exit_code == 2 and "no .wav or .flac files" in res.output
