@@ -1,6 +1,6 @@
 """ONNX export of a trained model for sherpa-onnx and onnxruntime (`gmot export`).
 
-What is written (docs/design.md, "Deployment"):
+What is written (docs/design.md, section 4.5 "Features and deployment"):
 
 - `model.onnx`: inputs `x` (N, T, 80) float32 fbank of the model's front end (before CMVN: the global CMVN
   is folded into the graph) and `x_lens` (N,) int64; outputs `log_probs` (N, T', V) float32 CTC
@@ -40,7 +40,7 @@ size from the output shape."""
 SHERPA_FRONTEND = "sherpa-onnx"
 DEFAULT_OPSET = 18
 """The opset torch's exporter writes natively (asking for an older one makes it convert, which fails for
-Split); onnxruntime 1.16 and newer and the onnxruntime inside sherpa-onnx read it."""
+Split); tested with onnxruntime 1.32 and with the onnxruntime inside sherpa-onnx 2.0.1."""
 
 
 class ExportError(Exception):
