@@ -139,7 +139,9 @@ FRONTENDS: dict[str, FrontEnd] = {
     # folders and checkpoints that do not name a front end were made with it.
     "kaldi-snip": FrontEnd("kaldi-snip", snip_edges=True, high_freq=0.0, sample_scale=32768.0),
 }
-DEFAULT_FRONTEND = "sherpa-onnx"
+SHERPA_ONNX_FRONTEND = "sherpa-onnx"
+"""The front end sherpa-onnx computes, which an exported model must be trained on to decode there alike."""
+DEFAULT_FRONTEND = SHERPA_ONNX_FRONTEND
 LEGACY_FRONTEND = "kaldi-snip"
 
 
@@ -163,12 +165,6 @@ def num_frames(num_samples: int, front: str | None = DEFAULT_FRONTEND) -> int:
 def duration_to_frames(seconds: float, front: str | None = DEFAULT_FRONTEND) -> int:
     """Number of fbank frames for a duration in seconds (same rule as `num_frames`)."""
     return num_frames(math.floor(seconds * SAMPLE_RATE), front)
-
-
-def frame_centre_seconds(front: str | None = DEFAULT_FRONTEND) -> float:
-    """Where the window of frame 0 is centred, in seconds (frame t: this + 0.01 t): 12.5 ms with snip edges,
-    5 ms without."""
-    return (_WINDOW / 2 if frontend(front).snip_edges else _SHIFT / 2) / SAMPLE_RATE
 
 
 def compute_fbank(wave: np.ndarray, front: str | None = DEFAULT_FRONTEND) -> np.ndarray:

@@ -45,6 +45,7 @@ from data.features import (
     compute_features,
     duration_to_frames,
     feature_dim,
+    frontend,
     has_pitch,
     load_audio,
     speed_perturb,
@@ -56,6 +57,7 @@ from data.store import (
     MANIFEST,
     PLM_DIR,
     REPORT,
+    StoreError,
     read_cmvn,
     read_frontend,
     read_plm_info,
@@ -121,6 +123,9 @@ class PrepareOptions:
     pitch: bool = False
     speed_perturb: tuple[float, ...] = ()
     frontend: str = DEFAULT_FRONTEND
+
+    def __post_init__(self) -> None:
+        frontend(self.frontend)  # ValueError naming the known front ends, before any work starts
 
 
 @dataclass
@@ -456,6 +461,8 @@ def prepare(
             )
         except ValueError as err:
             raise PrepareError(f"{lang_dir}/cmvn.json: {err}") from None
+        except StoreError as err:
+            raise PrepareError(str(err)) from None
         if teacher is not None:
             info = read_plm_info(lang_dir)
             if info is None:

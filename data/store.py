@@ -269,9 +269,12 @@ def read_frontend(lang_dir: Path) -> str:
     path = Path(lang_dir) / "cmvn.json"
     if not path.is_file():
         raise StoreError(f"no CMVN statistics: {path}")
-    from data.features import LEGACY_FRONTEND
+    from data.features import frontend
 
-    return str(json.loads(path.read_text(encoding="utf-8")).get("frontend") or LEGACY_FRONTEND)
+    try:
+        return frontend(json.loads(path.read_text(encoding="utf-8")).get("frontend")).name
+    except ValueError as err:  # a folder written by a gmot that knows more front ends
+        raise StoreError(f"{path}: {err}") from None
 
 
 def frontend_mismatch(data_dir: Path, model_frontend: str) -> str | None:

@@ -8,12 +8,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from data.features import NUM_MEL_BINS, AudioError
+from data.features import NUM_MEL_BINS, SHERPA_ONNX_FRONTEND, AudioError
 from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError, load_model
 from models.export import (
     DEFAULT_OPSET,
-    SHERPA_FRONTEND,
     ExportError,
     compare_with_sherpa,
     export_onnx,
@@ -57,13 +56,12 @@ def export(
         console.print(
             f"onnxruntime against torch: largest log-probability difference {result.max_abs_diff:.2e}"
         )
-    sherpa_ready = loaded.frontend == SHERPA_FRONTEND and loaded.model.cfg.input_dim == NUM_MEL_BINS
-    if loaded.frontend != SHERPA_FRONTEND:
+    sherpa_ready = loaded.frontend == SHERPA_ONNX_FRONTEND and loaded.model.cfg.input_dim == NUM_MEL_BINS
+    if loaded.frontend != SHERPA_ONNX_FRONTEND:
         err.print(
             f"[yellow]warning:[/yellow] this model was trained on {escape(loaded.frontend)!r} features; "
-            f"sherpa-onnx computes {SHERPA_FRONTEND!r} features, so it would not decode as `gmot decode` "
-            "does. "
-            "Train on data prepared with the default --frontend to deploy with sherpa-onnx.",
+            f"sherpa-onnx computes {SHERPA_ONNX_FRONTEND!r} features, so it would not decode as "
+            "`gmot decode` does. Train on data prepared with the default --frontend to deploy with sherpa-onnx.",
             highlight=False,
         )
     elif loaded.model.cfg.input_dim != NUM_MEL_BINS:

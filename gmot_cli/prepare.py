@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from data.corpora import CorpusError, Skip, UtteranceRecord, read_aishell1, read_jsonl, read_kaldi_dir
-from data.features import DEFAULT_FRONTEND, FRONTENDS
+from data.features import DEFAULT_FRONTEND, FRONTENDS, frontend
 from data.preparation import (
     DEFAULT_MAX_DURATION,
     DEFAULT_SHARD_FRAMES,
@@ -121,9 +121,10 @@ def _frontend_opt(with_lang: bool = False):
 
 def parse_frontend(name: str) -> str:
     """A known front end name (data.features.FRONTENDS), else typer.BadParameter listing them."""
-    if name not in FRONTENDS:
-        raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}, not {name!r}")
-    return name
+    try:
+        return frontend(name).name
+    except ValueError:
+        raise typer.BadParameter(f"--frontend must be one of {', '.join(FRONTENDS)}, not {name!r}") from None
 
 
 def parse_speed_factors(text: str) -> tuple[float, ...]:

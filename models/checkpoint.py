@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from data.features import LEGACY_FRONTEND, feature_width_mismatch
+from data.features import feature_width_mismatch, frontend
 from models.encoder import ConformerCTC, ModelConfig
 
 FORMAT = "gmot-checkpoint"
@@ -214,10 +214,13 @@ def check_state_dict_compatible(
         )
 
 
-def frontend_of(state: dict[str, Any]) -> str:
+def frontend_of(state: dict[str, Any], path: Path | str = "<checkpoint>") -> str:
     """The feature front end a checkpoint was trained on (data.features.FRONTENDS; checkpoints saved before
-    front ends were named used "kaldi-snip")."""
-    return str((state.get("cmvn") or {}).get("frontend") or LEGACY_FRONTEND)
+    front ends were named used "kaldi-snip"). CheckpointError naming `path` for a front end unknown here."""
+    try:
+        return frontend((state.get("cmvn") or {}).get("frontend")).name
+    except ValueError as err:  # saved by a gmot that knows more front ends
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
 
 
 def init_from_checkpoint(
@@ -247,7 +250,7 @@ def init_from_checkpoint(
     mismatch = ckpt_mean is not None and feature_width_mismatch(model.cfg.input_dim, len(ckpt_mean))
     if mismatch:
         raise CheckpointError(f"checkpoint {path}: {mismatch}")
-    ckpt_front = frontend_of(state)
+    ckpt_front = frontend_of(state, path)
     if data_frontend is not None and ckpt_front != data_frontend:
         raise CheckpointError(
             f"checkpoint {path} was trained on {ckpt_front!r} features but the data folder has "
@@ -345,5 +348,5 @@ def load_model(path_or_exp_dir: Path, device: str | torch.device = "cpu") -> Loa
         )
     model.to(device).eval()
     return LoadedModel(
-        model, vocab, mean.to(device), std.to(device), frontend_of(state), state["config"], path
+        model, vocab, mean.to(device), std.to(device), frontend_of(state, path), state["config"], path
     )

@@ -37,7 +37,6 @@ SHERPA_MODEL_TYPE = "zipformer2_ctc"
 """The sherpa-onnx offline CTC model type the export is loaded as: its front end defaults (no snip edges,
 samples in [-1, 1], 20-7600 Hz, dither 0) are gmot's "sherpa-onnx" front end, and it reads the vocabulary
 size from the output shape."""
-SHERPA_FRONTEND = "sherpa-onnx"
 DEFAULT_OPSET = 18
 """The opset torch's exporter writes natively (asking for an older one makes it convert, which fails for
 Split); tested with onnxruntime 1.32 and with the onnxruntime inside sherpa-onnx 2.0.1."""

@@ -216,3 +216,23 @@ def test_data_of_another_front_end_is_refused(tiny_prepared: Path, tmp_path: Pat
     assert res.exit_code == 2
     assert "'sherpa-onnx' features but the model was trained on 'kaldi-snip'" in res.output
     assert not (tmp_path / "hyp").exists()
+
+
+def test_a_checkpoint_of_an_unknown_front_end_is_named(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
+    state = torch.load(exp / "avg.pt", weights_only=True)
+    state["cmvn"]["frontend"] = "future-fbank"
+    torch.save(state, exp / "avg.pt")
+    res = _invoke("decode", exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "hyp")
+    assert res.exit_code == 2
+    assert "avg.pt" in res.output and "unknown feature front end 'future-fbank'" in res.output
+
+
+def test_wav_features_follow_the_model_front_end(tmp_path: Path) -> None:
+    """`gmot decode --wav` with a model trained before front ends were named computes its features."""
+    wav = tmp_path / "tone.wav"
+    soundfile.write(wav, _tone(16000), 16000)
+    (legacy,) = wav_utterances([wav], 80, "kaldi-snip")
+    (default,) = wav_utterances([wav], 80)
+    assert legacy.feats.shape == (58, 80) and default.feats.shape == (60, 80)  # whole vs centred windows
+    assert np.array_equal(legacy.feats, compute_fbank(load_audio(wav), "kaldi-snip"))

@@ -327,3 +327,26 @@ def test_front_end_option_is_recorded_and_followed_with_lang(tmp_path: Path) -> 
     res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "x"), "--split", f"train={train}",
                               "--no-plm-cache", "--frontend", "htk"])  # fmt: skip
     assert res.exit_code == 2 and "--frontend must be one of sherpa-onnx, kaldi-snip" in res.output
+
+
+def test_a_front_end_unknown_here_is_named(tmp_path: Path) -> None:
+    """A lang folder written by a gmot that knows more front ends, and a library call with a wrong name."""
+    import json as json_
+
+    from data.preparation import PrepareOptions
+    from data.store import StoreError, read_frontend
+
+    train = good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:2])
+    dev = good_kaldi_dir(tmp_path, "dev", ["你好"], seed=4)
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["prepare", "kaldi", str(out), "--split", f"train={train}", "--no-plm-cache"])
+    assert res.exit_code == 0, res.output
+    cmvn = out / "lang" / "cmvn.json"
+    cmvn.write_text(json_.dumps({**json_.loads(cmvn.read_text()), "frontend": "future-fbank"}))
+    with pytest.raises(StoreError, match="unknown feature front end 'future-fbank'"):
+        read_frontend(out / "lang")
+    res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "more"), "--split", f"dev={dev}",
+                              "--lang", str(out / "lang"), "--no-plm-cache"])  # fmt: skip
+    assert res.exit_code == 2 and "future-fbank" in res.output
+    with pytest.raises(ValueError, match="unknown feature front end 'htk'"):
+        PrepareOptions(frontend="htk")
