@@ -61,7 +61,8 @@ def export(
         err.print(
             f"[yellow]warning:[/yellow] this model was trained on {escape(loaded.frontend)!r} features; "
             f"sherpa-onnx computes {SHERPA_ONNX_FRONTEND!r} features, so it would not decode as "
-            "`gmot decode` does. Train on data prepared with the default --frontend to deploy with sherpa-onnx.",
+            "`gmot decode` does. Train on data prepared with the default --frontend to deploy with "
+            "sherpa-onnx.",
             highlight=False,
         )
     elif loaded.model.cfg.input_dim != NUM_MEL_BINS:
