@@ -208,3 +208,11 @@ def test_compare_counts_files_transcribed_alike(exported: tuple[Path, Path], tmp
         app, ["export", str(exp), str(tmp_path / "onnx2"), "--compare", str(tmp_path / "empty")]
     )
     assert res.exit_code == 2 and "no .wav or .flac files" in res.output
+
+
+def test_an_output_folder_that_cannot_be_made_exits_1(tiny_prepared: Path, tmp_path: Path) -> None:
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the folder should go")
+    res = runner.invoke(app, ["export", str(exp), str(blocker / "onnx"), "--no-check"])
+    assert res.exit_code == 1 and "cannot write to" in res.output
