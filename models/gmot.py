@@ -103,8 +103,8 @@ class GMOTConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("none", "wd", "fgw"):
             raise ValueError(f"gmot.mode must be none, wd or fgw, got {self.mode!r}")
-        if self.start not in ("auto", "warm", "cold"):
-            raise ValueError(f"gmot.start must be auto, warm or cold, got {self.start!r}")
+        if self.start not in transport.STARTS:
+            raise ValueError(f"gmot.start must be one of {', '.join(transport.STARTS)}, got {self.start!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"gmot.alpha must lie in [0, 1], got {self.alpha}")
         if self.epsilon <= 0:

@@ -22,7 +22,7 @@ With a fixed budget (``tol=None``) nothing inside the loop synchronises with the
 per-item check runs every ``check_every`` steps, items that met it stop changing, and the loop ends once
 all have.
 
-Where a pgd projection starts (``start``, see `_STARTS`): by default each item takes, at each outer step,
+Where a pgd projection starts (``start``, see `STARTS`): by default each item takes, at each outer step,
 the previous step's potentials or zero ones, whichever leaves the smaller row error after the first column
 update (one more exponential per step). Warm starts alone lose accuracy where the plan jumps between outer
 steps (POT's entropic GW test problem at epsilon <= 1e-2), cold starts alone where it moves little (random
@@ -54,7 +54,7 @@ _DOMAINS = ("auto", "kernel", "log")
 # cosine costs at epsilon 0.01..0.1: 10-20x closer to the exact iterates at 20-100 iterations); cold
 # starts win where it jumps (POT's test problem at epsilon 1e-2: 2.6e-7 against 1.2e-5 from them at
 # 1000 iterations). ppa always starts cold: its kernel holds the previous plan.
-_STARTS = ("auto", "warm", "cold")
+STARTS = ("auto", "warm", "cold")
 
 
 @dataclass
@@ -384,7 +384,7 @@ class _Spec:
     check_every: int  # in outer steps
     tol: float | None
     domain: str  # "kernel" or "log"
-    start: str = "warm"  # potentials each projection starts from: "warm", "cold" or "auto" (see _STARTS)
+    start: str = "warm"  # potentials each projection starts from: "warm", "cold" or "auto" (see STARTS)
 
 
 def _log_plan(log_k: Tensor, f: Tensor, g: Tensor, p: _Problem) -> Tensor:
@@ -689,8 +689,8 @@ def fused_gromov_wasserstein(
         raise ValueError(f"domain: must be one of {_DOMAINS}, got {domain!r}")
     if not isinstance(solver, str) or solver.lower() not in _SOLVERS:
         raise ValueError(f"solver: must be one of {_SOLVERS}, got {solver!r}")
-    if start not in _STARTS:
-        raise ValueError(f"start: must be one of {_STARTS}, got {start!r}")
+    if start not in STARTS:
+        raise ValueError(f"start: must be one of {STARTS}, got {start!r}")
     solver = solver.lower()
     if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha: must be in [0, 1], got {alpha!r}")
