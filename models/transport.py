@@ -118,6 +118,16 @@ class _Problem:
     valid: Tensor | None  # (B, N, M) bool, None when nothing is padded
     pad_a: Tensor | None  # (B, N) 1.0 at padded rows (added to denominators), None when none
     pad_b: Tensor | None  # (B, M)
+    cache: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # shared with detached()
+
+    def squares(self) -> tuple[Tensor, Tensor]:
+        """Elementwise squares of struct_a (B, N, N) and struct_b (B, M, M), detached; computed once for
+        the solve and the objective (each is a pass over a (B, N, N) tensor)."""
+        assert self.struct_a is not None and self.struct_b is not None
+        if "sq_a" not in self.cache:
+            with torch.no_grad():
+                self.cache["sq_a"], self.cache["sq_b"] = self.struct_a.square(), self.struct_b.square()
+        return self.cache["sq_a"], self.cache["sq_b"]
 
     def detached(self) -> _Problem:
         """The same problem with cost and structures detached from the autograd graph."""
@@ -286,7 +296,7 @@ def _row_error(row_sums: Tensor, p: _Problem) -> Tensor:
 
 def _project_kernel(
     log_k: Tensor, f: Tensor | None, p: _Problem, n: int, restart: bool = False, rows_last: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Sinkhorn projection of 2^log_k on (a, b), kernel domain, from row potentials f (None: cold start).
 
     Everything in bits (base-2 logs; exp2 is several times faster than exp on the CPU). log_k (B, N, M), -inf
@@ -302,8 +312,13 @@ def _project_kernel(
     the warm start and are reported not ok, so that under domain "auto" the log domain solves them again
     with both starts exact.
     Returns plan (B, N, M), new f (B, N), new g (B, M) (bits, 0 at padding, ``plan = 2^(log_k + f + g)``
-    at valid entries) and ok (B,) False where scalings were not finite.
+    at valid entries) and ok: None, or (B,) False for items so reported. Scalings that under/overflow are
+    not looked for here: they leave non-finite potentials, which stay non-finite through every later step
+    (a non-finite plan makes the next kernel NaN), and `_run` checks the final ones.
     """
+    # without autograd the kernel and then the plan are made in one buffer (allocations of fresh pages cost
+    # as much as the passes themselves on the CPU)
+    in_place = not (torch.is_grad_enabled() and (log_k.requires_grad or (f is not None and f.requires_grad)))
     shift = None
     if f is not None:
         shift = f - _masked(f, p.row_valid if p.valid is not None else None, -math.inf).amax(1, keepdim=True)
@@ -312,7 +327,10 @@ def _project_kernel(
     col_max = log_k.amax(dim=1)  # a contiguous reduction: _run stores log_k as (B, M, N)
     if p.valid is not None:
         col_max = col_max.masked_fill(~p.col_valid, 0.0)
-    kernel = torch.exp2(log_k - col_max[:, None, :])
+    if in_place and shift is not None:  # log_k is then this function's own tensor
+        kernel = log_k.sub_(col_max[:, None, :]).exp2_()
+    else:
+        kernel = torch.exp2(log_k - col_max[:, None, :])
     # batched matrix-vector products as (1 x K) @ (K x L) row-vector products: with torch's CPU bmm this
     # orientation is an order of magnitude faster than (L x K) @ (K x 1). kernel_t is kernel's own storage
     # (no copy) when log_k is stored as (B, M, N).
@@ -324,20 +342,22 @@ def _project_kernel(
     def padded(x: Tensor, pad: Tensor | None) -> Tensor:
         return x if pad is None else x + pad
 
-    v = b / padded(kernel.sum(1, keepdim=True), pad_b)
-    kv = torch.bmm(v, kernel_t)
+    ok = None
     if restart and shift is not None:
+        # both starts at once: (B, 2, N) row scalings, warm (ones) and cold, through one product each way
         spread, limit = -shift, _cold_range_bits(log_k.dtype)
-        in_range = spread.amax(1) <= limit
-        u_cold = torch.exp2(spread.clamp(max=limit)).unsqueeze(1)
-        v_cold = b / padded(torch.bmm(u_cold, kernel), pad_b)
-        kv_cold = torch.bmm(v_cold, kernel_t)
+        ok = spread.amax(1) <= limit
+        starts = torch.stack([torch.ones_like(spread), torch.exp2(spread.clamp(max=limit))], dim=1)
+        cols = b / padded(torch.bmm(starts, kernel), pad_b)
+        rows = torch.bmm(cols, kernel_t)
         # row sums after the first column update: u0 * (K v); padded rows are 0 on both sides
-        err_cold = (u_cold * kv_cold - a).abs().sum(2, keepdim=True)
-        err_warm = (kv - a).abs().sum(2, keepdim=True)
-        pick = (err_cold < err_warm) & in_range[:, None, None]
-        v = torch.where(pick, v_cold, v)
-        kv = torch.where(pick, kv_cold, kv)
+        err = (starts * rows - a).abs().sum(2)
+        pick = ((err[:, 1] < err[:, 0]) & ok)[:, None, None]
+        v = torch.where(pick, cols[:, 1:], cols[:, :1])
+        kv = torch.where(pick, rows[:, 1:], rows[:, :1])
+    else:
+        v = b / padded(kernel.sum(1, keepdim=True), pad_b)
+        kv = torch.bmm(v, kernel_t)
     u = a
     for i in range(n):
         if i > 0:
@@ -348,16 +368,13 @@ def _project_kernel(
         v = b / padded(torch.bmm(u, kernel), pad_b)
     log_u = torch.log2(padded(u, pad_a)).squeeze(1)
     log_v = torch.log2(padded(v, pad_b)).squeeze(1)
-    ok = torch.isfinite(log_u).all(dim=1) & torch.isfinite(log_v).all(dim=1)
-    if restart and shift is not None:
-        ok = ok & in_range
-    plan = kernel * u.transpose(1, 2) * v
+    plan = kernel.mul_(u.transpose(1, 2)).mul_(v) if in_place else kernel * u.transpose(1, 2) * v
     return plan, log_u if shift is None else shift + log_u, log_v - col_max, ok
 
 
 def _project_log(
     log_k: Tensor, f: Tensor | None, p: _Problem, n: int, restart: bool = False, rows_last: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Same projection as `_project_kernel` with logsumexp iterations in nats (finite for any epsilon)."""
     if p.valid is None:
         k_rows = k_cols = log_k
@@ -395,8 +412,7 @@ def _project_log(
             break
         g = col_update(f)
     plan = _masked(torch.exp(log_k + f[:, :, None] + g[:, None, :]), p.valid, 0.0)
-    ok = torch.isfinite(f).all(dim=1) & torch.isfinite(g).all(dim=1)
-    return plan, f, g, ok
+    return plan, f, g, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,21 +462,23 @@ def _linearised(base: Tensor, plan: Tensor, p: _Problem, scale: float, symmetric
     return log_k_t.transpose(1, 2)
 
 
-def _quadratic_parts(p: _Problem, spec: _Spec) -> Tensor:
-    """Constant part of -G/epsilon: (B, N, M)."""
+def _quadratic_parts(p: _Problem, spec: _Spec, unit: float) -> Tensor:
+    """Constant part of -G/epsilon, times ``unit`` (log2 e for bits): (B, N, M)."""
     alpha, eps = spec.alpha, spec.epsilon
     if alpha == 0:
-        return p.cost * (-1.0 / eps)
+        return p.cost * (-unit / eps)
     sa, sb = p.struct_a, p.struct_b
     assert sa is not None and sb is not None
-    sq_a, sq_b = sa * sa, sb * sb
+    if torch.is_grad_enabled() and (sa.requires_grad or sb.requires_grad):  # grad="unrolled"
+        sq_a, sq_b = sa * sa, sb * sb
+    else:
+        sq_a, sq_b = p.squares()
     if not spec.symmetric:
         sq_a = 0.5 * (sq_a + sq_a.transpose(1, 2))
         sq_b = 0.5 * (sq_b + sq_b.transpose(1, 2))
     # both squares are symmetric: row-vector products, the fast orientation of the CPU bmm
     const = torch.bmm(p.a.unsqueeze(1), sq_a).transpose(1, 2) + torch.bmm(p.b.unsqueeze(1), sq_b)
-    base = (1 - alpha) * p.cost + (2 * alpha) * const
-    return base * (-1.0 / eps)
+    return torch.add(p.cost * ((1 - alpha) / (2 * alpha)), const) * (-2 * alpha * unit / eps)
 
 
 def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -474,9 +492,9 @@ def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
     project = _project_kernel if kernel else _project_log
     unit = _LOG2E if kernel else 1.0
     batch = p.cost.shape[0]
-    base = _transposed_storage(_quadratic_parts(p, spec))
+    base = _transposed_storage(_quadratic_parts(p, spec, unit))
     if kernel:
-        base = _masked(base * unit, p.valid, -math.inf)
+        base = _masked(base, p.valid, -math.inf)
     quadratic = spec.alpha != 0
     scale = unit * ((4 * spec.alpha / spec.epsilon) if spec.symmetric else (2 * spec.alpha / spec.epsilon))
     plan = (p.b[:, :, None] * p.a[:, None, :]).transpose(1, 2)
@@ -498,13 +516,13 @@ def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
         new_log_plan = _log_plan(log_k, new_f, new_g, p) if spec.prox else log_plan
         if active is None:
             iterations += n if spec.criterion == "marginal" else 1
-            ok = ok & step_ok
+            ok = ok if step_ok is None else ok & step_ok
             plan, log_plan, f, g, last_k = new_plan, new_log_plan, new_f, new_g, log_k
             continue
         # tolerance mode: frozen items keep their state; the check (one host sync) runs every check_every
         keep = active
         iterations += keep.long() * (n if spec.criterion == "marginal" else 1)
-        ok = ok & (step_ok | ~keep)
+        ok = ok if step_ok is None else ok & (step_ok | ~keep)
         last_step = step == len(spec.steps) - 1
         if (step + 1) % spec.check_every == 0 or last_step:
             if spec.criterion == "marginal":
@@ -520,11 +538,12 @@ def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
         if (step + 1) % spec.check_every == 0 and not last_step and not bool(active.any()):
             break
     assert f is not None
+    ok = ok & torch.isfinite(f).all(dim=1) & torch.isfinite(g).all(dim=1)
     if not spec.prox:
         log_plan = _log_plan(last_k, f, g, p)
     if kernel:
         f, g, log_plan = f * (1.0 / unit), g * (1.0 / unit), log_plan * (1.0 / unit)
-    return plan.contiguous(), log_plan.contiguous(), f, g, iterations, ok
+    return plan.contiguous(), log_plan, f, g, iterations, ok
 
 
 def _solve(p: _Problem, spec: _Spec, domain: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -555,12 +574,14 @@ class _FusedCost(torch.autograd.Function):
     takes twice as many passes over the (B, N, N) tensors, each with an allocation of its own."""
 
     @staticmethod
-    def forward(ctx, cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, squares: tuple[Tensor, Tensor]
+    ) -> Tensor:
         r, c = plan.sum(2), plan.sum(1)
         at, tb = torch.bmm(sa, plan), torch.bmm(plan, sb)  # (B, N, M) each
         cross = (at * tb).sum(dim=(1, 2))
-        quad_a = (torch.bmm(r.unsqueeze(1), sa.square()).squeeze(1) * r).sum(1)
-        quad_b = (torch.bmm(c.unsqueeze(1), sb.square()).squeeze(1) * c).sum(1)
+        quad_a = (torch.bmm(r.unsqueeze(1), squares[0]).squeeze(1) * r).sum(1)
+        quad_b = (torch.bmm(c.unsqueeze(1), squares[1]).squeeze(1) * c).sum(1)
         linear = (cost * plan).sum(dim=(1, 2))
         ctx.save_for_backward(sa, sb, plan, at, tb, r, c)
         ctx.alpha = alpha
@@ -580,7 +601,7 @@ class _FusedCost(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             inner = torch.bmm(plan.transpose(1, 2) * (-g2)[:, None, None], at)  # -2 alpha g T^T D^A T
             grad_sb = inner.addcmul_(sb * (g2[:, None] * c)[:, :, None], c[:, None, :])
-        return grad_cost, grad_sa, grad_sb, None, None
+        return grad_cost, grad_sa, grad_sb, None, None, None
 
 
 def _objective(
@@ -599,7 +620,7 @@ def _objective(
             cross = (torch.bmm(sa, plan) * torch.bmm(plan, sb)).sum(dim=(1, 2))
             cost = (1 - alpha) * (p.cost * plan).sum(dim=(1, 2)) + alpha * (quad_a + quad_b - 2 * cross)
         else:
-            cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha)
+            cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha, p.squares())
     if not entropy:
         return cost, cost
     kl = (plan * (log_plan - p.log_a[:, :, None] - p.log_b[:, None, :])).sum(dim=(1, 2))
