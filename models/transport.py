@@ -13,20 +13,24 @@ Conventions follow POT 0.9.7 (``ot.sinkhorn_log``, ``ot.gromov.entropic_fused_gr
   ``T_{k+1}`` = entropic OT of cost ``G_k`` (``pgd``, mirror descent) or of ``G_k - epsilon log T_k``
   (``ppa``, proximal point, as POT's batch solver does); ``T_0 = a b^T``.
 
-How it is computed. Each Sinkhorn projection starts by absorbing the current log potentials into the kernel
-with one exponential per step (a column log-normalisation, so the kernel is well scaled), then iterates in
-the kernel domain on scaling vectors (two batched matrix-vector products per iteration, no
-exponentials). A per-item flag records any overflow/underflow (non-finite scalings); after the loop, items
-that failed are solved again in the log domain (logsumexp iterations), which stays finite at epsilon 1e-3.
-With a fixed budget (``tol=None``) nothing inside the loop synchronises with the host; with ``tol`` the
-per-item check runs every ``check_every`` steps, items that met it stop changing, and the loop ends once
-all have.
+How it is computed. Kernels and plans are (B, N, M) tensors stored as (B, M, N), so that the reductions over
+rows and the row-vector products run over contiguous memory. Each Sinkhorn projection starts by absorbing
+the previous row potentials into the log kernel and scaling each column's largest entry to 1, with one base-2
+exponential per step (on the CPU exp2 is several times faster than exp, so the kernel domain keeps its logs in
+bits); it then iterates in the kernel domain on scaling vectors (two batched matrix-vector products per
+iteration, no exponentials). Scalings that under- or overflow leave non-finite potentials, which stay so:
+after the loop, items that failed are solved again in the log domain (logsumexp iterations), which stays
+finite at epsilon 1e-3. With a fixed budget (``tol=None``) nothing inside the loop synchronises with the
+host; with ``tol`` the per-item check runs every ``check_every`` steps, items that met it stop changing, and
+the loop ends once all have. The FGW value's gradients in the cost and the structures are written out
+(`_FusedCost`) rather than taken by autograd through the expression.
 
 Where a pgd projection starts (``start``, see `STARTS`): by default each item takes, at each outer step,
 the previous step's potentials or zero ones, whichever leaves the smaller row error after the first column
-update (one more exponential per step). Warm starts alone lose accuracy where the plan jumps between outer
-steps (POT's entropic GW test problem at epsilon <= 1e-2), cold starts alone where it moves little (random
-cosine costs at small budgets); the choice is as accurate as the better of the two on both.
+update. Both starts run on the same kernel: the cold one is a row scaling of it, so the choice costs two
+more matrix-vector products. Warm starts alone lose accuracy where the plan jumps between outer steps (POT's
+entropic GW test problem at epsilon <= 1e-2), cold starts alone where it moves little (random cosine costs
+at small budgets); the choice is as accurate as the better of the two on both.
 
 Iteration counts. A projection of ``n`` iterations is a column update then ``n`` row-and-column updates
 (pgd, sinkhorn: columns exact); ppa leaves the last column update out, so that it ends on the rows as POT
@@ -478,7 +482,7 @@ def _quadratic_parts(p: _Problem, spec: _Spec, unit: float) -> Tensor:
         sq_b = 0.5 * (sq_b + sq_b.transpose(1, 2))
     # both squares are symmetric: row-vector products, the fast orientation of the CPU bmm
     const = torch.bmm(p.a.unsqueeze(1), sq_a).transpose(1, 2) + torch.bmm(p.b.unsqueeze(1), sq_b)
-    return torch.add(p.cost * ((1 - alpha) / (2 * alpha)), const) * (-2 * alpha * unit / eps)
+    return torch.add(p.cost * (-(1 - alpha) * unit / eps), const, alpha=-2 * alpha * unit / eps)
 
 
 def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -798,8 +802,12 @@ def fused_gromov_wasserstein(
         validate, check_convergence: as in `sinkhorn`.
         start: where each pgd projection starts: "auto" (per item and step, the warm or the cold start,
             whichever leaves the smaller row error after the first half-iteration: as accurate as the better
-            of the two on every problem tried, for one more exponential per outer step), "warm" (the
-            previous projection's potentials) or "cold" (zero potentials, as POT does). ppa starts cold.
+            of the two on every problem tried, for two more matrix-vector products per outer step), "warm"
+            (the previous projection's potentials) or "cold" (zero potentials, as POT does). ppa starts
+            cold. In the kernel domain "auto" can offer the cold start only while an item's potentials span
+            at most 32 bits in float32 (480 in float64; the problems tried stay under 13 in float32); items
+            beyond are solved again in the log domain under ``domain="auto"``, and keep the warm start under
+            ``domain="kernel"``.
 
     Returns:
         TransportResult; ``iterations`` counts outer steps per item.

@@ -338,3 +338,62 @@ def test_convergence_is_reported_per_item_and_warned_once(monkeypatch: pytest.Mo
         transport.sinkhorn(cost, epsilon=0.01, max_iter=1, domain="log", check_convergence=False)
     with pytest.warns(RuntimeWarning, match="mine: 3 item"):
         assert transport.warn_unconverged(short, 1e-3, "mine") == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("domain", ["kernel", "log"])
+def test_potentials_give_back_the_plan(dtype, domain):
+    """plan = exp(log_u - C / epsilon + log_v) at valid entries; the kernel domain computes in bits and
+    returns nats."""
+    cost, _, _, a, b = ragged_problem(11, dtype)
+    res = sinkhorn(cost, a, b, epsilon=0.05, max_iter=60, domain=domain)
+    rebuilt = torch.exp(res.log_u[:, :, None] - cost / 0.05 + res.log_v[:, None, :])
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for i in range(len(N_LENS)):
+        assert torch.allclose(valid_block(rebuilt, i), valid_block(res.plan, i), rtol=tol * 10, atol=tol)
+        assert bool((res.log_u[i, N_LENS[i] :] == 0).all()) and bool((res.log_v[i, M_LENS[i] :] == 0).all())
+    assert res.plan.is_contiguous()
+
+
+def test_envelope_gradients_are_those_of_the_objective_at_the_plan():
+    """The FGW cost's written-out gradients equal autograd through the objective at the returned plan,
+    with non-symmetric structures and padding."""
+    cost, sa, sb, a, b = ragged_problem(12)
+    g = torch.Generator().manual_seed(12)
+    sa = sa + 0.3 * torch.rand(sa.shape, generator=g, dtype=F64)  # not symmetric any more
+    sb = sb + 0.3 * torch.rand(sb.shape, generator=g, dtype=F64)
+    alpha, eps = 0.4, 0.1
+    c, da, dl = (t.clone().requires_grad_() for t in (cost, sa, sb))
+    res = fused_gromov_wasserstein(c, da, dl, a, b, alpha=alpha, epsilon=eps, outer_iter=5, inner_iter=30)
+    got = torch.autograd.grad(res.transport_cost.sum(), (c, da, dl))
+    plan = res.plan.detach()
+    c2, da2, dl2 = (t.clone().requires_grad_() for t in (cost, sa, sb))
+    r, k = plan.sum(2), plan.sum(1)
+    quad = torch.einsum("bi,bik,bk->b", r, da2**2, r) + torch.einsum("bj,bjl,bl->b", k, dl2**2, k)
+    cross = torch.einsum("bik,bjl,bij,bkl->b", da2, dl2, plan, plan)
+    expected = (1 - alpha) * (c2 * plan).sum((1, 2)) + alpha * (quad - 2 * cross)
+    assert torch.allclose(res.transport_cost.detach(), expected.detach(), rtol=1e-12, atol=1e-14)
+    want = torch.autograd.grad(expected.sum(), (c2, da2, dl2))
+    for ours, ref in zip(got, want, strict=True):
+        assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_cold_start_beyond_float32_range_is_solved_in_the_log_domain():
+    """At epsilon 0.005 the row potentials of this GW problem span up to ~49 bits, more than the 32 at which
+    float32 can offer the cold start as a row scaling of the warm kernel: under domain="auto" those items
+    are solved again in the log domain, where both starts are exact. float64 offers it in the kernel
+    domain, and then agrees with the log domain."""
+    xs = torch.randn(12, 2, generator=torch.Generator().manual_seed(13), dtype=F64)
+    c1 = torch.cdist(xs, xs) ** 2
+    c1 = c1 / c1.max()
+    sa, sb, cost = c1[None], c1.flip(0).flip(1)[None], torch.zeros(1, 12, 12, dtype=F64)
+    kw = {"alpha": 1.0, "epsilon": 0.005, "outer_iter": 5, "inner_iter": 100, "check_convergence": False}
+    args32 = (cost.float(), sa.float(), sb.float())
+    auto = fused_gromov_wasserstein(*args32, **kw)
+    log = fused_gromov_wasserstein(*args32, domain="log", **kw)
+    kernel = fused_gromov_wasserstein(*args32, domain="kernel", **kw)
+    assert torch.equal(auto.plan, log.plan)
+    assert bool(torch.isfinite(kernel.plan).all())  # the kernel domain alone keeps the warm start there
+    in64 = fused_gromov_wasserstein(cost, sa, sb, domain="kernel", **kw)
+    log64 = fused_gromov_wasserstein(cost, sa, sb, domain="log", **kw)
+    assert torch.allclose(in64.plan, log64.plan, rtol=0, atol=1e-12)

@@ -1,0 +1,132 @@
+"""Paired benchmark: models/transport.py as it is now against the same file at another git revision.
+
+Usage: python benchmarks/bench_transport_ab.py --against REV [--threads T] [--epsilon E] [--ragged]
+       [--rounds R] [--shape B N M] [--solvers pgd ppa]
+
+Both versions solve the problems of benchmarks/bench_transport.py (same shapes, data, float32, alpha 0.5,
+10 outer x 20 inner iterations, forward + backward of the FGW value) in alternation, one run of each per
+round, so that a shared machine's load falls on both alike. Reported per shape and solver: the median ms of
+each version and the median of the per-round ratios now / REV (below 1: faster now), which is steadier than
+the ratio of medians when the machine's speed drifts. The revision's file is read with ``git show`` and
+imported on its own, so it must depend on torch only (models/transport.py always has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_transport as bt
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def revision_module(rev: str, folder: Path) -> ModuleType:
+    """models/transport.py at git revision ``rev``, imported as its own module."""
+    try:
+        text = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{rev}:models/transport.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    except subprocess.CalledProcessError as err:
+        raise SystemExit(f"--against {rev}: git show failed: {err.stderr.strip()}") from err
+    path = folder / "transport_at_revision.py"
+    path.write_text(text)
+    return load_module(path, "transport_at_revision")
+
+
+def runner(module: ModuleType, problem, solver: str, epsilon: float):
+    cost, sa, sb, a, b, _, _ = problem
+
+    def run() -> None:
+        c, da, dl = bt.leaves(cost, sa, sb)
+        res = module.fused_gromov_wasserstein(
+            c, da, dl, a, b, alpha=bt.ALPHA, epsilon=epsilon, outer_iter=bt.OUTER, inner_iter=bt.INNER,
+            solver=solver, symmetric=True, check_convergence=False,
+        )  # fmt: skip
+        res.value.sum().backward()
+
+    return run
+
+
+def paired(run_now, run_then, rounds: int) -> tuple[float, float, float]:
+    """(median ms now, median ms then, median of per-round ratios now / then)."""
+    for _ in range(2):
+        run_now()
+        run_then()
+    now: list[float] = []
+    then: list[float] = []
+    for k in range(rounds):
+        order = [(run_now, now), (run_then, then)] if k % 2 == 0 else [(run_then, then), (run_now, now)]
+        for fn, out in order:
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    ratios = [x / y for x, y in zip(now, then, strict=True)]
+    return statistics.median(now) * 1e3, statistics.median(then) * 1e3, statistics.median(ratios)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", required=True, help="git revision to compare with (e.g. a06dc20)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--epsilon", type=float, default=0.1, help="entropic regularisation")
+    parser.add_argument("--ragged", action="store_true", help="lengths drawn from [N/2, N] x [M/2, M]")
+    parser.add_argument("--rounds", type=int, default=15, help="paired rounds per shape and solver")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "N", "M"), help="one shape only")
+    parser.add_argument("--solvers", nargs="+", default=["pgd", "ppa"], choices=["pgd", "ppa"])
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    now = load_module(ROOT / "models" / "transport.py", "transport_now")
+    shapes = [tuple(args.shape)] if args.shape else bt.FULL
+    console = Console(width=130)
+    table = Table(
+        title=f"FGW forward+backward, float32, {args.threads} threads, epsilon {args.epsilon:g}, "
+        f"{'ragged' if args.ragged else 'equal lengths'}: now against {args.against} "
+        f"(median ms; ratio = median of paired now / then)"
+    )
+    for col in ["B", "N", "M"] + [f"{s} {w}" for s in args.solvers for w in ("now", "then", "ratio")]:
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        then = revision_module(args.against, Path(tmp))
+        for shape in shapes:
+            problem = bt.make_problem(*shape, "cpu", args.ragged)
+            cells = [str(x) for x in shape]
+            for solver in args.solvers:
+                t_now, t_then, ratio = paired(
+                    runner(now, problem, solver, args.epsilon),
+                    runner(then, problem, solver, args.epsilon),
+                    args.rounds,
+                )
+                cells += [f"{t_now:.1f}", f"{t_then:.1f}", f"{ratio:.2f}"]
+            table.add_row(*cells)
+            console.print(f"done B={shape[0]} N={shape[1]} M={shape[2]}", style="dim")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
