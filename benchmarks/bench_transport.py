@@ -8,7 +8,10 @@ random; cost = graphs.cosine_cost, structures = graphs.structure_matrix(kind="co
 the timed region, as leaves that require grad); float32; alpha 0.5, epsilon 0.1 (--epsilon); 10 outer x 20
 inner iterations for every solver, no tolerance. Timed: the solve plus ``value.sum().backward()`` into the
 cost and both structures. Reported: median wall time over the repeats, and peak memory allocated during one
-run (CPU: torch profiler memory events, i.e. tensors allocated by torch; CUDA: max_memory_allocated).
+run (CPU: torch profiler memory events, i.e. tensors allocated by torch; CUDA: max_memory_allocated). The
+solvers run in rounds, one run each, ours pgd next to OTT-JAX and ours ppa next to POT's batch solver; the
+speed-up columns are medians over rounds of the ratio of those adjacent runs (the 2-core development VM's
+speed drifts by a third over seconds, which a ratio of medians taken minutes apart does not cancel).
 
 - equal lengths: ours (solver="ppa", the algorithm of POT's batch solver; and "pgd") vs
   ``ot.batch.solve_gromov_batch(..., max_iter=10, max_iter_inner=20, tol=0, tol_inner=0, grad="envelope")``;
@@ -195,19 +198,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int) -> dict[str, float]:
-    """Median ms per function; the functions run round-robin so a shared machine's load hits all alike."""
+def timed_runs(fns: dict[str, Callable[[], None]], device: str, repeats: int) -> dict[str, list[float]]:
+    """Wall times in ms per function over ``repeats`` rounds of one run each. The order is reversed every
+    other round, so that functions listed next to each other always run next to each other in time (their
+    per-round ratios compare like with like on a machine whose speed drifts) and none always follows the
+    same one."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for k in range(repeats):
+        for name in names if k % 2 == 0 else names[::-1]:
             sync(device)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int) -> dict[str, float]:
+    """Median ms per function (see `timed_runs`)."""
+    return {name: statistics.median(t) for name, t in timed_runs(fns, device, repeats).items()}
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> float:
+    """Median over rounds of slow / fast, each round's two runs adjacent in time."""
+    return statistics.median(s / f for s, f in zip(slow, fast, strict=True))
 
 
 def peak_mib(fn: Callable[[], None], device: str) -> float:
@@ -295,17 +312,17 @@ def main() -> None:
     for batch, n, m in shapes:
         equal = make_problem(batch, n, m, args.device, ragged=False)
         ragged = make_problem(batch, n, m, args.device, ragged=True)
-        fns = {
-            "pgd": ours(equal, "pgd"),
-            "ppa": ours(equal, "ppa"),
-            "pot": pot_batch(equal),
-            "ragged": ours(ragged, "ppa"),
-        }
+        # listed in pairs whose ratio is reported: pgd next to OTT-JAX, ppa next to POT's batch solver
+        fns = {"pgd": ours(equal, "pgd")}
         if have_ott:
             fns["ott"] = ott_fgw(equal)
-        t = timed(fns, args.device, repeats)
+        fns |= {"ppa": ours(equal, "ppa"), "pot": pot_batch(equal), "ragged": ours(ragged, "ppa")}
+        runs = timed_runs(fns, args.device, repeats)
+        t = {name: statistics.median(r) for name, r in runs.items()}
         t_ott = t.get("ott")
         t_pgd, t_ppa, t_pot, t_rag = t["pgd"], t["ppa"], t["pot"], t["ragged"]
+        pot_speedup = paired_ratio(runs["pot"], runs["ppa"])
+        ott_speedup = paired_ratio(runs["ott"], runs["pgd"]) if have_ott else None
         t_loop = timed({"loop": pot_loop(ragged)}, args.device, args.loop_repeats)["loop"]
         mem_ours, mem_pot = peak_mib(ours(equal, "ppa"), args.device), peak_mib(pot_batch(equal), args.device)
         table.add_row(
@@ -315,9 +332,9 @@ def main() -> None:
             f"{t_pgd:.1f}",
             f"{t_ppa:.1f}",
             f"{t_pot:.1f}",
-            f"{t_pot / t_ppa:.1f}x",
+            f"{pot_speedup:.1f}x",
             "-" if t_ott is None else f"{t_ott:.1f}",
-            "-" if t_ott is None else f"{t_ott / t_pgd:.1f}x",
+            "-" if ott_speedup is None else f"{ott_speedup:.1f}x",
             f"{mem_ours:.0f}/{mem_pot:.0f}",
             f"{t_rag:.1f}",
             f"{t_loop:.0f}",

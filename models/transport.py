@@ -346,22 +346,21 @@ def _project_kernel(
     def padded(x: Tensor, pad: Tensor | None) -> Tensor:
         return x if pad is None else x + pad
 
+    v = b / padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
+    kv = torch.bmm(v, kernel_t)
     ok = None
     if restart and shift is not None:
-        # both starts at once: (B, 2, N) row scalings, warm (ones) and cold, through one product each way
-        spread, limit = -shift, _cold_range_bits(log_k.dtype)
-        ok = spread.amax(1) <= limit
-        starts = torch.stack([torch.ones_like(spread), torch.exp2(spread.clamp(max=limit))], dim=1)
-        cols = b / padded(torch.bmm(starts, kernel), pad_b)
-        rows = torch.bmm(cols, kernel_t)
-        # row sums after the first column update: u0 * (K v); padded rows are 0 on both sides
-        err = (starts * rows - a).abs().sum(2)
-        pick = ((err[:, 1] < err[:, 0]) & ok)[:, None, None]
-        v = torch.where(pick, cols[:, 1:], cols[:, :1])
-        kv = torch.where(pick, rows[:, 1:], rows[:, :1])
-    else:
-        v = b / padded(kernel.sum(1, keepdim=True), pad_b)
-        kv = torch.bmm(v, kernel_t)
+        spread, limit = -shift.unsqueeze(1), _cold_range_bits(log_k.dtype)  # (B, 1, N), >= 0
+        ok = spread.amax(2).squeeze(1) <= limit
+        u_cold = torch.exp2(spread.clamp(max=limit))
+        v_cold = b / padded(torch.bmm(u_cold, kernel), pad_b)
+        kv_cold = torch.bmm(v_cold, kernel_t)
+        # L1 row errors after the first column update (row sums u0 * K v; padded rows are 0 on both sides)
+        err_warm = torch.linalg.vector_norm(kv - a, 1, dim=2, keepdim=True)
+        err_cold = torch.linalg.vector_norm(u_cold * kv_cold - a, 1, dim=2, keepdim=True)
+        pick = (err_cold < err_warm) & ok[:, None, None]
+        v = torch.where(pick, v_cold, v)
+        kv = torch.where(pick, kv_cold, kv)
     u = a
     for i in range(n):
         if i > 0:
@@ -466,6 +465,26 @@ def _linearised(base: Tensor, plan: Tensor, p: _Problem, scale: float, symmetric
     return log_k_t.transpose(1, 2)
 
 
+def _linearised_at_product(base: Tensor, p: _Problem, scale: float, symmetric: bool) -> Tensor:
+    """`_linearised` at the first plan ``a b^T``, where ``D^A T (D^L)^T = (D^A a)(D^L b)^T`` has rank one:
+    two matrix-vector products and an outer product instead of a (B, N, N) matrix product."""
+    sa, sb = p.struct_a, p.struct_b
+    assert sa is not None and sb is not None
+    a_row, b_row = p.a.unsqueeze(1), p.b.unsqueeze(1)  # (B, 1, N), (B, 1, M)
+    # (D a)^T = a^T D^T, as row-vector products (the fast orientation of the CPU bmm)
+    log_k_t = torch.baddbmm(
+        base.transpose(1, 2),
+        torch.bmm(b_row, sb.transpose(1, 2)).transpose(1, 2),
+        torch.bmm(a_row, sa.transpose(1, 2)),
+        alpha=scale,
+    )
+    if not symmetric:
+        log_k_t = torch.baddbmm(
+            log_k_t, torch.bmm(b_row, sb).transpose(1, 2), torch.bmm(a_row, sa), alpha=scale
+        )
+    return log_k_t.transpose(1, 2)
+
+
 def _quadratic_parts(p: _Problem, spec: _Spec, unit: float) -> Tensor:
     """Constant part of -G/epsilon, times ``unit`` (log2 e for bits): (B, N, M)."""
     alpha, eps = spec.alpha, spec.epsilon
@@ -510,7 +529,9 @@ def _run(p: _Problem, spec: _Spec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tens
     active = torch.ones(batch, dtype=torch.bool, device=p.cost.device) if spec.tol is not None else None
     log_k = last_k = base
     for step, n in enumerate(spec.steps):
-        if quadratic:
+        if quadratic and step == 0:
+            log_k = _linearised_at_product(base, p, scale, spec.symmetric)
+        elif quadratic:
             log_k = _linearised(base, plan, p, scale, spec.symmetric)
         if spec.prox:
             log_k = log_k + log_plan
@@ -600,11 +621,12 @@ class _FusedCost(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_cost = plan * ((1 - alpha) * grad)[:, None, None]
         if ctx.needs_input_grad[1]:
-            outer = torch.bmm(tb * (-g2)[:, None, None], plan.transpose(1, 2))  # -2 alpha g T D^L T^T
-            grad_sa = outer.addcmul_(sa * (g2[:, None] * r)[:, :, None], r[:, None, :])
+            # one (B, N, N) allocation: 2 alpha g D^A * r r^T, then - 2 alpha g T D^L T^T added in place
+            grad_sa = (sa * (g2[:, None] * r)[:, :, None]).mul_(r[:, None, :])
+            grad_sa.baddbmm_(tb * (-g2)[:, None, None], plan.transpose(1, 2))
         if ctx.needs_input_grad[2]:
-            inner = torch.bmm(plan.transpose(1, 2) * (-g2)[:, None, None], at)  # -2 alpha g T^T D^A T
-            grad_sb = inner.addcmul_(sb * (g2[:, None] * c)[:, :, None], c[:, None, :])
+            grad_sb = (sb * (g2[:, None] * c)[:, :, None]).mul_(c[:, None, :])
+            grad_sb.baddbmm_(plan.transpose(1, 2) * (-g2)[:, None, None], at)
         return grad_cost, grad_sa, grad_sb, None, None, None
 
 
