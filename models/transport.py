@@ -592,6 +592,21 @@ def _replace(spec: _Spec, **changes: object) -> _Spec:
 # objective
 
 
+def _fgw_cost(
+    cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, sq_a: Tensor, sq_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(1 - alpha) <C, T> + alpha sum_ijkl (D^A_ik - D^L_jl)^2 T_ij T_kl`` (B,) at plan T (B, N, M), from
+    the structures and their squares; also returns D^A T and T D^L (B, N, M) and the marginals r (B, N),
+    c (B, M), which the gradients reuse."""
+    r, c = plan.sum(2), plan.sum(1)
+    at, tb = torch.bmm(sa, plan), torch.bmm(plan, sb)
+    cross = (at * tb).sum(dim=(1, 2))
+    quad_a = (torch.bmm(r.unsqueeze(1), sq_a).squeeze(1) * r).sum(1)
+    quad_b = (torch.bmm(c.unsqueeze(1), sq_b).squeeze(1) * c).sum(1)
+    linear = (cost * plan).sum(dim=(1, 2))
+    return (1 - alpha) * linear + alpha * (quad_a + quad_b - 2 * cross), at, tb, r, c
+
+
 class _FusedCost(torch.autograd.Function):
     """``(1 - alpha) <C, T> + alpha sum_ijkl (D^A_ik - D^L_jl)^2 T_ij T_kl`` (B,) at a fixed plan T, with its
     gradients in C, D^A and D^L written out: ``(1 - alpha) T``, ``2 alpha (D^A * r r^T - T D^L T^T)`` and
@@ -602,15 +617,10 @@ class _FusedCost(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, squares: tuple[Tensor, Tensor]
     ) -> Tensor:
-        r, c = plan.sum(2), plan.sum(1)
-        at, tb = torch.bmm(sa, plan), torch.bmm(plan, sb)  # (B, N, M) each
-        cross = (at * tb).sum(dim=(1, 2))
-        quad_a = (torch.bmm(r.unsqueeze(1), squares[0]).squeeze(1) * r).sum(1)
-        quad_b = (torch.bmm(c.unsqueeze(1), squares[1]).squeeze(1) * c).sum(1)
-        linear = (cost * plan).sum(dim=(1, 2))
+        value, at, tb, r, c = _fgw_cost(cost, sa, sb, plan, alpha, *squares)
         ctx.save_for_backward(sa, sb, plan, at, tb, r, c)
         ctx.alpha = alpha
-        return (1 - alpha) * linear + alpha * (quad_a + quad_b - 2 * cross)
+        return value
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
@@ -640,11 +650,7 @@ def _objective(
         sa, sb = p.struct_a, p.struct_b
         assert sa is not None and sb is not None
         if plan.requires_grad:  # grad="unrolled": autograd also through the plan
-            r, c = plan.sum(2), plan.sum(1)
-            quad_a = (torch.bmm(r.unsqueeze(1), sa * sa).squeeze(1) * r).sum(1)
-            quad_b = (torch.bmm(c.unsqueeze(1), sb * sb).squeeze(1) * c).sum(1)
-            cross = (torch.bmm(sa, plan) * torch.bmm(plan, sb)).sum(dim=(1, 2))
-            cost = (1 - alpha) * (p.cost * plan).sum(dim=(1, 2)) + alpha * (quad_a + quad_b - 2 * cross)
+            cost = _fgw_cost(p.cost, sa, sb, plan, alpha, sa * sa, sb * sb)[0]
         else:
             cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha, p.squares())
     if not entropy:
