@@ -76,12 +76,14 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def ours(problem, solver: str) -> Callable[[], None]:
+def ours(problem, solver: str, solve: Callable = fused_gromov_wasserstein) -> Callable[[], None]:
+    """One timed run of our solver (``solve``: models.transport's, or another version's; see
+    bench_transport_ab.py) at the module's alpha, epsilon and iteration counts."""
     cost, sa, sb, a, b, _, _ = problem
 
     def run() -> None:
         c, da, dl = leaves(cost, sa, sb)
-        res = fused_gromov_wasserstein(
+        res = solve(
             c,
             da,
             dl,

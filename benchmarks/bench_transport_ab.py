@@ -4,11 +4,12 @@ Usage: python benchmarks/bench_transport_ab.py --against REV [--threads T] [--ep
        [--rounds R] [--shape B N M] [--solvers pgd ppa]
 
 Both versions solve the problems of benchmarks/bench_transport.py (same shapes, data, float32, alpha 0.5,
-10 outer x 20 inner iterations, forward + backward of the FGW value) in alternation, one run of each per
-round, so that a shared machine's load falls on both alike. Reported per shape and solver: the median ms of
-each version and the median of the per-round ratios now / REV (below 1: faster now), which is steadier than
-the ratio of medians when the machine's speed drifts. The revision's file is read with ``git show`` and
-imported on its own, so it must depend on torch only (models/transport.py always has).
+10 outer x 20 inner iterations, forward + backward of the FGW value; its `ours` run and `timed_runs`
+rounds) in alternation, one run of each per round, so that a shared machine's load falls on both alike.
+Reported per shape and solver: the median ms of each version and the median of the per-round ratios
+now / REV (below 1: faster now), which is steadier than the ratio of medians when the machine's speed
+drifts. The revision's file is read with ``git show`` and imported on its own, so it must depend on torch
+only (models/transport.py always has).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -53,41 +53,11 @@ def revision_module(rev: str, folder: Path) -> ModuleType:
             text=True,
         ).stdout
     except subprocess.CalledProcessError as err:
-        raise SystemExit(f"--against {rev}: git show failed: {err.stderr.strip()}") from err
+        print(f"--against {rev}: git show failed: {err.stderr.strip()}", file=sys.stderr)
+        raise SystemExit(2) from err
     path = folder / "transport_at_revision.py"
     path.write_text(text)
     return load_module(path, "transport_at_revision")
-
-
-def runner(module: ModuleType, problem, solver: str, epsilon: float):
-    cost, sa, sb, a, b, _, _ = problem
-
-    def run() -> None:
-        c, da, dl = bt.leaves(cost, sa, sb)
-        res = module.fused_gromov_wasserstein(
-            c, da, dl, a, b, alpha=bt.ALPHA, epsilon=epsilon, outer_iter=bt.OUTER, inner_iter=bt.INNER,
-            solver=solver, symmetric=True, check_convergence=False,
-        )  # fmt: skip
-        res.value.sum().backward()
-
-    return run
-
-
-def paired(run_now, run_then, rounds: int) -> tuple[float, float, float]:
-    """(median ms now, median ms then, median of per-round ratios now / then)."""
-    for _ in range(2):
-        run_now()
-        run_then()
-    now: list[float] = []
-    then: list[float] = []
-    for k in range(rounds):
-        order = [(run_now, now), (run_then, then)] if k % 2 == 0 else [(run_then, then), (run_now, now)]
-        for fn, out in order:
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    ratios = [x / y for x, y in zip(now, then, strict=True)]
-    return statistics.median(now) * 1e3, statistics.median(then) * 1e3, statistics.median(ratios)
 
 
 def main() -> None:
@@ -100,6 +70,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "N", "M"), help="one shape only")
     parser.add_argument("--solvers", nargs="+", default=["pgd", "ppa"], choices=["pgd", "ppa"])
     args = parser.parse_args()
+    bt.EPSILON = args.epsilon
     torch.set_num_threads(args.threads)
     now = load_module(ROOT / "models" / "transport.py", "transport_now")
     shapes = [tuple(args.shape)] if args.shape else bt.FULL
@@ -117,11 +88,13 @@ def main() -> None:
             problem = bt.make_problem(*shape, "cpu", args.ragged)
             cells = [str(x) for x in shape]
             for solver in args.solvers:
-                t_now, t_then, ratio = paired(
-                    runner(now, problem, solver, args.epsilon),
-                    runner(then, problem, solver, args.epsilon),
-                    args.rounds,
-                )
+                fns = {
+                    "now": bt.ours(problem, solver, now.fused_gromov_wasserstein),
+                    "then": bt.ours(problem, solver, then.fused_gromov_wasserstein),
+                }
+                runs = bt.timed_runs(fns, "cpu", args.rounds)
+                ratio = bt.paired_ratio(runs["now"], runs["then"])
+                t_now, t_then = statistics.median(runs["now"]), statistics.median(runs["then"])
                 cells += [f"{t_now:.1f}", f"{t_then:.1f}", f"{ratio:.2f}"]
             table.add_row(*cells)
             console.print(f"done B={shape[0]} N={shape[1]} M={shape[2]}", style="dim")

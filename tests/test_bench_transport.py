@@ -1,0 +1,42 @@
+"""The solver benchmarks run end to end at a tiny size (their timings are not asserted)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+
+
+def test_bench_transport_prints_one_row_per_shape():
+    res = _bench("bench_transport.py", "--shape", "2", "8", "4", "--repeats", "2", "--loop-repeats", "1",
+                 "--threads", "1", "--no-ott")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 1 and rows[0].split("│")[1:4] == [" 2 ", " 8 ", " 4 "]
+    assert "OTT-JAX column left out: --no-ott" in res.stdout
+
+
+def test_bench_transport_ab_compares_with_a_revision():
+    res = _bench("bench_transport_ab.py", "--against", "HEAD", "--shape", "2", "8", "4", "--rounds", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 1
+    ratios = [float(cell) for cell in rows[0].split("│")[1:-1][5::3]]  # pgd ratio, ppa ratio
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)
+
+
+def test_bench_transport_ab_names_a_revision_git_does_not_know():
+    res = _bench("bench_transport_ab.py", "--against", "no-such-revision", "--shape", "2", "8", "4")
+    assert res.returncode == 2
+    assert "--against no-such-revision: git show failed" in res.stderr
