@@ -207,23 +207,24 @@ def test_decode_writes_times_confidence_and_nbest(
     assert bad.exit_code == 2 and "needs --method beam" in bad.output
 
 
-def test_data_of_another_front_end_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+def _decode_with_model_front_end(tiny_prepared: Path, tmp_path: Path, frontend: str):
+    """`gmot decode` of the tiny data with a checkpoint whose recorded front end is ``frontend``."""
     exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
     state = torch.load(exp / "avg.pt", weights_only=True)
-    state["cmvn"]["frontend"] = "kaldi-snip"
+    state["cmvn"]["frontend"] = frontend
     torch.save(state, exp / "avg.pt")
-    res = _invoke("decode", exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "hyp")
+    return _invoke("decode", exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "hyp")
+
+
+def test_data_of_another_front_end_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    res = _decode_with_model_front_end(tiny_prepared, tmp_path, "kaldi-snip")
     assert res.exit_code == 2
     assert "'sherpa-onnx' features but the model was trained on 'kaldi-snip'" in res.output
     assert not (tmp_path / "hyp").exists()
 
 
 def test_a_checkpoint_of_an_unknown_front_end_is_named(tiny_prepared: Path, tmp_path: Path) -> None:
-    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
-    state = torch.load(exp / "avg.pt", weights_only=True)
-    state["cmvn"]["frontend"] = "future-fbank"
-    torch.save(state, exp / "avg.pt")
-    res = _invoke("decode", exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "hyp")
+    res = _decode_with_model_front_end(tiny_prepared, tmp_path, "future-fbank")
     assert res.exit_code == 2
     assert "avg.pt" in res.output and "unknown feature front end 'future-fbank'" in res.output
 
