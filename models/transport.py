@@ -18,12 +18,14 @@ rows and the row-vector products run over contiguous memory. Each Sinkhorn proje
 the previous row potentials into the log kernel and scaling each column's largest entry to 1, with one base-2
 exponential per step (on the CPU exp2 is several times faster than exp, so the kernel domain keeps its logs in
 bits); it then iterates in the kernel domain on scaling vectors (two batched matrix-vector products per
-iteration, no exponentials). Scalings that under- or overflow leave non-finite potentials, which stay so:
-after the loop, items that failed are solved again in the log domain (logsumexp iterations), which stays
-finite at epsilon 1e-3. With a fixed budget (``tol=None``) nothing inside the loop synchronises with the
-host; with ``tol`` the per-item check runs every ``check_every`` steps, items that met it stop changing, and
-the loop ends once all have. The FGW value's gradients in the cost and the structures are written out
-(`_FusedCost`) rather than taken by autograd through the expression.
+iteration, no exponentials; on the CPU one numba-compiled call, `models.sinkhorn_cpu`, runs them all, where
+torch would spend more time dispatching its ~80 small operations than computing). Scalings that under- or
+overflow leave non-finite potentials, which stay so: after the loop, items that failed are solved again in
+the log domain (logsumexp iterations), which stays finite at epsilon 1e-3. With a fixed budget
+(``tol=None``) nothing inside the loop synchronises with the host; with ``tol`` the per-item check runs
+every ``check_every`` steps, items that met it stop changing, and the loop ends once all have. The FGW
+value's gradients in the cost and the structures are written out (`_FusedCost`) rather than taken by
+autograd through the expression.
 
 Where a pgd projection starts (``start``, see `STARTS`): by default each item takes, at each outer step,
 the previous step's potentials or zero ones, whichever leaves the smaller row error after the first column
@@ -40,7 +42,10 @@ does and ``inner_iter=n`` is POT's ``numItermax=n`` (rows exact).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -59,6 +64,11 @@ _DOMAINS = ("auto", "kernel", "log")
 # starts win where it jumps (POT's test problem at epsilon 1e-2: 2.6e-7 against 1.2e-5 from them at
 # 1000 iterations). ppa always starts cold: its kernel holds the previous plan.
 STARTS = ("auto", "warm", "cold")
+# How the kernel-domain projection iterates on the CPU when no autograd graph is kept: "compiled" (one
+# numba-compiled call per projection, `models.sinkhorn_cpu`; falls back to "torch" with a warning when numba
+# cannot be imported) or "torch" (batched torch operations, as on a GPU and under grad="unrolled"). The
+# environment variable GMOT_CPU_LOOP sets it at import.
+CPU_LOOP = os.environ.get("GMOT_CPU_LOOP", "compiled")
 
 
 # The kernel-domain projection offers an item the cold start as a row scaling u0 = 2^-(f - max f) of the
@@ -346,9 +356,20 @@ def _project_kernel(
     def padded(x: Tensor, pad: Tensor | None) -> Tensor:
         return x if pad is None else x + pad
 
+    ok = None
+    if in_place and _compiled_loop_for(kernel):
+        u_start = None
+        if restart and shift is not None:
+            spread, limit = -shift, _cold_range_bits(log_k.dtype)  # (B, N), >= 0
+            ok = spread.amax(1) <= limit
+            u_start = torch.exp2(spread.clamp(max=limit))
+        u_, v_ = _sinkhorn_cpu().scaling_iterations(
+            kernel_t, p.a, p.b, p.pad_a, p.pad_b, u_start, ok if u_start is not None else None, n, rows_last
+        )
+        u, v = u_.unsqueeze(1), v_.unsqueeze(1)
+        return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
     v = b / padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
     kv = torch.bmm(v, kernel_t)
-    ok = None
     if restart and shift is not None:
         spread, limit = -shift.unsqueeze(1), _cold_range_bits(log_k.dtype)  # (B, 1, N), >= 0
         ok = spread.amax(2).squeeze(1) <= limit
@@ -369,10 +390,49 @@ def _project_kernel(
         if rows_last and i == n - 1:
             break
         v = b / padded(torch.bmm(u, kernel), pad_b)
-    log_u = torch.log2(padded(u, pad_a)).squeeze(1)
-    log_v = torch.log2(padded(v, pad_b)).squeeze(1)
+    return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
+
+
+def _scaled_plan(
+    kernel: Tensor,
+    u: Tensor,
+    v: Tensor,
+    pad_a: Tensor | None,
+    pad_b: Tensor | None,
+    shift: Tensor | None,
+    col_max: Tensor,
+    in_place: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """plan = u^T * kernel * v (B, N, M) and the potentials in bits, f (B, N) and g (B, M), from the scalings
+    u (B, 1, N) and v (B, 1, M) of `_project_kernel`'s kernel (in place with ``in_place``)."""
+    log_u = torch.log2(u if pad_a is None else u + pad_a).squeeze(1)
+    log_v = torch.log2(v if pad_b is None else v + pad_b).squeeze(1)
     plan = kernel.mul_(u.transpose(1, 2)).mul_(v) if in_place else kernel * u.transpose(1, 2) * v
-    return plan, log_u if shift is None else shift + log_u, log_v - col_max, ok
+    return plan, log_u if shift is None else shift + log_u, log_v - col_max
+
+
+def _compiled_loop_for(kernel: Tensor) -> bool:
+    """Whether `_project_kernel` runs its iterations with `models.sinkhorn_cpu` (CPU, float32/64, numba
+    importable, `CPU_LOOP` "compiled") rather than as torch operations."""
+    if CPU_LOOP != "compiled" or kernel.device.type != "cpu":
+        return False
+    return kernel.dtype in (torch.float32, torch.float64) and _sinkhorn_cpu() is not None
+
+
+@functools.cache
+def _sinkhorn_cpu() -> types.ModuleType | None:
+    """models.sinkhorn_cpu, or None (with a warning, once) where numba cannot be imported."""
+    try:
+        from models import sinkhorn_cpu
+    except ImportError as err:
+        warnings.warn(
+            f"numba is not importable ({err}); the CPU Sinkhorn iterations run as torch operations, which is "
+            "several times slower at small sizes",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return sinkhorn_cpu
 
 
 def _project_log(
