@@ -519,7 +519,9 @@ def _linearised(base: Tensor, plan: Tensor, p: _Problem, scale: float, symmetric
     sa, sb = p.struct_a, p.struct_b
     assert sa is not None and sb is not None
     plan_t = plan.transpose(1, 2)
-    log_k_t = torch.baddbmm(base.transpose(1, 2), torch.bmm(sb, plan_t), sa.transpose(1, 2), alpha=scale)
+    # symmetric: D^A itself in place of (D^A)^T, the operand layout MKL multiplies fastest
+    sa_t = sa if symmetric else sa.transpose(1, 2)
+    log_k_t = torch.baddbmm(base.transpose(1, 2), torch.bmm(sb, plan_t), sa_t, alpha=scale)
     if not symmetric:
         log_k_t = torch.baddbmm(log_k_t, torch.bmm(sb.transpose(1, 2), plan_t), sa, alpha=scale)
     return log_k_t.transpose(1, 2)
