@@ -68,6 +68,7 @@ STARTS = ("auto", "warm", "cold")
 # numba-compiled call per projection, `models.sinkhorn_cpu`; falls back to "torch" with a warning when numba
 # cannot be imported) or "torch" (batched torch operations, as on a GPU and under grad="unrolled"). The
 # environment variable GMOT_CPU_LOOP sets it at import.
+_CPU_LOOPS = ("compiled", "torch")
 CPU_LOOP = os.environ.get("GMOT_CPU_LOOP", "compiled")
 
 
@@ -324,7 +325,9 @@ def _project_kernel(
     u0 = 2^-(f - max f), and the item keeps whichever start leaves the smaller row error after the first
     column update. Where f spans more than `_cold_range_bits` that scaling would underflow; such items keep
     the warm start and are reported not ok, so that under domain "auto" the log domain solves them again
-    with both starts exact.
+    with both starts exact. On the CPU without autograd the iterations (and the start choice) are one
+    compiled call, `models.sinkhorn_cpu.scaling_iterations`; the same arithmetic otherwise runs as torch
+    operations.
     Returns plan (B, N, M), new f (B, N), new g (B, M) (bits, 0 at padding, ``plan = 2^(log_k + f + g)``
     at valid entries) and ok: None, or (B,) False for items so reported. Scalings that under/overflow are
     not looked for here: they leave non-finite potentials, which stay non-finite through every later step
@@ -414,6 +417,10 @@ def _scaled_plan(
 def _compiled_loop_for(kernel: Tensor) -> bool:
     """Whether `_project_kernel` runs its iterations with `models.sinkhorn_cpu` (CPU, float32/64, numba
     importable, `CPU_LOOP` "compiled") rather than as torch operations."""
+    if CPU_LOOP not in _CPU_LOOPS:
+        raise ValueError(
+            f"GMOT_CPU_LOOP / models.transport.CPU_LOOP: must be one of {_CPU_LOOPS}, got {CPU_LOOP!r}"
+        )
     if CPU_LOOP != "compiled" or kernel.device.type != "cpu":
         return False
     return kernel.dtype in (torch.float32, torch.float64) and _sinkhorn_cpu() is not None
@@ -426,8 +433,8 @@ def _sinkhorn_cpu() -> types.ModuleType | None:
         from models import sinkhorn_cpu
     except ImportError as err:
         warnings.warn(
-            f"numba is not importable ({err}); the CPU Sinkhorn iterations run as torch operations, which is "
-            "several times slower at small sizes",
+            f"numba is not importable ({err}); the CPU Sinkhorn iterations run as torch operations, "
+            "which take about twice as long",
             RuntimeWarning,
             stacklevel=3,
         )

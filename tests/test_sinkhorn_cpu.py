@@ -115,3 +115,10 @@ def test_without_numba_the_torch_loop_runs_with_a_warning(monkeypatch):
         assert torch.allclose(got.plan, want.plan, rtol=1e-11, atol=1e-15)
     finally:
         transport._sinkhorn_cpu.cache_clear()
+
+
+def test_an_unknown_cpu_loop_is_refused_by_name(monkeypatch):
+    cost, sa, sb, a, b = ragged_problem(seed=2)
+    monkeypatch.setattr(transport, "CPU_LOOP", "fast")
+    with pytest.raises(ValueError, match=r"GMOT_CPU_LOOP.*'fast'"):
+        fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.05, outer_iter=2, inner_iter=5)
