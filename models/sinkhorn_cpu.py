@@ -140,16 +140,15 @@ def scaling_iterations(
     batch, m, n_rows = kernel_t.shape
     dtype = kernel_t.dtype
 
-    def arr(x: Tensor | None, shape: tuple[int, ...], like: torch.dtype = dtype) -> np.ndarray:
-        if x is None:
-            return np.zeros(shape, dtype=np.float32 if like == torch.float32 else np.float64)
-        return x.detach().contiguous().numpy()
+    def arr(x: Tensor | None, shape: tuple[int, ...]) -> np.ndarray:
+        """x as a numpy view (a copy only if not contiguous); None: zeros of ``shape``."""
+        return (torch.zeros(shape, dtype=dtype) if x is None else x.detach().contiguous()).numpy()
 
     u = torch.empty(batch, n_rows, dtype=dtype)
     v = torch.empty(batch, m, dtype=dtype)
     cold = np.zeros(batch, dtype=np.bool_) if try_cold is None else try_cold.contiguous().numpy()
     _iterate(
-        kernel_t.detach().contiguous().numpy(),
+        arr(kernel_t, ()),
         arr(a, (batch, n_rows)),
         arr(b, (batch, m)),
         arr(pad_a, (batch, n_rows)),

@@ -304,6 +304,11 @@ def _masked(x: Tensor, keep: Tensor | None, fill: float) -> Tensor:
     return x if keep is None else x.masked_fill(~keep, fill)
 
 
+def _padded(x: Tensor, pad: Tensor | None) -> Tensor:
+    """x + pad (1 at padded entries, so that divisions by sums there stay finite); None: no padding."""
+    return x if pad is None else x + pad
+
+
 def _row_error(row_sums: Tensor, p: _Problem) -> Tensor:
     """L1 error of row sums (B, N) against a, over valid rows: (B,)."""
     return _masked((row_sums - p.a).abs(), p.row_valid if p.valid is not None else None, 0.0).sum(1)
@@ -356,28 +361,22 @@ def _project_kernel(
     pad_a = None if p.pad_a is None else p.pad_a.unsqueeze(1)
     pad_b = None if p.pad_b is None else p.pad_b.unsqueeze(1)
 
-    def padded(x: Tensor, pad: Tensor | None) -> Tensor:
-        return x if pad is None else x + pad
-
-    ok = None
+    ok = u_cold = None
+    if restart and shift is not None:
+        spread, limit = -shift, _cold_range_bits(log_k.dtype)  # (B, N), >= 0
+        ok = spread.amax(1) <= limit
+        u_cold = torch.exp2(spread.clamp(max=limit))
     if in_place and _compiled_loop_for(kernel):
-        u_start = None
-        if restart and shift is not None:
-            spread, limit = -shift, _cold_range_bits(log_k.dtype)  # (B, N), >= 0
-            ok = spread.amax(1) <= limit
-            u_start = torch.exp2(spread.clamp(max=limit))
         u_, v_ = _sinkhorn_cpu().scaling_iterations(
-            kernel_t, p.a, p.b, p.pad_a, p.pad_b, u_start, ok if u_start is not None else None, n, rows_last
+            kernel_t, p.a, p.b, p.pad_a, p.pad_b, u_cold, ok, n, rows_last
         )
         u, v = u_.unsqueeze(1), v_.unsqueeze(1)
         return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
-    v = b / padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
+    v = b / _padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
     kv = torch.bmm(v, kernel_t)
-    if restart and shift is not None:
-        spread, limit = -shift.unsqueeze(1), _cold_range_bits(log_k.dtype)  # (B, 1, N), >= 0
-        ok = spread.amax(2).squeeze(1) <= limit
-        u_cold = torch.exp2(spread.clamp(max=limit))
-        v_cold = b / padded(torch.bmm(u_cold, kernel), pad_b)
+    if u_cold is not None and ok is not None:
+        u_cold = u_cold.unsqueeze(1)  # (B, 1, N)
+        v_cold = b / _padded(torch.bmm(u_cold, kernel), pad_b)
         kv_cold = torch.bmm(v_cold, kernel_t)
         # L1 row errors after the first column update (row sums u0 * K v; padded rows are 0 on both sides)
         err_warm = torch.linalg.vector_norm(kv - a, 1, dim=2, keepdim=True)
@@ -389,10 +388,10 @@ def _project_kernel(
     for i in range(n):
         if i > 0:
             kv = torch.bmm(v, kernel_t)
-        u = a / padded(kv, pad_a)
+        u = a / _padded(kv, pad_a)
         if rows_last and i == n - 1:
             break
-        v = b / padded(torch.bmm(u, kernel), pad_b)
+        v = b / _padded(torch.bmm(u, kernel), pad_b)
     return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
 
 
@@ -408,8 +407,8 @@ def _scaled_plan(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """plan = u^T * kernel * v (B, N, M) and the potentials in bits, f (B, N) and g (B, M), from the scalings
     u (B, 1, N) and v (B, 1, M) of `_project_kernel`'s kernel (in place with ``in_place``)."""
-    log_u = torch.log2(u if pad_a is None else u + pad_a).squeeze(1)
-    log_v = torch.log2(v if pad_b is None else v + pad_b).squeeze(1)
+    log_u = torch.log2(_padded(u, pad_a)).squeeze(1)
+    log_v = torch.log2(_padded(v, pad_b)).squeeze(1)
     plan = kernel.mul_(u.transpose(1, 2)).mul_(v) if in_place else kernel * u.transpose(1, 2) * v
     return plan, log_u if shift is None else shift + log_u, log_v - col_max
 

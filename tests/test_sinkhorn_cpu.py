@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 
@@ -122,3 +124,14 @@ def test_an_unknown_cpu_loop_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(transport, "CPU_LOOP", "fast")
     with pytest.raises(ValueError, match=r"GMOT_CPU_LOOP.*'fast'"):
         fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.05, outer_iter=2, inner_iter=5)
+
+
+@pytest.mark.parametrize("value", ["torch", "compiled"])
+def test_the_environment_variable_chooses_the_loop_at_import(value):
+    code = (
+        "import torch; from models import transport as t; "
+        "print(t.CPU_LOOP, t._compiled_loop_for(torch.zeros(1)))"
+    )
+    env = {**os.environ, "GMOT_CPU_LOOP": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [value, str(value == "compiled")]
