@@ -8,6 +8,7 @@ Features are built from one prototype vector per character (plus noise), so a mo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ TINY_PLM_WIDTH = 16
 TINY_UTTERANCES = 12
 
 torch.set_num_threads(1)
+# Training with train.threads=0 takes the cores free at that moment, which under `pytest -n 2` depends on what
+# the other worker is doing; two runs of one test could then use 1 and 2 threads and round differently. With
+# OMP_NUM_THREADS set, training (and every gmot subprocess, which inherits it) keeps one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def build_tiny_prepared(root: Path, seed: int = 0) -> Path:

@@ -138,7 +138,9 @@ def test_interrupted_run_resumes_to_the_same_weights(
     # dropout and SpecAugment on: resuming must redraw the same masks
     # mid-epoch: DataLoader workers prefetch ahead of training, the resume point must not move with them
     workers = 2 if where == "mid-epoch" else 0
-    extra = ("model.dropout=0.1", "train.save_every_steps=1", "gmot.mode=fgw", f"train.num_workers={workers}")
+    # one thread in every run: with train.threads=0 a resumed run could take 2 free cores and round otherwise
+    extra = ("model.dropout=0.1", "train.save_every_steps=1", "gmot.mode=fgw", f"train.num_workers={workers}",
+             "train.threads=1")  # fmt: skip
     straight = train(tiny_prepared, tmp_path / "a", _tiny(*extra), device="cpu", progress=False)
     assert straight.resumed_from is None
 
