@@ -9,7 +9,8 @@ rounds) in alternation, one run of each per round, so that a shared machine's lo
 Reported per shape and solver: the median ms of each version and the median of the per-round ratios
 now / REV (below 1: faster now), which is steadier than the ratio of medians when the machine's speed
 drifts. The revision's file is read with ``git show`` and imported on its own, so it must depend on torch
-only (models/transport.py always has).
+only (models/transport.py always has), and so is its models/sinkhorn_cpu.py where it has one (numba then
+compiles that copy afresh: the first round of a run includes no compile, `timed_runs` warms up first).
 """
 
 from __future__ import annotations
@@ -43,21 +44,28 @@ def load_module(path: Path, name: str) -> ModuleType:
     return module
 
 
+def file_at(rev: str, path: str) -> tuple[str | None, str]:
+    """The text of ``path`` at git revision ``rev`` (None where git cannot show it) and git's error output."""
+    out = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+    return (out.stdout if out.returncode == 0 else None), out.stderr.strip()
+
+
 def revision_module(rev: str, folder: Path) -> ModuleType:
-    """models/transport.py at git revision ``rev``, imported as its own module."""
-    try:
-        text = subprocess.run(
-            ["git", "-C", str(ROOT), "show", f"{rev}:models/transport.py"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    except subprocess.CalledProcessError as err:
-        print(f"--against {rev}: git show failed: {err.stderr.strip()}", file=sys.stderr)
-        raise SystemExit(2) from err
+    """models/transport.py at git revision ``rev``, imported as its own module; where the revision has
+    models/sinkhorn_cpu.py (the compiled CPU loop), the module uses that revision's copy of it too."""
+    text, error = file_at(rev, "models/transport.py")
+    if text is None:
+        print(f"--against {rev}: git show failed: {error}", file=sys.stderr)
+        raise SystemExit(2)
     path = folder / "transport_at_revision.py"
     path.write_text(text)
-    return load_module(path, "transport_at_revision")
+    module = load_module(path, "transport_at_revision")
+    loop, _ = file_at(rev, "models/sinkhorn_cpu.py")
+    if loop is not None and hasattr(module, "_sinkhorn_cpu"):
+        (folder / "sinkhorn_cpu_at_revision.py").write_text(loop)
+        compiled = load_module(folder / "sinkhorn_cpu_at_revision.py", "sinkhorn_cpu_at_revision")
+        module._sinkhorn_cpu = lambda: compiled  # the revision imports models.sinkhorn_cpu through this
+    return module
 
 
 def main() -> None:

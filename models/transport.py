@@ -47,6 +47,7 @@ import math
 import os
 import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,17 @@ class _Problem:
             with torch.no_grad():
                 self.cache["sq_a"], self.cache["sq_b"] = self.struct_a.square(), self.struct_b.square()
         return self.cache["sq_a"], self.cache["sq_b"]
+
+    def square_products(self, w_a: Tensor, w_b: Tensor) -> tuple[Tensor, Tensor]:
+        """Row-vector products with the squared structures, ``w_a^T (D^A * D^A)`` (B, N) and
+        ``w_b^T (D^L * D^L)`` (B, M), detached: on the CPU one compiled pass over each structure (no squares
+        are stored), elsewhere from `squares`."""
+        assert self.struct_a is not None and self.struct_b is not None
+        if _compiled_loop_for(self.struct_a):
+            squares_of = _sinkhorn_cpu().weighted_squares
+            return squares_of(self.struct_a, w_a), squares_of(self.struct_b, w_b)
+        sq_a, sq_b = self.squares()
+        return torch.bmm(w_a.unsqueeze(1), sq_a).squeeze(1), torch.bmm(w_b.unsqueeze(1), sq_b).squeeze(1)
 
     def detached(self) -> _Problem:
         """The same problem with cost and structures detached from the autograd graph."""
@@ -330,9 +342,8 @@ def _project_kernel(
     u0 = 2^-(f - max f), and the item keeps whichever start leaves the smaller row error after the first
     column update. Where f spans more than `_cold_range_bits` that scaling would underflow; such items keep
     the warm start and are reported not ok, so that under domain "auto" the log domain solves them again
-    with both starts exact. On the CPU without autograd the iterations (and the start choice) are one
-    compiled call, `models.sinkhorn_cpu.scaling_iterations`; the same arithmetic otherwise runs as torch
-    operations.
+    with both starts exact. On the CPU without autograd the whole projection is `models.sinkhorn_cpu.project`
+    (two compiled calls and one exponential); the same arithmetic otherwise runs as torch operations.
     Returns plan (B, N, M), new f (B, N), new g (B, M) (bits, 0 at padding, ``plan = 2^(log_k + f + g)``
     at valid entries) and ok: None, or (B,) False for items so reported. Scalings that under/overflow are
     not looked for here: they leave non-finite potentials, which stay non-finite through every later step
@@ -341,6 +352,11 @@ def _project_kernel(
     # without autograd the kernel and then the plan are made in one buffer (allocations of fresh pages cost
     # as much as the passes themselves on the CPU)
     in_place = not (torch.is_grad_enabled() and (log_k.requires_grad or (f is not None and f.requires_grad)))
+    if in_place and _compiled_loop_for(log_k):
+        limit = _cold_range_bits(log_k.dtype) if restart else None
+        return _sinkhorn_cpu().project(
+            log_k.transpose(1, 2), f, p.a, p.b, p.pad_a, p.pad_b, limit, n, rows_last
+        )
     shift = None
     if f is not None:
         shift = f - _masked(f, p.row_valid if p.valid is not None else None, -math.inf).amax(1, keepdim=True)
@@ -366,12 +382,6 @@ def _project_kernel(
         spread, limit = -shift, _cold_range_bits(log_k.dtype)  # (B, N), >= 0
         ok = spread.amax(1) <= limit
         u_cold = torch.exp2(spread.clamp(max=limit))
-    if in_place and _compiled_loop_for(kernel):
-        u_, v_ = _sinkhorn_cpu().scaling_iterations(
-            kernel_t, p.a, p.b, p.pad_a, p.pad_b, u_cold, ok, n, rows_last
-        )
-        u, v = u_.unsqueeze(1), v_.unsqueeze(1)
-        return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
     v = b / _padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
     kv = torch.bmm(v, kernel_t)
     if u_cold is not None and ok is not None:
@@ -560,15 +570,17 @@ def _quadratic_parts(p: _Problem, spec: _Spec, unit: float) -> Tensor:
         return p.cost * (-unit / eps)
     sa, sb = p.struct_a, p.struct_b
     assert sa is not None and sb is not None
-    if torch.is_grad_enabled() and (sa.requires_grad or sb.requires_grad):  # grad="unrolled"
-        sq_a, sq_b = sa * sa, sb * sb
+    unrolled = torch.is_grad_enabled() and (sa.requires_grad or sb.requires_grad)
+    if spec.symmetric and not unrolled:
+        const_a, const_b = p.square_products(p.a, p.b)
+        const = const_a[:, :, None] + const_b[:, None, :]
     else:
-        sq_a, sq_b = p.squares()
-    if not spec.symmetric:
-        sq_a = 0.5 * (sq_a + sq_a.transpose(1, 2))
-        sq_b = 0.5 * (sq_b + sq_b.transpose(1, 2))
-    # both squares are symmetric: row-vector products, the fast orientation of the CPU bmm
-    const = torch.bmm(p.a.unsqueeze(1), sq_a).transpose(1, 2) + torch.bmm(p.b.unsqueeze(1), sq_b)
+        sq_a, sq_b = (sa * sa, sb * sb) if unrolled else p.squares()
+        if not spec.symmetric:
+            sq_a = 0.5 * (sq_a + sq_a.transpose(1, 2))
+            sq_b = 0.5 * (sq_b + sq_b.transpose(1, 2))
+        # both squares are symmetric: row-vector products, the fast orientation of the CPU bmm
+        const = torch.bmm(p.a.unsqueeze(1), sq_a).transpose(1, 2) + torch.bmm(p.b.unsqueeze(1), sq_b)
     return torch.add(p.cost * (-(1 - alpha) * unit / eps), const, alpha=-2 * alpha * unit / eps)
 
 
@@ -660,19 +672,37 @@ def _replace(spec: _Spec, **changes: object) -> _Spec:
 # objective
 
 
+SquareProducts = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+"""(r (B, N), c (B, M)) -> (r^T (D^A * D^A) (B, N), c^T (D^L * D^L) (B, M))."""
+
+
+def _inner(x: Tensor, y: Tensor) -> Tensor:
+    """Per-item inner products <x, y> of two (B, ...) tensors: (B,), with no temporary of their size when
+    both are contiguous (one batched matrix-vector product)."""
+    batch = x.shape[0]
+    return torch.bmm(x.reshape(batch, 1, -1), y.reshape(batch, -1, 1)).view(batch)
+
+
 def _fgw_cost(
-    cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, sq_a: Tensor, sq_b: Tensor
+    cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, square_products: SquareProducts
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(1 - alpha) <C, T> + alpha sum_ijkl (D^A_ik - D^L_jl)^2 T_ij T_kl`` (B,) at plan T (B, N, M), from
-    the structures and their squares; also returns D^A T and T D^L (B, N, M) and the marginals r (B, N),
-    c (B, M), which the gradients reuse."""
+    the structures and the products of the plan's marginals with their squares; also returns D^A T and
+    T D^L (B, N, M) and the marginals r (B, N), c (B, M), which the gradients reuse."""
     r, c = plan.sum(2), plan.sum(1)
     at, tb = torch.bmm(sa, plan), torch.bmm(plan, sb)
-    cross = (at * tb).sum(dim=(1, 2))
-    quad_a = (torch.bmm(r.unsqueeze(1), sq_a).squeeze(1) * r).sum(1)
-    quad_b = (torch.bmm(c.unsqueeze(1), sq_b).squeeze(1) * c).sum(1)
-    linear = (cost * plan).sum(dim=(1, 2))
-    return (1 - alpha) * linear + alpha * (quad_a + quad_b - 2 * cross), at, tb, r, c
+    rs_a, cs_b = square_products(r, c)
+    quad = (rs_a * r).sum(1) + (cs_b * c).sum(1)
+    return (1 - alpha) * _inner(cost, plan) + alpha * (quad - 2 * _inner(at, tb)), at, tb, r, c
+
+
+def _autograd_square_products(sa: Tensor, sb: Tensor) -> SquareProducts:
+    """`SquareProducts` as torch expressions, differentiable in the structures and the marginals."""
+    sq_a, sq_b = sa * sa, sb * sb
+    return lambda r, c: (
+        torch.bmm(r.unsqueeze(1), sq_a).squeeze(1),
+        torch.bmm(c.unsqueeze(1), sq_b).squeeze(1),
+    )
 
 
 class _FusedCost(torch.autograd.Function):
@@ -683,9 +713,9 @@ class _FusedCost(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, squares: tuple[Tensor, Tensor]
+        ctx, cost: Tensor, sa: Tensor, sb: Tensor, plan: Tensor, alpha: float, square_products: SquareProducts
     ) -> Tensor:
-        value, at, tb, r, c = _fgw_cost(cost, sa, sb, plan, alpha, *squares)
+        value, at, tb, r, c = _fgw_cost(cost, sa, sb, plan, alpha, square_products)
         ctx.save_for_backward(sa, sb, plan, at, tb, r, c)
         ctx.alpha = alpha
         return value
@@ -718,9 +748,9 @@ def _objective(
         sa, sb = p.struct_a, p.struct_b
         assert sa is not None and sb is not None
         if plan.requires_grad:  # grad="unrolled": autograd also through the plan
-            cost = _fgw_cost(p.cost, sa, sb, plan, alpha, sa * sa, sb * sb)[0]
+            cost = _fgw_cost(p.cost, sa, sb, plan, alpha, _autograd_square_products(sa, sb))[0]
         else:
-            cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha, p.squares())
+            cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha, p.square_products)
     if not entropy:
         return cost, cost
     kl = (plan * (log_plan - p.log_a[:, :, None] - p.log_b[:, None, :])).sum(dim=(1, 2))

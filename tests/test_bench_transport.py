@@ -40,3 +40,13 @@ def test_bench_transport_ab_names_a_revision_git_does_not_know():
     res = _bench("bench_transport_ab.py", "--against", "no-such-revision", "--shape", "2", "8", "4")
     assert res.returncode == 2
     assert "--against no-such-revision: git show failed" in res.stderr
+
+
+def test_profile_transport_times_every_stage():
+    res = _bench("profile_transport.py", "--shape", "2", "8", "4", "--calls", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split("│")[1].strip(): float(line.split("│")[2]) for line in res.stdout.splitlines()
+            if line.startswith("│")}  # fmt: skip
+    assert {"the whole call", "linearisations", "projections", "objective"} <= set(rows)
+    assert all(ms >= 0 for label, ms in rows.items() if label != "backward and the rest")
+    assert rows["solve (all outer steps)"] < rows["the whole call"]

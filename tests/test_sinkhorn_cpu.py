@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -72,34 +73,79 @@ def test_compiled_loop_gives_the_torch_loop_result(monkeypatch, dtype, kind):
     assert bool((got.plan[~valid] == 0).all())
 
 
-def test_scaling_iterations_on_a_padded_item_match_the_definition():
+def _padded_log_kernel(dtype: torch.dtype = F64):
+    """A (2, 6, 4) log kernel in bits (-inf at padding: item 0 has 4 rows and 2 columns), its marginals and
+    pads, and row potentials f (0 at padding)."""
     g = torch.Generator().manual_seed(0)
-    kernel = torch.rand(2, 6, 4, generator=g, dtype=F64) + 0.1  # (B, N, M)
-    a = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [1 / 6] * 6], dtype=F64)
-    b = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4], dtype=F64)
-    kernel[0, 4:] = 0
-    kernel[0, :, 2:] = 0
-    pad_a, pad_b = (a == 0).to(F64), (b == 0).to(F64)
-    u, v = sinkhorn_cpu.scaling_iterations(
-        kernel.transpose(1, 2).contiguous(), a, b, pad_a, pad_b, None, None, 7, False
+    log_k = torch.randn(2, 6, 4, generator=g, dtype=dtype) * 3
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [1 / 6] * 6], dtype=dtype)
+    b = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4], dtype=dtype)
+    log_k[0, 4:] = -math.inf
+    log_k[0, :, 2:] = -math.inf
+    f = torch.randn(2, 6, generator=g, dtype=dtype).masked_fill(a == 0, 0.0)
+    return log_k, a, b, (a == 0).to(dtype), (b == 0).to(dtype), f
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_project_on_a_padded_item_matches_the_definition(warm):
+    log_k, a, b, pad_a, pad_b, f = _padded_log_kernel()
+    plan, f_new, g_new, ok = sinkhorn_cpu.project(
+        log_k.transpose(1, 2).contiguous(), f if warm else None, a, b, pad_a, pad_b, None, 7, False
     )
-    # by hand: v from u = 1, then 7 times u = a / (K v), v = b / (K^T u)
-    uu, vv = torch.ones_like(a), b / (kernel.sum(1) + pad_b)
+    assert ok is None
+    # by hand, on the kernel with f absorbed: v from u = 1, then 7 times u = a / (K v), v = b / (K^T u)
+    kernel = torch.exp2(log_k + (f[:, :, None] if warm else 0))
+    u, v = torch.ones_like(a), b / (kernel.sum(1) + pad_b)
     for _ in range(7):
-        uu = a / (torch.einsum("bnm,bm->bn", kernel, vv) + pad_a)
-        vv = b / (torch.einsum("bnm,bn->bm", kernel, uu) + pad_b)
-    assert torch.allclose(u, uu, rtol=1e-13, atol=0) and torch.allclose(v, vv, rtol=1e-13, atol=0)
-    assert bool((u[0, 4:] == 0).all()) and bool((v[0, 2:] == 0).all())
+        u = a / (torch.einsum("bnm,bm->bn", kernel, v) + pad_a)
+        v = b / (torch.einsum("bnm,bn->bm", kernel, u) + pad_b)
+    want = u[:, :, None] * kernel * v[:, None, :]
+    assert torch.allclose(plan, want, rtol=1e-12, atol=1e-300)
+    assert bool((plan[0, 4:] == 0).all()) and bool((plan[0, :, 2:] == 0).all())
+    # the potentials say the same: plan = 2^(log_k + f + g) at valid entries, 0 at padding
+    valid = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    again = torch.exp2(log_k + f_new[:, :, None] + g_new[:, None, :])
+    assert torch.allclose(again[valid], plan[valid], rtol=1e-12, atol=0)
+    assert bool((f_new[a == 0] == 0).all()) and bool((g_new[b == 0] == 0).all())
 
 
-def test_compiled_loop_keeps_non_finite_scalings_non_finite():
-    # a zero column divides by zero: inf as in torch (numba's default would raise ZeroDivisionError)
-    kernel_t = torch.ones(1, 2, 3)
-    kernel_t[0, 1] = 0
-    u, v = sinkhorn_cpu.scaling_iterations(
-        kernel_t, torch.full((1, 3), 1 / 3), torch.full((1, 2), 0.5), None, None, None, None, 2, False
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_absorb_finds_column_maxima_and_non_finite_columns(dtype):
+    log_k, a, b, pad_a, pad_b, f = _padded_log_kernel(dtype)
+    log_k_t = log_k.transpose(1, 2).contiguous()  # (B, M, N)
+    log_k_t[1, 0, 2] = math.nan  # a NaN with the sign bit clear
+    log_k_t[1, 1, 3] = (torch.tensor(math.inf) - math.inf).item()  # x86's default NaN: sign bit set
+    log_k_t[1, 2, 0] = math.inf
+    out = torch.empty_like(log_k_t)
+    shift, u_cold, col_max = torch.empty_like(f), torch.empty_like(f), torch.empty_like(b)
+    try_cold = torch.zeros(2, dtype=torch.bool)
+    bits = sinkhorn_cpu._BITS[dtype]
+    sinkhorn_cpu._absorb(
+        log_k_t.numpy(), f.numpy(), True, pad_a.numpy(), pad_b.numpy(), 32.0, out.numpy(),
+        out.numpy().view(bits.dtype), bits, shift.numpy(), col_max.numpy(), u_cold.numpy(), try_cold.numpy(),
+    )  # fmt: skip
+    want_shift = (f - f.masked_fill(a == 0, -math.inf).amax(1, keepdim=True)).masked_fill(a == 0, 0.0)
+    assert torch.equal(shift, want_shift)
+    exponent = log_k_t + want_shift[:, None, :]
+    want = exponent.amax(2).masked_fill(b == 0, 0.0)  # torch's amax: NaN where a column holds NaN or +inf
+    assert torch.equal(col_max[0], want[0]) and torch.equal(col_max[1, 3], want[1, 3])
+    assert bool(col_max[1, :3].isnan().all())
+    finite = torch.isfinite(col_max)
+    assert torch.equal(out[finite], (exponent - col_max[:, :, None])[finite])
+    assert bool(out[1, :3].isnan().all())  # NaN columns stay NaN: the log-domain rerun finds them
+    assert bool((out[0, :, 4:] == -math.inf).all())  # padding stays -inf (a kernel of 0)
+    assert try_cold.tolist() == [True, True] and torch.equal(u_cold, -want_shift)  # exponents of u0
+
+
+def test_compiled_projection_keeps_non_finite_scalings_non_finite():
+    # a row whose kernel underflows to 0 divides by zero: inf as in torch (numba's default would raise
+    # ZeroDivisionError), and the potentials say so
+    log_k_t = torch.zeros(1, 2, 3)
+    log_k_t[0, :, 1] = -1000.0
+    plan, f, _, _ = sinkhorn_cpu.project(
+        log_k_t, None, torch.full((1, 3), 1 / 3), torch.full((1, 2), 0.5), None, None, None, 2, False
     )
-    assert not bool(torch.isfinite(u).all()) and not bool(torch.isfinite(v).all())
+    assert not bool(torch.isfinite(f).all()) and not bool(torch.isfinite(plan).all())
 
 
 def test_without_numba_the_torch_loop_runs_with_a_warning(monkeypatch):
@@ -135,3 +181,30 @@ def test_the_environment_variable_chooses_the_loop_at_import(value):
     env = {**os.environ, "GMOT_CPU_LOOP": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [value, str(value == "compiled")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_weighted_squares_match_the_definition(dtype):
+    g = torch.Generator().manual_seed(2)
+    s, w = torch.randn(3, 7, 7, generator=g, dtype=dtype), torch.rand(3, 7, generator=g, dtype=dtype)
+    got = sinkhorn_cpu.weighted_squares(s, w)
+    want = torch.einsum("bl,bli->bi", w, s * s)
+    assert got.dtype == dtype
+    assert torch.allclose(got, want, rtol=1e-12 if dtype == F64 else 1e-5, atol=0)
+
+
+def test_compiled_fgw_makes_no_squared_structures(monkeypatch):
+    # on the CPU the constant term and the objective take w^T (D * D) in one pass over D: no (B, N, N)
+    # squares are allocated (the torch loop still builds them once per call)
+    cost, sa, sb, a, b = ragged_problem(seed=4)
+    made = []
+    squares = transport._Problem.squares
+    monkeypatch.setattr(transport._Problem, "squares", lambda self: made.append(1) or squares(self))
+    ref, got = solve_both(
+        monkeypatch,
+        lambda: fused_gromov_wasserstein(
+            cost, sa, sb, a, b, epsilon=0.05, outer_iter=4, inner_iter=10, check_convergence=False
+        ),
+    )
+    assert made == [1, 1]  # the torch loop: the constant term and the objective, none in the compiled run
+    assert torch.allclose(got.value, ref.value, rtol=1e-11, atol=0)
