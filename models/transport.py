@@ -18,13 +18,13 @@ rows and the row-vector products run over contiguous memory. Each Sinkhorn proje
 the previous row potentials into the log kernel and scaling each column's largest entry to 1, with one base-2
 exponential per step (on the CPU exp2 is several times faster than exp, so the kernel domain keeps its logs in
 bits); it then iterates in the kernel domain on scaling vectors (two batched matrix-vector products per
-iteration, no exponentials; on the CPU one numba-compiled call, `models.sinkhorn_cpu`, runs them all, where
-torch would spend more time dispatching its ~80 small operations than computing). Scalings that under- or
-overflow leave non-finite potentials, which stay so: after the loop, items that failed are solved again in
-the log domain (logsumexp iterations), which stays finite at epsilon 1e-3. With a fixed budget
-(``tol=None``) nothing inside the loop synchronises with the host; with ``tol`` the per-item check runs
-every ``check_every`` steps, items that met it stop changing, and the loop ends once all have. The FGW
-value's gradients in the cost and the structures are written out (`_FusedCost`) rather than taken by
+iteration, no exponentials; on the CPU the whole projection is two numba-compiled calls and one exponential,
+`models.sinkhorn_cpu`, where torch would spend more time dispatching its small operations than computing).
+Scalings that under- or overflow leave non-finite potentials, which stay so: after the loop, items that
+failed are solved again in the log domain (logsumexp iterations), which stays finite at epsilon 1e-3. With a
+fixed budget (``tol=None``) nothing inside the loop synchronises with the host; with ``tol`` the per-item
+check runs every ``check_every`` steps, items that met it stop changing, and the loop ends once all have.
+The FGW value's gradients in the cost and the structures are written out (`_FusedCost`) rather than taken by
 autograd through the expression.
 
 Where a pgd projection starts (``start``, see `STARTS`): by default each item takes, at each outer step,
@@ -65,10 +65,10 @@ _DOMAINS = ("auto", "kernel", "log")
 # starts win where it jumps (POT's test problem at epsilon 1e-2: 2.6e-7 against 1.2e-5 from them at
 # 1000 iterations). ppa always starts cold: its kernel holds the previous plan.
 STARTS = ("auto", "warm", "cold")
-# How the kernel-domain projection iterates on the CPU when no autograd graph is kept: "compiled" (one
-# numba-compiled call per projection, `models.sinkhorn_cpu`; falls back to "torch" with a warning when numba
-# cannot be imported) or "torch" (batched torch operations, as on a GPU and under grad="unrolled"). The
-# environment variable GMOT_CPU_LOOP sets it at import.
+# How the CPU computes, when no autograd graph is kept, the kernel-domain projections and the products with
+# the squared structures: "compiled" (numba, `models.sinkhorn_cpu`; falls back to "torch" with a warning
+# when numba cannot be imported) or "torch" (batched torch operations, as on a GPU and under
+# grad="unrolled"). The environment variable GMOT_CPU_LOOP sets it at import.
 _CPU_LOOPS = ("compiled", "torch")
 CPU_LOOP = os.environ.get("GMOT_CPU_LOOP", "compiled")
 
@@ -153,8 +153,7 @@ class _Problem:
         if _compiled_loop_for(self.struct_a):
             squares_of = _sinkhorn_cpu().weighted_squares
             return squares_of(self.struct_a, w_a), squares_of(self.struct_b, w_b)
-        sq_a, sq_b = self.squares()
-        return torch.bmm(w_a.unsqueeze(1), sq_a).squeeze(1), torch.bmm(w_b.unsqueeze(1), sq_b).squeeze(1)
+        return _row_products(*self.squares())(w_a, w_b)
 
     def detached(self) -> _Problem:
         """The same problem with cost and structures detached from the autograd graph."""
@@ -377,15 +376,13 @@ def _project_kernel(
     pad_a = None if p.pad_a is None else p.pad_a.unsqueeze(1)
     pad_b = None if p.pad_b is None else p.pad_b.unsqueeze(1)
 
-    ok = u_cold = None
-    if restart and shift is not None:
-        spread, limit = -shift, _cold_range_bits(log_k.dtype)  # (B, N), >= 0
-        ok = spread.amax(1) <= limit
-        u_cold = torch.exp2(spread.clamp(max=limit))
     v = b / _padded(kernel.sum(1, keepdim=True), pad_b)  # the warm start's first column update
     kv = torch.bmm(v, kernel_t)
-    if u_cold is not None and ok is not None:
-        u_cold = u_cold.unsqueeze(1)  # (B, 1, N)
+    ok = None
+    if restart and shift is not None:
+        spread, limit = -shift.unsqueeze(1), _cold_range_bits(log_k.dtype)  # (B, 1, N), >= 0
+        ok = spread.amax(2).squeeze(1) <= limit
+        u_cold = torch.exp2(spread.clamp(max=limit))
         v_cold = b / _padded(torch.bmm(u_cold, kernel), pad_b)
         kv_cold = torch.bmm(v_cold, kernel_t)
         # L1 row errors after the first column update (row sums u0 * K v; padded rows are 0 on both sides)
@@ -402,30 +399,15 @@ def _project_kernel(
         if rows_last and i == n - 1:
             break
         v = b / _padded(torch.bmm(u, kernel), pad_b)
-    return (*_scaled_plan(kernel, u, v, pad_a, pad_b, shift, col_max, in_place), ok)
-
-
-def _scaled_plan(
-    kernel: Tensor,
-    u: Tensor,
-    v: Tensor,
-    pad_a: Tensor | None,
-    pad_b: Tensor | None,
-    shift: Tensor | None,
-    col_max: Tensor,
-    in_place: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """plan = u^T * kernel * v (B, N, M) and the potentials in bits, f (B, N) and g (B, M), from the scalings
-    u (B, 1, N) and v (B, 1, M) of `_project_kernel`'s kernel (in place with ``in_place``)."""
     log_u = torch.log2(_padded(u, pad_a)).squeeze(1)
     log_v = torch.log2(_padded(v, pad_b)).squeeze(1)
     plan = kernel.mul_(u.transpose(1, 2)).mul_(v) if in_place else kernel * u.transpose(1, 2) * v
-    return plan, log_u if shift is None else shift + log_u, log_v - col_max
+    return plan, log_u if shift is None else shift + log_u, log_v - col_max, ok
 
 
 def _compiled_loop_for(kernel: Tensor) -> bool:
-    """Whether `_project_kernel` runs its iterations with `models.sinkhorn_cpu` (CPU, float32/64, numba
-    importable, `CPU_LOOP` "compiled") rather than as torch operations."""
+    """Whether the projections and square products of ``kernel``'s problem run in `models.sinkhorn_cpu` (CPU,
+    float32/64, numba importable, `CPU_LOOP` "compiled") rather than as torch operations."""
     if CPU_LOOP not in _CPU_LOOPS:
         raise ValueError(
             f"GMOT_CPU_LOOP / models.transport.CPU_LOOP: must be one of {_CPU_LOOPS}, got {CPU_LOOP!r}"
@@ -442,8 +424,8 @@ def _sinkhorn_cpu() -> types.ModuleType | None:
         from models import sinkhorn_cpu
     except ImportError as err:
         warnings.warn(
-            f"numba is not importable ({err}); the CPU Sinkhorn iterations run as torch operations, "
-            "which take about twice as long",
+            f"numba is not importable ({err}); the CPU Sinkhorn projections run as torch operations, "
+            "and an FGW call takes up to 1.7x as long",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -573,14 +555,13 @@ def _quadratic_parts(p: _Problem, spec: _Spec, unit: float) -> Tensor:
     unrolled = torch.is_grad_enabled() and (sa.requires_grad or sb.requires_grad)
     if spec.symmetric and not unrolled:
         const_a, const_b = p.square_products(p.a, p.b)
-        const = const_a[:, :, None] + const_b[:, None, :]
     else:
         sq_a, sq_b = (sa * sa, sb * sb) if unrolled else p.squares()
         if not spec.symmetric:
             sq_a = 0.5 * (sq_a + sq_a.transpose(1, 2))
             sq_b = 0.5 * (sq_b + sq_b.transpose(1, 2))
-        # both squares are symmetric: row-vector products, the fast orientation of the CPU bmm
-        const = torch.bmm(p.a.unsqueeze(1), sq_a).transpose(1, 2) + torch.bmm(p.b.unsqueeze(1), sq_b)
+        const_a, const_b = _row_products(sq_a, sq_b)(p.a, p.b)
+    const = const_a[:, :, None] + const_b[:, None, :]
     return torch.add(p.cost * (-(1 - alpha) * unit / eps), const, alpha=-2 * alpha * unit / eps)
 
 
@@ -696,12 +677,12 @@ def _fgw_cost(
     return (1 - alpha) * _inner(cost, plan) + alpha * (quad - 2 * _inner(at, tb)), at, tb, r, c
 
 
-def _autograd_square_products(sa: Tensor, sb: Tensor) -> SquareProducts:
-    """`SquareProducts` as torch expressions, differentiable in the structures and the marginals."""
-    sq_a, sq_b = sa * sa, sb * sb
-    return lambda r, c: (
-        torch.bmm(r.unsqueeze(1), sq_a).squeeze(1),
-        torch.bmm(c.unsqueeze(1), sq_b).squeeze(1),
+def _row_products(sq_a: Tensor, sq_b: Tensor) -> SquareProducts:
+    """`SquareProducts` from given squares sq_a (B, N, N) and sq_b (B, M, M), as row-vector products (the
+    fast orientation of the CPU bmm); differentiable where the squares and the weights are."""
+    return lambda w_a, w_b: (
+        torch.bmm(w_a.unsqueeze(1), sq_a).squeeze(1),
+        torch.bmm(w_b.unsqueeze(1), sq_b).squeeze(1),
     )
 
 
@@ -748,7 +729,7 @@ def _objective(
         sa, sb = p.struct_a, p.struct_b
         assert sa is not None and sb is not None
         if plan.requires_grad:  # grad="unrolled": autograd also through the plan
-            cost = _fgw_cost(p.cost, sa, sb, plan, alpha, _autograd_square_products(sa, sb))[0]
+            cost = _fgw_cost(p.cost, sa, sb, plan, alpha, _row_products(sa * sa, sb * sb))[0]
         else:
             cost = _FusedCost.apply(p.cost, sa, sb, plan, alpha, p.square_products)
     if not entropy:

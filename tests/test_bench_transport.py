@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -42,8 +44,9 @@ def test_bench_transport_ab_names_a_revision_git_does_not_know():
     assert "--against no-such-revision: git show failed" in res.stderr
 
 
-def test_profile_transport_times_every_stage():
-    res = _bench("profile_transport.py", "--shape", "2", "8", "4", "--calls", "2")
+@pytest.mark.parametrize("solver", ["pgd", "ppa"])
+def test_profile_transport_times_every_stage(solver):
+    res = _bench("profile_transport.py", "--shape", "2", "8", "4", "--calls", "2", "--solver", solver)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {line.split("│")[1].strip(): float(line.split("│")[2]) for line in res.stdout.splitlines()
             if line.startswith("│")}  # fmt: skip
