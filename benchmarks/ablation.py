@@ -71,6 +71,7 @@ RESULT = "result.json"
 START_MARKER = "ablation_start.json"
 QUICK_DEV_UTTS = 20
 QUICK_TEST_UTTS = 50
+UNTRAINED = "fgw-untrained"  # the arm that reads --untrained-data (prepared with --plm untrained:...)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,26 @@ def run_specs(tot_weight: float) -> dict[str, RunSpec]:
             "wd-centred-tot",
             f"Wasserstein OT, centred tokens + temporal-order prior ({tot_weight:g})",
             {"gmot.mode": "wd", "gmot.centre": True, "gmot.tot_weight": tot_weight},
+        ),
+    ]
+    # the knowledge controls (issue "is it the language model?"): fgw-centred-tot with the teacher's
+    # knowledge removed and everything else kept (data.teacher_controls)
+    gmot = next(s for s in specs if s.name == "fgw-centred-tot").overrides
+    specs += [
+        RunSpec(
+            "fgw-shuffle",
+            "control: GM-OT (centred + prior) given another sentence's teacher features, same token count",
+            {**gmot, "gmot.teacher": "shuffle"},
+        ),
+        RunSpec(
+            "fgw-random",
+            "control: GM-OT (centred + prior) given fixed Gaussian vectors of the teacher's shape",
+            {**gmot, "gmot.teacher": "random"},
+        ),
+        RunSpec(
+            UNTRAINED,
+            "control: GM-OT (centred + prior) from an untrained teacher (same architecture and tokenizer)",
+            dict(gmot),
         ),
     ]
     return {s.name: s for s in specs}
@@ -247,6 +268,18 @@ class Options:
     argv: list[str]
     jobs: int = 1
     only: tuple[str, int] | None = None
+    untrained_data: Path | None = None
+
+    def data_for(self, run: str) -> Path:
+        """The prepared folder run `run` trains on: --untrained-data for the untrained-teacher arm."""
+        if run == UNTRAINED:
+            if self.untrained_data is None:
+                raise AblationError(
+                    f"the {UNTRAINED} arm needs --untrained-data: a folder prepared like DATA_DIR with "
+                    "--plm untrained:<teacher>"
+                )
+            return self.untrained_data
+        return self.data_dir
 
 
 def parse_args(argv: list[str]) -> Options:
@@ -290,6 +323,11 @@ def parse_args(argv: list[str]) -> Options:
         type=int,
         default=1,
         help="runs trained at once, each a process with 1 thread (2 on 2 cores: about 1.3x the throughput)",
+    )
+    p.add_argument(
+        "--untrained-data",
+        type=Path,
+        help=f"the {UNTRAINED} arm's data: DATA_DIR's corpus prepared with --plm untrained:<teacher>",
     )
     p.add_argument("--only", help=argparse.SUPPRESS)  # RUN@SEED: one worker of --jobs
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 seed, dev/test capped")
@@ -355,6 +393,7 @@ def parse_args(argv: list[str]) -> Options:
         argv=list(argv),
         jobs=a.jobs,
         only=only,
+        untrained_data=a.untrained_data,
     )
 
 
@@ -412,18 +451,18 @@ def pretrained_start(opt: Options, console: Console) -> tuple[Path | None, str]:
     return path, sha
 
 
-def decode_test(run_dir: Path, opt: Options, device: str) -> dict[str, Any]:
+def decode_test(run_dir: Path, opt: Options, device: str, data_dir: Path) -> dict[str, Any]:
     """Greedy-decode the test split with the run's model (avg.pt, else the newest checkpoint); score CER.
 
     Writes run_dir/decode_test (text, details.jsonl, rtf.json). Returns cer, errors, ref_chars, utterances,
     rtf, checkpoint.
     """
     loaded = load_model(run_dir, device=device)
-    utts, refs = split_utterances(opt.data_dir / "test")
+    utts, refs = split_utterances(data_dir / "test")
     if opt.test_max_utts:
         utts = utts[: opt.test_max_utts]
     if not utts:
-        raise AblationError(f"the test split of {opt.data_dir} is empty")
+        raise AblationError(f"the test split of {data_dir} is empty")
     hyps = transcribe(
         loaded.model, loaded.vocab, loaded.cmvn_mean, loaded.cmvn_std, utts, greedy_ctc, device=device
     )
@@ -467,6 +506,7 @@ def one_run(
     """Train (or resume) and score one run x seed; returns (its result dict, whether it was reused)."""
     run_dir = opt.out_dir / "runs" / f"{spec.name}-seed{seed}"
     cfg = run_config(opt, spec, seed)
+    data_dir = opt.data_for(spec.name)
     wanted = {
         "overrides": overrides_list(spec.overrides),
         "preset": opt.preset,
@@ -476,6 +516,8 @@ def one_run(
         "dev_max_utts": opt.dev_max_utts,
         "test_max_utts": opt.test_max_utts,
     }
+    if data_dir != opt.data_dir:
+        wanted["data_dir"] = str(data_dir)
     result_file = run_dir / RESULT
     if result_file.is_file():
         old = json.loads(result_file.read_text(encoding="utf-8"))
@@ -488,7 +530,7 @@ def one_run(
         )
     started = time.perf_counter()
     outcome = train(
-        opt.data_dir,
+        data_dir,
         run_dir,
         cfg,
         init_from=start[0],
@@ -498,7 +540,7 @@ def one_run(
         progress=opt.progress,
     )
     trained = time.perf_counter()
-    decoded = decode_test(run_dir, opt, device)
+    decoded = decode_test(run_dir, opt, device, data_dir)
     wall = time.perf_counter() - started
     if outcome.average_cer is not None:
         dev_cer = outcome.average_cer
@@ -723,6 +765,7 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
     specs = {**run_specs(opt.tot_weight), **opt.variants}
     for name in opt.runs:  # config errors show before any training
         run_config(opt, specs[name], opt.seeds[0])
+        opt.data_for(name)
     start = pretrained_start(opt, console)
     if opt.only is not None:  # a worker of --jobs: one run, no report
         name, seed = opt.only

