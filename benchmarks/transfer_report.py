@@ -1,18 +1,25 @@
-"""The transfer study's report: tables and the learning curve from the ablation runs that make it up.
+"""The transfer study's report: paired statistics, tables and figures from the ablation runs that make it up.
 
     python benchmarks/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
-        --curve 500=OUT_DIR --curve 1000=OUT_DIR ... \
-        [--out benchmarks/results/transfer_study.md] [--plot docs/learning_curve.png]
+        --curve 500=OUT_DIR --curve 1000=OUT_DIR ... [--reference ARM] \
+        [--out benchmarks/results/transfer_study.md] [--plot docs/learning_curve.png] [--gains-plot FILE]
 
 Each OUT_DIR is a finished (or partly finished) `benchmarks/ablation.py` output folder: its ablation.json
-holds every run, its command and the machine. `--screen` is the one-seed screen of the options; each
-`--curve N=DIR` is the confirmation at N train sentences. The report lists, for every arm, dev and test CER
-mean +- sample std over seeds, the transfer diagnostics (plan alignment lift, order, entropy, gradient
-ratio), the command that produced it, and the decision rule: an arm beats the baseline when its mean dev
-gain is more than two standard errors and its test CER is lower too. Runs of one seed share their initial
-weights, data order and augmentation draws, so the standard error is that of the per-seed differences (the
-unpaired one is shown beside it). The plot shows test CER against train sentences, one line per arm, with
-+-1 std bars.
+holds every run, its command and the machine. `--screen` is a one-seed screen of the options; each
+`--curve N=DIR` is a confirmation at N train sentences. The report lists, for every arm, dev and test CER
+mean +- sample std over seeds and the transfer diagnostics (plan alignment lift, order, entropy, gradient
+ratio), then the paired comparisons: every arm against the baseline and, with `--reference ARM`, every other
+arm against the reference (e.g. the real teacher against each knowledge control).
+
+Statistics. Runs of one seed share their initial weights, data order and augmentation draws, so arms are
+compared by the per-seed differences d_s = CER(other) - CER(arm) over the seeds both ran (positive = the arm
+is better): their mean, the 95 % confidence interval mean +- t(0.975, n - 1) * sd / sqrt(n) with n - 1
+degrees of freedom, and the two-sided p-value of the paired t-test. The decision rule, fixed before the
+runs: an arm beats the other when the dev interval lies above 0 and the mean test difference is positive
+too. With 3 seeds t(0.975, 2) = 4.30, with 5 seeds t(0.975, 4) = 2.78.
+The learning-curve plot (`--plot`, with two or more sizes) shows test CER against train sentences with
++-1 std bars; `--gains-plot` shows each arm's paired dev and test gain over the baseline with its 95 %
+interval, one panel per size.
 `--notes` puts a hand-written markdown file (the decision, what each measurement ruled out) at the top.
 """
 
@@ -23,6 +30,7 @@ import json
 import math
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,64 +63,212 @@ def mean_pm(mean: float | None, std: float | None) -> str:
     return pct(mean) if std is None else f"{pct(mean)} +- {pct(std)}"
 
 
-def _paired(row: dict[str, Any], base: dict[str, Any], key: str) -> list[float] | None:
-    """Per-seed differences baseline - arm of `key` ("dev_cer" / "test_cer") over the seeds both ran."""
-    mine = dict(zip(row["seeds"], row.get(f"{key}_per_seed") or [], strict=False))
-    theirs = dict(zip(base["seeds"], base.get(f"{key}_per_seed") or [], strict=False))
-    common = [s for s in mine if s in theirs]
-    return [theirs[s] - mine[s] for s in common] if len(common) >= 2 else None
+def _per_seed(row: dict[str, Any], key: str) -> dict[int, float]:
+    """{seed: CER} of `key` ("dev_cer" / "test_cer") for one summary row."""
+    return dict(zip(row["seeds"], row.get(f"{key}_per_seed") or [], strict=False))
 
 
-def beats_baseline(row: dict[str, Any], base: dict[str, Any]) -> tuple[bool, str]:
-    """The decision rule: the mean dev gain over the baseline above two standard errors, and a test gain.
+@dataclass(frozen=True)
+class Paired:
+    """Paired comparison over n common seeds of d_s = CER(other) - CER(arm) (positive: the arm is better):
+    mean, sample sd, the 95 % t interval (lo, hi) with n - 1 degrees of freedom, and the two-sided p-value."""
 
-    Runs of the same seed share their initial weights, data order and augmentation draws, so the standard
-    error is that of the per-seed differences (paired); the unpaired one, sqrt(s_a^2 / n_a + s_b^2 / n_b),
-    is shown beside it. (verdict, reason)."""
-    diffs = _paired(row, base, "dev_cer")
-    if diffs is None:
+    n: int
+    mean: float
+    sd: float
+    lo: float
+    hi: float
+    p: float
+
+    def text(self) -> str:
+        """ "+3.12 [+0.99, +5.25] p 0.012" in points of CER."""
+        return f"{100 * self.mean:+.2f} [{100 * self.lo:+.2f}, {100 * self.hi:+.2f}] p {_p_text(self.p)}"
+
+
+def _p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def paired(arm: dict[str, Any], other: dict[str, Any], key: str) -> Paired | None:
+    """The paired comparison of `arm` against `other` on `key` ("dev_cer" / "test_cer"), or None with fewer
+    than 2 common seeds. A zero spread gives a zero-width interval and p 0 (or 1 when the mean is 0)."""
+    from scipy import stats
+
+    mine, theirs = _per_seed(arm, key), _per_seed(other, key)
+    diffs = [theirs[s] - mine[s] for s in mine if s in theirs]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = statistics.fmean(diffs)
+    sd = statistics.stdev(diffs)
+    half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    p = 1.0 if mean == 0 else 0.0  # no spread: certain either way
+    if sd > 0:
+        p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+    return Paired(n, mean, sd, mean - half, mean + half, p)
+
+
+def beats(arm: dict[str, Any], other: dict[str, Any]) -> tuple[bool, str]:
+    """The decision rule: the 95 % t interval of the paired dev gain above 0, and a positive test gain.
+    (verdict, what it rests on)."""
+    dev = paired(arm, other, "dev_cer")
+    if dev is None:
         return False, "fewer than 2 common seeds: no decision"
-    gain = statistics.fmean(diffs)
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
-    unpaired = math.sqrt(
-        statistics.variance(row["dev_cer_per_seed"]) / len(row["dev_cer_per_seed"])
-        + statistics.variance(base["dev_cer_per_seed"]) / len(base["dev_cer_per_seed"])
-    )
-    test = _paired(row, base, "test_cer") or [base["test_cer_mean"] - row["test_cer_mean"]]
-    test_gain = statistics.fmean(test)
-    what = (
-        f"dev gain {100 * gain:+.2f}, SE {100 * se:.2f} paired ({100 * unpaired:.2f} unpaired), "
-        f"test gain {100 * test_gain:+.2f}"
-    )
-    return gain > 2 * se and test_gain > 0, what
+    test = paired(arm, other, "test_cer")
+    test_text = test.text() if test is not None else "n/a"
+    test_gain = test.mean if test is not None else other["test_cer_mean"] - arm["test_cer_mean"]
+    what = f"dev {dev.text()}; test {test_text} (n = {dev.n})"
+    return dev.lo > 0 and test_gain > 0, what
 
 
-def table(data: dict[str, Any], with_decision: bool) -> list[str]:
-    """Markdown table of one ablation.json's summary."""
-    rows = data["summary"]
-    base = next((r for r in rows if r["run"] == BASELINE), None)
-    head = "| arm | what | seeds | dev CER % | test CER % | lift | order | H | grad | updates |"
-    sep = "|---|---|---|---|---|---|---|---|---|---|"
-    if with_decision:
-        head += " beats baseline? |"
-        sep += "---|"
-    lines = [head, sep]
-    for r in rows:
-        line = (
+def table(data: dict[str, Any]) -> list[str]:
+    """Markdown table of one ablation.json's summary: CER per arm and the transfer diagnostics."""
+    lines = [
+        "| arm | what | seeds | dev CER % | test CER % | lift | order | H | grad | updates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["summary"]:
+        lines.append(
             f"| {r['run']} | {r['description']} | {len(r['seeds'])} | "
             f"{mean_pm(r['dev_cer_mean'], r.get('dev_cer_std'))} | "
             f"{mean_pm(r['test_cer_mean'], r['test_cer_std'])} | {num(r.get('align_lift'), '.2f')} | "
             f"{num(r.get('align_order'), '+.2f')} | {num(r.get('align_entropy'), '.2f')} | "
             f"{num(r.get('grad_ratio'), '.3f')} | {'/'.join(str(s) for s in r['steps'])} |"
         )
-        if with_decision:
-            if base is None or r is base:
-                line += " - |"
-            else:
-                ok, why = beats_baseline(r, base)
-                line += f" {'**yes**' if ok else 'no'}: {why} |"
-        lines.append(line)
     return lines
+
+
+def comparisons(data: dict[str, Any], reference: str | None) -> list[tuple[dict, dict]]:
+    """The (arm, other) pairs to test: every arm against the baseline, then every arm other than the
+    baseline and the reference against the reference (when both ran)."""
+    rows = {r["run"]: r for r in data["summary"]}
+    pairs = [(r, rows[BASELINE]) for name, r in rows.items() if name != BASELINE and BASELINE in rows]
+    if reference in rows:
+        pairs += [(rows[reference], r) for name, r in rows.items() if name not in (BASELINE, reference)]
+    return pairs
+
+
+def comparison_table(data: dict[str, Any], reference: str | None) -> list[str]:
+    """Markdown table of the paired comparisons (gain = CER(other) - CER(arm), points, 95 % t interval)."""
+    lines = [
+        "| arm | against | seeds | dev gain [95 % CI] | dev p | test gain [95 % CI] | test p | better? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, other in comparisons(data, reference):
+        dev, test = paired(arm, other, "dev_cer"), paired(arm, other, "test_cer")
+        ok, _ = beats(arm, other)
+
+        def cell(x: Paired | None) -> tuple[str, str]:
+            if x is None:
+                return "n/a", "n/a"
+            return f"{100 * x.mean:+.2f} [{100 * x.lo:+.2f}, {100 * x.hi:+.2f}]", _p_text(x.p)
+
+        dev_cell, dev_p = cell(dev)
+        test_cell, test_p = cell(test)
+        n = dev.n if dev is not None else 0
+        verdict = "**yes**" if ok else ("no decision" if dev is None else "no")
+        lines.append(
+            f"| {arm['run']} | {other['run']} | {n} | {dev_cell} | {dev_p} | {test_cell} | {test_p} | "
+            f"{verdict} |"
+        )
+    return lines
+
+
+def error_kinds(folder: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each arm's test errors by kind (data.homophones.KINDS, as fractions of the reference characters) per
+    seed, from the runs' decode_test/text under `folder`; rows shaped like the summary's
+    ({"run", "seeds", "<kind>_per_seed"}), so `paired` compares them. Runs without a decode are left out."""
+    from data.homophones import KINDS, homophone_breakdown
+    from data.scoring import read_transcripts, score_transcripts
+
+    rows: dict[str, dict[str, Any]] = {}
+    refs_cache: dict[Path, dict[str, str]] = {}
+    for run in data.get("runs", []):
+        hyp = Path(folder) / "runs" / f"{run['run']}-seed{run['seed']}" / "decode_test" / "text"
+        ref_dir = Path(run.get("data_dir") or data.get("data_dir", "")) / "test"
+        if not hyp.is_file() or not (ref_dir / "manifest.jsonl").is_file():
+            continue
+        if ref_dir not in refs_cache:
+            refs_cache[ref_dir] = read_transcripts(ref_dir)
+        hyps = read_transcripts(hyp)
+        refs = {k: v for k, v in refs_cache[ref_dir].items() if k in hyps}
+        kinds = homophone_breakdown(score_transcripts(refs, hyps, "char"))
+        row = rows.setdefault(run["run"], {"run": run["run"], "seeds": []})
+        row["seeds"].append(run["seed"])
+        for kind in KINDS:
+            row.setdefault(f"{kind}_per_seed", []).append(kinds.rate(kind))
+    return list(rows.values())
+
+
+def error_kind_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table: per arm, each kind's share of the reference characters (mean over seeds, %), and the
+    paired gain over the baseline of the three kinds of substitution with 95 % t intervals."""
+    from data.homophones import KINDS
+
+    base = next((r for r in rows if r["run"] == BASELINE), None)
+    subs = ("homophone", "tone", "other_sub")
+    head = "| arm | seeds | " + " | ".join(f"{k} %" for k in KINDS) + " | "
+    head += " | ".join(f"{k} gain [95 % CI]" for k in subs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(KINDS) + len(subs))]
+    for r in rows:
+        means = [100 * statistics.fmean(r[f"{k}_per_seed"]) for k in KINDS]
+        gains = []
+        for k in subs:
+            x = paired(r, base, k) if base is not None and r is not base else None
+            gains.append("-" if x is None else f"{100 * x.mean:+.2f} [{100 * x.lo:+.2f}, {100 * x.hi:+.2f}]")
+        lines.append(
+            f"| {r['run']} | {len(r['seeds'])} | "
+            + " | ".join(f"{m:.2f}" for m in means)
+            + " | "
+            + " | ".join(gains)
+            + " |"
+        )
+    return lines
+
+
+def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
+    """Each arm's paired dev and test gain over the baseline (points of CER) with its 95 % t interval,
+    one panel per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(curves)
+    fig, axes = plt.subplots(
+        1, len(sizes), figsize=(6.4 * len(sizes), 3.6), layout="constrained", squeeze=False
+    )
+    for ax, size in zip(axes[0], sizes, strict=True):
+        rows = {r["run"]: r for r in curves[size]["summary"]}
+        base = rows.get(BASELINE)
+        arms = [name for name in rows if name != BASELINE]
+        for k, name in enumerate(arms):
+            for dy, key, colour in ((-0.15, "dev_cer", "tab:blue"), (0.15, "test_cer", "tab:orange")):
+                x = paired(rows[name], base, key) if base is not None else None
+                if x is None:
+                    continue
+                ax.errorbar(
+                    100 * x.mean,
+                    k + dy,
+                    xerr=[[100 * (x.mean - x.lo)], [100 * (x.hi - x.mean)]],
+                    fmt="o",
+                    color=colour,
+                    capsize=3,
+                    label=("dev" if key == "dev_cer" else "test") if k == 0 else None,
+                )
+        ax.axvline(0.0, color="grey", lw=1)
+        ax.set_yticks(range(len(arms)), arms, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("CER gain over the baseline, points (mean of per-seed differences, 95 % t interval)")
+        seeds = len(base["seeds"]) if base is not None else 0
+        ax.set_title(f"{size} train sentences, {seeds} seeds, from scratch, equal updates", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
@@ -152,9 +308,15 @@ def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
-def report(notes: str, screens: list[dict[str, Any]], curves: dict[int, dict[str, Any]]) -> str:
+def report(
+    notes: str,
+    screens: list[dict[str, Any]],
+    curves: dict[int, dict[str, Any]],
+    reference: str | None = None,
+    title: str = "Transfer study",
+) -> str:
     """The whole markdown report."""
-    lines = ["# Transfer study", ""]
+    lines = [f"# {title}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
     lines += [
@@ -164,15 +326,31 @@ def report(notes: str, screens: list[dict[str, Any]], curves: dict[int, dict[str
         "H = plan entropy over the uniform plan's; grad = ||d(lambda kt)/dh|| / ||d ctc/dh|| at the block",
         "feeding the adapter. Diagnostics are the last epoch's, averaged over seeds.",
         "",
+        "Paired comparisons: gain = CER(against) - CER(arm) per seed, in points (positive: the arm is",
+        "better); its mean, the 95 % interval mean +- t(0.975, n - 1) sd / sqrt(n), and the two-sided p of",
+        "the paired t-test. Rule, fixed before the runs: the arm is better when the dev interval lies above",
+        "0 and the test gain is positive too.",
+        "",
     ]
     machine = None
     for k, screen in enumerate(screens):
-        title = "## Screen (one seed)" if k == 0 else f"## Screen, continued ({screen['data_dir']})"
-        lines += [title, "", *table(screen, with_decision=False), ""]
+        heading = "## Screen (one seed)" if k == 0 else f"## Screen, continued ({screen['data_dir']})"
+        lines += [heading, "", *table(screen), ""]
         lines += ["Command:", "", "```", screen["command"], "```", ""]
         machine = machine or screen["machine"]
     for size, data in sorted(curves.items()):
-        lines += [f"## {size} train sentences", "", *table(data, with_decision=True), ""]
+        lines += [f"## {size} train sentences", "", *table(data), ""]
+        lines += ["Paired comparisons:", "", *comparison_table(data, reference), ""]
+        kinds = error_kinds(Path(data["_folder"]), data) if "_folder" in data else []
+        if kinds:
+            lines += [
+                "Test errors by kind (data.homophones: homophone = same pinyin and tone as the reference",
+                "character in its sentence, which only context tells apart; tone = same syllable, another",
+                "tone), in % of the reference characters, and the paired gain over the baseline:",
+                "",
+                *error_kind_table(kinds),
+                "",
+            ]
         lines += ["Command:", "", "```", data["command"], "```", ""]
         machine = machine or data["machine"]
     if machine:
@@ -193,21 +371,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", action="append", default=[], help="N=OUT_DIR: the runs at N train sentences")
     p.add_argument("--notes", type=Path, help="markdown put at the top of the report")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "transfer_study.md")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "learning_curve.png")
+    p.add_argument(
+        "--plot", type=Path, default=ROOT / "docs" / "learning_curve.png", help="learning curve (2+ sizes)"
+    )
+    p.add_argument("--gains-plot", type=Path, help="paired gains over the baseline with 95 %% intervals")
+    p.add_argument("--reference", help="compare every other arm against this one too (e.g. the real teacher)")
+    p.add_argument("--title", default="Transfer study", help="the report's heading")
     a = p.parse_args(argv)
     curves: dict[int, dict[str, Any]] = {}
     for item in a.curve:
         size, eq, folder = item.partition("=")
         if not eq or not size.isdigit():
             p.error(f"--curve expects N=OUT_DIR, got {item!r}")
-        curves[int(size)] = load(Path(folder))
+        curves[int(size)] = {**load(Path(folder)), "_folder": folder}
     screens = [load(folder) for folder in a.screen]
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
-    write_text_atomic(a.out, report(notes, screens, curves))
+    write_text_atomic(a.out, report(notes, screens, curves, a.reference, a.title))
     print(f"wrote {a.out}")
-    if curves:
+    if len(curves) >= 2:
         plot_curve(curves, a.plot)
         print(f"wrote {a.plot}")
+    if curves and a.gains_plot is not None:
+        plot_gains(curves, a.gains_plot)
+        print(f"wrote {a.gains_plot}")
     return 0
 
 

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from data.homophones import KINDS, ErrorBreakdown, homophone_breakdown
 from data.scoring import UNITS, ScoreResult, ScoringError, read_transcripts, score_transcripts, write_details
 
 
@@ -32,6 +33,21 @@ def score_table(result: ScoreResult, title: str = "") -> Table:
         f"{100.0 * result.errors / n:.1f}",
         f"{100.0 * result.sentence_errors / snt:.1f}",
     )
+    return table
+
+
+def breakdown_table(breakdown: ErrorBreakdown) -> Table:
+    """The errors by kind: count, per cent of the reference characters, share of all errors."""
+    table = Table(title="errors by kind (pinyin with tone from pypinyin)")
+    for col in ("kind", "count", "% of ref chars", "% of errors"):
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    total = max(breakdown.errors, 1)
+    for kind in KINDS:
+        n = breakdown.counts[kind]
+        table.add_row(kind, str(n), f"{100 * breakdown.rate(kind):.2f}", f"{100 * n / total:.1f}")
+    if breakdown.top_homophones:
+        pairs = ", ".join(f"{r}->{h} {n}" for r, h, n in breakdown.top_homophones)
+        table.caption = f"most frequent homophones (ref->hyp count): {pairs}"
     return table
 
 
@@ -62,12 +78,22 @@ def score(
     details: Path | None = typer.Option(
         None, "--details", help="Write per-utterance alignments to this file."
     ),
+    by_homophone: bool = typer.Option(
+        False,
+        "--by-homophone",
+        help="Mandarin: also sort the errors into homophone substitutions (same pinyin and tone: only "
+        "context tells them apart), same syllable with another tone, other substitutions, deletions and "
+        "insertions (char units).",
+    ),
 ) -> None:
     """Score hypotheses against references (CER for characters, WER for words)."""
     console = Console()
     err = Console(stderr=True)
     if unit not in UNITS:
         err.print(f"[red]error:[/red] --unit must be one of {', '.join(UNITS)}, not {unit!r}")
+        raise typer.Exit(2)
+    if by_homophone and unit != "char":
+        err.print("[red]error:[/red] --by-homophone needs character units (--unit char)")
         raise typer.Exit(2)
     try:
         result = score_transcripts(read_transcripts(ref), read_transcripts(hyp), unit)
@@ -79,10 +105,16 @@ def score(
     except OSError as e:
         err.print(f"[red]error:[/red] cannot write {escape(str(details))}: {e.strerror or e}")
         raise typer.Exit(1) from None
+    breakdown = homophone_breakdown(result) if by_homophone else None
     if as_json:
-        typer.echo(json.dumps(result.to_json(), ensure_ascii=False))
+        out = result.to_json()
+        if breakdown is not None:
+            out["by_homophone"] = breakdown.to_json()
+        typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         print_score(result, console)
+        if breakdown is not None:
+            console.print(breakdown_table(breakdown))
 
 
 def register(app: typer.Typer) -> None:

@@ -45,21 +45,55 @@ def _row(run: str, devs: list[float], tests: list[float], **diag: float) -> dict
     }
 
 
-def test_decision_rule_needs_two_standard_errors_on_dev_and_a_test_gain() -> None:
+def test_paired_interval_and_p_value_match_scipy() -> None:
+    from scipy import stats
+
+    base = _row("baseline", [0.50, 0.55, 0.52, 0.58, 0.51], [0.5] * 5)
+    arm = _row("a", [0.47, 0.54, 0.50, 0.55, 0.50], [0.5] * 5)
+    x = report.paired(arm, base, "dev_cer")
+    diffs = [b - a for a, b in zip(arm["dev_cer_per_seed"], base["dev_cer_per_seed"], strict=True)]
+    ref = stats.ttest_rel(base["dev_cer_per_seed"], arm["dev_cer_per_seed"])
+    ci = ref.confidence_interval(0.95)
+    assert x is not None and x.n == 5
+    assert x.mean == pytest.approx(sum(diffs) / 5)
+    assert x.p == pytest.approx(ref.pvalue)
+    assert (x.lo, x.hi) == pytest.approx((ci.low, ci.high))
+    # t with n - 1 degrees of freedom, not 2 standard errors: 2.776 SE with 5 seeds
+    se = x.sd / 5**0.5
+    assert (x.hi - x.mean) / se == pytest.approx(2.7764, abs=1e-4)
+
+
+def test_decision_rule_needs_the_dev_interval_above_zero_and_a_test_gain() -> None:
     base = _row("baseline", [0.50, 0.51, 0.49], [0.50, 0.50, 0.50])
-    clear = _row("a", [0.45, 0.46, 0.44], [0.46, 0.46, 0.47])
-    assert report.beats_baseline(clear, base)[0] is True
-    close = _row("b", [0.49, 0.50, 0.505], [0.48, 0.48, 0.48])
-    ok, why = report.beats_baseline(close, base)
-    assert ok is False and "paired" in why and "unpaired" in why
+    clear = _row("a", [0.45, 0.46, 0.445], [0.46, 0.46, 0.47])
+    assert report.beats(clear, base)[0] is True
+    # a gain of 3.5 standard errors, which the old "two standard errors" rule accepted: with 3 seeds the
+    # interval is mean +- 4.30 SE, so it is no decision in favour
+    two_se = _row("b", [0.49, 0.48, 0.47], [0.48, 0.48, 0.48])  # gains 1, 3, 2 points: 3.5 SE
+    x = report.paired(two_se, base, "dev_cer")
+    assert x is not None and 2 < x.mean / (x.sd / 3**0.5) < 4.3
+    ok, why = report.beats(two_se, base)
+    assert ok is False and "n = 3" in why and "p " in why
     no_test = _row("c", [0.45, 0.46, 0.44], [0.52, 0.52, 0.52])
-    assert report.beats_baseline(no_test, base)[0] is False
+    assert report.beats(no_test, base)[0] is False
     one_seed = _row("d", [0.30], [0.30])
-    assert report.beats_baseline(one_seed, base) == (False, "fewer than 2 common seeds: no decision")
+    assert report.beats(one_seed, base) == (False, "fewer than 2 common seeds: no decision")
     # paired: a small but consistent gain per seed passes although the seeds spread widely
     spread = _row("baseline", [0.50, 0.60, 0.55], [0.50, 0.60, 0.55])
-    steady = _row("e", [0.48, 0.58, 0.53], [0.49, 0.59, 0.54])
-    assert report.beats_baseline(steady, spread)[0] is True
+    steady = _row("e", [0.48, 0.58, 0.531], [0.49, 0.59, 0.54])
+    assert report.beats(steady, spread)[0] is True
+
+
+def test_comparisons_put_the_reference_against_each_control() -> None:
+    rows = [
+        _row("baseline", [0.5, 0.5], [0.5, 0.5]),
+        _row("real", [0.4, 0.41], [0.4, 0.4]),
+        _row("shuffle", [0.45, 0.46], [0.45, 0.45]),
+    ]
+    pairs = [(a["run"], b["run"]) for a, b in report.comparisons({"summary": rows}, "real")]
+    assert pairs == [("real", "baseline"), ("shuffle", "baseline"), ("real", "shuffle")]
+    lines = report.comparison_table({"summary": rows}, "real")
+    assert lines[-1].startswith("| real | shuffle | 2 | +5.00 [")
 
 
 def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
@@ -87,7 +121,10 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
     notes = tmp_path / "notes.md"
     notes.write_text("Decision: written by hand.\n", encoding="utf-8")
     out, plot = tmp_path / "study.md", tmp_path / "curve.png"
+    gains = tmp_path / "gains.png"
     argv = [
+        "--gains-plot",
+        str(gains),
         "--curve",
         f"500={tmp_path / 'd500'}",
         "--curve",
@@ -104,7 +141,41 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
     assert text.index("Decision: written by hand.") < text.index("## 500 train sentences")
     assert "## 1000 train sentences" in text and "python benchmarks/ablation.py d1000 ..." in text
     assert "| 2.10 | +0.80 | 0.80 | 0.010 |" in text
-    assert "**yes**" in text  # the 5-point dev gain at 500 sentences is far beyond two standard errors
-    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    assert "**yes**" in text  # the 5-point dev gain at 500 sentences, the same on every seed
+    assert "| fgw-centred-tot | baseline | 3 | +5.00 [+5.00, +5.00] |" in text
+    for png in (plot, gains):
+        assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         report.main(["--curve", f"2000={tmp_path / 'missing'}", "--out", str(out)])
+
+
+def test_error_kinds_of_the_runs_decodes(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "test").mkdir(parents=True)
+    refs = {"u1": "他是老师", "u2": "我们去银行"}
+    (data_dir / "test" / "manifest.jsonl").write_text(
+        "".join(json.dumps({"id": k, "text": v}, ensure_ascii=False) + "\n" for k, v in refs.items()),
+        encoding="utf-8",
+    )
+    hyps = {  # per (arm, seed): the baseline makes homophone errors, the arm fewer
+        ("baseline", 0): {"u1": "她是老师", "u2": "我们去银杭"},
+        ("baseline", 1): {"u1": "她时老师", "u2": "我们去银杭"},
+        ("arm", 0): {"u1": "他是老师", "u2": "我们去银杭"},
+        ("arm", 1): {"u1": "他时老师", "u2": "我们去银行"},
+    }
+    runs = []
+    for (arm, seed), texts in hyps.items():
+        out = tmp_path / "ab" / "runs" / f"{arm}-seed{seed}" / "decode_test"
+        out.mkdir(parents=True)
+        (out / "text").write_text("".join(f"{k} {v}\n" for k, v in texts.items()), encoding="utf-8")
+        runs.append({"run": arm, "seed": seed})
+    runs.append({"run": "arm", "seed": 2})  # no decode: left out
+    rows = report.error_kinds(tmp_path / "ab", {"data_dir": str(data_dir), "runs": runs})
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["arm"]["seeds"] == [0, 1]
+    assert by_run["baseline"]["homophone_per_seed"] == pytest.approx([2 / 9, 2 / 9])
+    assert by_run["arm"]["homophone_per_seed"] == pytest.approx([1 / 9, 0.0])
+    assert by_run["baseline"]["tone_per_seed"] == pytest.approx([0.0, 1 / 9])
+    lines = report.error_kind_table(rows)
+    arm_line = next(line for line in lines if line.startswith("| arm | 2 |"))
+    assert "+16.67 [" in arm_line  # the homophone gain: (2/9 - 1/9 + 2/9 - 0) / 2 = 1/6
