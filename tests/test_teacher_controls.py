@@ -120,3 +120,61 @@ def test_distill_with_transfer_weight_zero_is_the_baseline_to_the_digit(
     assert set(b) - set(a) and all("adapter" in k for k in set(b) - set(a))
     for key in sorted(shared):
         assert torch.equal(a[key], b[key]), key
+
+
+def test_untrained_teacher_keeps_tokens_and_width_and_loses_the_weights(tmp_path: Path) -> None:
+    from tiny_plm import make_tiny_bert_dir
+
+    from models.plm import load_teacher
+
+    folder = make_tiny_bert_dir(tmp_path / "tiny_bert")
+    trained = load_teacher(str(folder))
+    untrained = load_teacher(f"untrained:{folder}")
+    again = load_teacher(f"untrained:{folder}")
+    assert untrained.name == f"untrained:{trained.name}" and "re-initialised (seed 0)" in untrained.source
+    assert (untrained.width, untrained.layer, untrained.prefix) == (
+        trained.width,
+        trained.layer,
+        trained.prefix,
+    )
+    texts = ["我们喜欢喝茶", "你好"]
+    for (tok_a, feat_a), (tok_b, feat_b), (tok_c, feat_c) in zip(
+        trained.encode(texts), untrained.encode(texts), again.encode(texts), strict=True
+    ):
+        assert tok_a == tok_b == tok_c and feat_a.shape == feat_b.shape
+        assert not np.allclose(feat_a, feat_b)  # other weights
+        np.testing.assert_array_equal(feat_b, feat_c)  # seeded: the same untrained teacher every time
+    state_a, state_b = trained.model.state_dict(), untrained.model.state_dict()
+    emb = "embeddings.word_embeddings.weight"
+    assert not torch.equal(state_a[emb], state_b[emb])
+    rng_before = torch.random.get_rng_state()
+    load_teacher(f"untrained:{folder}")
+    assert torch.equal(rng_before, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def _ablation():
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablation_controls", root / "benchmarks" / "ablation.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_control_arms(tiny_prepared: Path, tmp_path: Path) -> None:
+    ablation = _ablation()
+    specs = ablation.run_specs(0.5)
+    gmot = specs["fgw-centred-tot"].overrides
+    assert specs["fgw-shuffle"].overrides == {**gmot, "gmot.teacher": "shuffle"}
+    assert specs["fgw-random"].overrides == {**gmot, "gmot.teacher": "random"}
+    assert specs["fgw-untrained"].overrides == gmot  # only its data differ
+    argv = [str(tiny_prepared), str(tmp_path / "out"), "--preset", "tiny", "--from-scratch"]
+    assert ablation.main([*argv, "--runs", "baseline,fgw-untrained"]) == 2  # no --untrained-data
+    assert not (tmp_path / "out" / "runs").exists()
+    opt = ablation.parse_args([*argv, "--untrained-data", str(tmp_path / "u")])
+    assert opt.data_for("fgw-untrained") == tmp_path / "u"
+    assert opt.data_for("fgw-shuffle") == tiny_prepared
