@@ -48,6 +48,7 @@ from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDa
 from data.scoring import score_pairs
 from data.store import StoreError, read_cmvn, read_frontend, read_plm_info, read_vocab
 from data.teacher_controls import shuffle_sources
+from models.allocator import keep_freed_memory
 from models.checkpoint import (
     AVERAGE_NAME,
     CheckpointError,
@@ -848,6 +849,7 @@ class Trainer:
     def run(self) -> TrainOutcome:
         """Train up to cfg.train.epochs epochs (resuming if EXP_DIR has checkpoints); return the outcome."""
         flushing, threads_before = _flushes_subnormals(), torch.get_num_threads()
+        keep_freed_memory()  # each step reuses the last step's memory instead of faulting in fresh pages
         if self.device.type == "cpu":
             # threads and the subnormal setting are process-wide: both are restored when training ends
             threads = cpu_threads(self.cfg.train.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
