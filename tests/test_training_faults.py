@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,25 @@ def test_init_from_missing_or_corrupt_is_a_clear_error(
                 "foreign": "not a gmot checkpoint"}[kind]  # fmt: skip
     assert expected in " ".join(output.split()), output
     assert "Traceback" not in output
+
+
+def test_a_truncated_shard_read_by_a_loader_worker_names_it_and_exits_1(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    data = _copy(tiny_prepared, tmp_path / "data")
+    for shard in (data / "train" / "feats").glob("shard-*.npy"):
+        shard.write_bytes(shard.read_bytes()[:-100])
+    code, output = _run_cli(["pretrain", str(data), str(tmp_path / "x"), *CLI,
+                             "--set", "train.epochs=1", "--set", "train.num_workers=1"])  # fmt: skip
+    text = " ".join(output.split())
+    assert code == 1, output
+    found = re.search(r"shard (\S+) is truncated or corrupt \(.*\); it holds utterance '([^']+)'", text)
+    assert found, output
+    records = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()]
+    holder = next(r for r in records if r["id"] == found[2])
+    assert Path(found[1]) == data / "train" / holder["feats"]["shard"]
+    assert "Re-run `gmot prepare` with the same arguments to rebuild it" in text
+    assert "Traceback" not in output and "DataLoader worker" not in output
 
 
 def _fake_checkpoint(path: Path, vocab: list[str], frontend: str = "sherpa-onnx", **model_overrides) -> None:
