@@ -262,6 +262,14 @@ class Trainer:
             "subsampling",
         )
         left_out = set(unalignable)
+        if self.use_kt:  # nothing to transfer; named here once, where the loss would weigh them 0 unseen
+            no_tokens = [
+                i
+                for i, r in enumerate(self.train_set.records)
+                if i not in left_out and "plm" in r and int(r["plm"]["num_tokens"]) < 1
+            ]
+            self._warn_left_out(no_tokens, "have no PLM teacher tokens")
+            left_out.update(no_tokens)
         lengths = [0 if i in left_out else n for i, n in enumerate(lengths)]
         batches, dropped = bucket_batches(lengths, t.max_frames, t.max_utts, self.cfg.model.min_input_frames)
         self._warn_left_out(

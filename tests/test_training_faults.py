@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -305,6 +306,41 @@ def test_nan_adapter_output_is_a_skipped_nan_step_not_a_crash(
     events = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in events if e["event"] == "skip"] == ["nan_loss"]
     state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _rewrite_manifest(data: Path, records: list[dict]) -> None:
+    manifest = data / "train" / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def test_train_records_without_teacher_tokens_are_left_out_by_name(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _copy(tiny_prepared, tmp_path / "data")
+    records = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()]
+    for r in (records[3], records[7]):
+        r["plm"]["num_tokens"], r["plm"]["tokens"] = 0, []
+    _rewrite_manifest(data, records)
+    out = train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
+    assert out.epochs_done == 1 and out.skipped_nan == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"2 train utterances have no PLM teacher tokens and are left out ({records[3]['id']}, " in err
+    assert records[7]["id"] in err
+
+
+def test_non_finite_teacher_features_cost_their_item_only(tiny_prepared: Path, tmp_path: Path) -> None:
+    """A float16 overflow in the PLM cache gives one utterance inf features: its batch still trains."""
+    data = _copy(tiny_prepared, tmp_path / "data")
+    bad = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()][5]
+    shard = data / "train" / bad["plm"]["shard"]
+    feats = np.load(shard)
+    feats[bad["plm"]["offset"] + 1, 2] = np.inf
+    np.save(shard, feats)
+    out = train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
+    assert out.skipped_nan == 0 and out.skipped_inf == 0
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert state["step"] == state["sampler"]["num_batches"]  # every batch made an update
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
