@@ -336,6 +336,12 @@ class Trainer:
                 self.teacher is not None and gcfg.standardise
             ):  # online PLM: no corpus statistics to standardise
                 gcfg = dataclasses.replace(gcfg, standardise=False)
+                # config.yaml and the checkpoints record the setting the run uses
+                self.cfg = dataclasses.replace(self.cfg, gmot=gcfg)
+                self._say(
+                    "[yellow]note:[/] the online teacher has no corpus statistics: gmot.standardise is off "
+                    "for this run"
+                )
             self.kt_loss = GMOTLoss.from_plm_info(gcfg, self.plm_info if self.teacher is None else None)
             self.kt_loss.to(self.device)
         self.precision = choose_precision(self.device, t.bf16)
