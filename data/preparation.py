@@ -8,7 +8,8 @@ Steps, per split:
    pool of worker processes (`jobs`); a task reads, resamples and featurises its utterances, skips bad ones
    and writes `feats/shard-N.npy` then `parts/feats-N.json` (kept utterances, skips, CMVN sums), both atomic;
 3. a shard whose part file exists with the same fingerprint (ids, audio, text, settings) is not redone, so an
-   interrupted run resumes where it stopped;
+   interrupted run resumes where it stopped (unless the shard file is missing, truncated or holds other than
+   the part's rows: then it is redone);
 4. the vocabulary and global CMVN come from the train split (or from an existing lang folder);
 5. optionally the PLM teacher (any object with name, source, width, layer and `encode(texts)`) runs in this
    process over each shard's transcripts -> `plm/shard-N.npy` + `parts/plm-N.json`, resumable likewise;
@@ -62,6 +63,7 @@ from data.store import (
     read_frontend,
     read_plm_info,
     shard_name,
+    shard_rows,
     write_cmvn,
     write_json_atomic,
     write_manifest,
@@ -498,7 +500,8 @@ def prepare(
             fp = _fingerprint(group, options.max_duration, _feature_key(options))
             fps.append(fp)
             done = _read_part(split_dir / PARTS_DIR / f"feats-{index:05d}.json", fp)
-            if done is not None and (split_dir / FEATS_DIR / shard_name(index)).is_file():
+            rows = sum(k["num_frames"] for k in done["kept"]) if done is not None else None
+            if rows is not None and shard_rows(split_dir / FEATS_DIR / shard_name(index)) == rows:
                 parts[(split.name, index)] = done
                 continue
             tasks.append(
@@ -726,7 +729,8 @@ def _build_plm_cache(
             ).hexdigest()
             split_dir = out_dir / split.name
             part = _read_part(split_dir / PARTS_DIR / f"plm-{index:05d}.json", fp)
-            if part is not None and (split_dir / PLM_DIR / shard_name(index)).is_file():
+            rows = sum(e["num_tokens"] for e in part["entries"]) if part is not None else None
+            if rows is not None and shard_rows(split_dir / PLM_DIR / shard_name(index)) == rows:
                 out[split.name].append(part)
             else:
                 todo.append((split.name, index, entries, fp))

@@ -29,7 +29,18 @@ PLM_DIR = "plm"
 
 
 class StoreError(Exception):
-    """A prepared folder that is missing a file or is inconsistent; the message names the file."""
+    """A prepared folder that is missing a file or is inconsistent; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the main process re-created from the worker's whole traceback
+    text (torch's ExceptionWrapper); the constructor keeps only the original message, so that the user reads
+    the same one line either way.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].rstrip()
+        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -221,29 +232,60 @@ class SplitReader:
         state["_maps"] = {}
         return state
 
-    def _shard(self, rel: str) -> np.ndarray:
+    def _rows(self, loc: dict, count: int, record: dict) -> np.ndarray:
+        """Rows offset..offset + count of the shard `loc` names, as (count, width) float32; StoreError naming
+        the shard, the utterance `record` and how to rebuild the shard when it cannot give them."""
+        rel, off = loc["shard"], loc["offset"]
+        path = self.split_dir / rel
         arr = self._maps.get(rel)
         if arr is None:
-            path = self.split_dir / rel
             if not path.is_file():
-                raise StoreError(f"missing shard {path}")
-            arr = np.load(path, mmap_mode="r")
+                raise StoreError(_shard_problem(path, "is missing", record))
+            try:
+                arr = _map_shard(path)
+            except (ValueError, OSError, EOFError) as err:
+                raise StoreError(_shard_problem(path, f"is truncated or corrupt ({err})", record)) from None
             self._maps[rel] = arr
-        return arr
+        if off + count > arr.shape[0]:
+            what = f"holds {arr.shape[0]} rows where the manifest needs {off + count}"
+            raise StoreError(_shard_problem(path, what, record))
+        return np.array(arr[off : off + count], dtype=np.float32)
 
     def features(self, record: dict) -> np.ndarray:
         """Raw features of one record: (num_frames, F) float32 (no CMVN)."""
-        loc = record["feats"]
-        off = loc["offset"]
-        return np.array(self._shard(loc["shard"])[off : off + record["num_frames"]], dtype=np.float32)
+        return self._rows(record["feats"], record["num_frames"], record)
 
     def plm_features(self, record: dict) -> np.ndarray | None:
         """Raw PLM token features of one record: (num_tokens, D) float32, or None without a PLM cache."""
         loc = record.get("plm")
         if loc is None:
             return None
-        off = loc["offset"]
-        return np.array(self._shard(loc["shard"])[off : off + loc["num_tokens"]], dtype=np.float32)
+        return self._rows(loc, loc["num_tokens"], record)
+
+
+def _map_shard(path: Path) -> np.ndarray:
+    """Memory-map a (rows, width) shard; ValueError, OSError or EOFError when the file is truncated, is not
+    a .npy array or is not two-dimensional (its header and size are checked, its values are not read)."""
+    arr = np.load(path, mmap_mode="r")
+    if not isinstance(arr, np.ndarray) or arr.ndim != 2:
+        raise ValueError("not a (rows, width) array")
+    return arr
+
+
+def _shard_problem(path: Path, what: str, record: dict) -> str:
+    return (
+        f"shard {path} {what}; it holds utterance {record.get('id')!r}. Re-run `gmot prepare` with the same "
+        "arguments to rebuild it: it resumes, redoing only the shards that are missing or damaged"
+    )
+
+
+def shard_rows(path: Path) -> int | None:
+    """Number of rows of the shard at `path`, or None when it is missing, truncated or corrupt (how
+    `gmot prepare` tells a finished shard from one to redo)."""
+    try:
+        return int(_map_shard(Path(path)).shape[0])
+    except (ValueError, OSError, EOFError):
+        return None
 
 
 def read_vocab(lang_dir: Path) -> list[str]:

@@ -12,10 +12,14 @@ from data.features import NUM_MEL_BINS, SHERPA_ONNX_FRONTEND, AudioError
 from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError, load_model
 from models.export import (
+    CHECK_MODULES,
+    COMPARE_MODULES,
     DEFAULT_OPSET,
+    EXPORT_MODULES,
     ExportError,
     compare_with_sherpa,
     export_onnx,
+    require_modules,
     sherpa_onnx_command,
 )
 
@@ -40,6 +44,12 @@ def export(
     console = Console()
     err = Console(stderr=True)
     try:
+        needed = (
+            EXPORT_MODULES
+            + (CHECK_MODULES if check else ())
+            + (COMPARE_MODULES if compare is not None else ())
+        )
+        require_modules(needed, "gmot export" + (" --compare" if compare is not None else ""))
         loaded = load_model(model)
         result = export_onnx(loaded, out_dir, opset=opset, check=check)
     except (CheckpointError, ExportError) as e:

@@ -18,6 +18,7 @@ it is unused at decode time and left out.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -44,6 +45,32 @@ Split); tested with onnxruntime 1.32 and with the onnxruntime inside sherpa-onnx
 
 class ExportError(Exception):
     """A model that cannot be exported as asked; the message says why."""
+
+
+EXPORT_MODULES = ("onnx", "onnxscript")
+"""What writing model.onnx imports: torch's exporter (`dynamo=True`) translates the graph with onnxscript,
+and onnx checks the model and stores its metadata."""
+CHECK_MODULES = ("onnxruntime",)
+"""What `check` (running the export against torch) imports."""
+COMPARE_MODULES = ("sherpa_onnx",)
+"""What comparing transcripts with sherpa-onnx (`gmot export --compare`) imports."""
+INSTALL_HINT = "pip install 'gmot[export]'"
+
+
+def require_modules(names: tuple[str, ...], purpose: str) -> None:
+    """Import each module of `names`; ExportError naming those that are missing (or fail to import) and the
+    `export` extra that installs them, so that nothing fails half-way for want of one."""
+    problems = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            problems.append(name)
+        except Exception as err:  # installed but broken, e.g. built against another onnx
+            problems.append(f"{name} ({type(err).__name__}: {err})")
+    if problems:
+        verb = "is" if len(problems) == 1 else "are"
+        raise ExportError(f"{purpose} needs {', '.join(problems)}, which {verb} not usable: {INSTALL_HINT}")
 
 
 SHERPA_SUBSAMPLING = 4
@@ -137,12 +164,12 @@ def export_onnx(
     Each file is written to a temporary name in `out_dir` and renamed, so an interrupted export leaves no
     half-written model. With `check`, onnxruntime runs a padded batch and its log-probabilities are compared
     with torch's (`ExportResult.max_abs_diff`); onnxruntime must then be installed. Raises ExportError for a
-    vocabulary that tokens.txt cannot hold, or when onnx is missing.
+    vocabulary that tokens.txt cannot hold, or, before anything is written, when a module the export needs
+    (EXPORT_MODULES, and CHECK_MODULES with `check`) is missing.
     """
-    try:
-        import onnx
-    except ImportError:
-        raise ExportError("ONNX export needs the onnx package: pip install 'gmot[export]'") from None
+    require_modules(EXPORT_MODULES + (CHECK_MODULES if check else ()), "ONNX export")
+    import onnx
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tokens = tokens_text(loaded.vocab)
     graph = _ExportGraph(loaded).eval().cpu()

@@ -245,14 +245,17 @@ class GMOTLoss(nn.Module):
          of the plans over that of the uniform plan (1 = uniform; detached), "plan_marginal_error": scalar
          mean L1 error of the plans' exact marginals (how far the fixed budget is from convergence; detached),
          "plan": (B, N, M) detached transport plan, 0 at padding}.
-        Computed in float32 (autocast off). Every item needs at least one frame and one token.
+        Computed in float32 (autocast off). Every item needs at least one frame. An item whose teacher has no
+        token or a non-finite feature (e.g. a float16 overflow in the cache) gets weight 0 in every mean and
+        an all-zero plan, so that its batch-mates still train; the means are over the other items (0 when
+        none is left).
         """
         cfg = self.cfg
         b, n, d = acoustic.shape
         m = plm.shape[1]
         if plm.shape[0] != b or plm.shape[2] != d:
             raise ValueError(f"acoustic {tuple(acoustic.shape)} and plm {tuple(plm.shape)} do not match")
-        if cfg.mode == "none":
+        if cfg.mode == "none" or m == 0:  # m == 0: no item has a teacher token
             zero = acoustic.new_zeros((), dtype=torch.float32)
             return {
                 "kt": zero, "kt_ot": zero, "kt_align": zero, "plan_entropy": zero,
@@ -260,14 +263,18 @@ class GMOTLoss(nn.Module):
             }  # fmt: skip
         # checked where it costs no device synchronisation (CPU lengths); on a GPU an empty item gives NaN
         on_host = acoustic_lengths.device.type == "cpu" and plm_lengths.device.type == "cpu"
-        if on_host and bool((acoustic_lengths < 1).any() | (plm_lengths < 1).any()):
-            raise ValueError("every utterance needs at least one acoustic frame and one PLM token for GM-OT")
+        if on_host and bool((acoustic_lengths < 1).any()):
+            raise ValueError("every utterance needs at least one acoustic frame for GM-OT")
         with torch.autocast(acoustic.device.type, enabled=False):
-            a_mask, b_mask = _mask(acoustic_lengths, n), _mask(plm_lengths, m)
+            # an item without a usable teacher is solved against one zero token (finite, so that its weight
+            # of 0 gives it an exactly zero gradient) instead of turning the whole batch NaN
+            a_mask, b_mask = _mask(acoustic_lengths, n), _mask(plm_lengths.clamp(min=1), m)
             # a NaN / Inf in the features (a diverging encoder) is not checked for: it flows into a NaN kt,
             # which the engine skips and counts, and nothing here synchronises with the device
             h = acoustic.float().masked_fill(~a_mask[:, :, None], 0.0)
             z = self.teacher_features(plm, b_mask)
+            usable = (plm_lengths >= 1) & torch.isfinite(z).all(dim=2).all(dim=1)  # (B,)
+            z = z.masked_fill(~usable[:, None, None], 0.0)
 
             cost = graphs.cosine_cost(h, z, a_mask, b_mask)
             if cfg.tot_weight > 0:
@@ -291,7 +298,7 @@ class GMOTLoss(nn.Module):
             kt_align_per = (per_token * b_mask).sum(1) / tokens
             if cfg.reduction == "sum":
                 kt_ot_per, kt_align_per = kt_ot_per * tokens, kt_align_per * tokens
-            kt_ot, kt_align = kt_ot_per.mean(), kt_align_per.mean()
+            kt_ot, kt_align = _usable_mean(kt_ot_per, usable), _usable_mean(kt_align_per, usable)
             if cfg.terms == "ot":
                 kt = kt_ot
             elif cfg.terms == "align":
@@ -303,9 +310,9 @@ class GMOTLoss(nn.Module):
             "kt": kt,
             "kt_ot": kt_ot if cfg.terms != "align" else kt_ot.detach(),
             "kt_align": kt_align if cfg.terms != "ot" else kt_align.detach(),
-            "plan_entropy": entropy.mean(),
-            "plan_marginal_error": res.marginal_error.mean(),
-            "plan": plan.detach(),
+            "plan_entropy": _usable_mean(entropy, usable),
+            "plan_marginal_error": _usable_mean(res.marginal_error, usable),
+            "plan": plan.detach().masked_fill(~usable[:, None, None], 0.0),
         }
 
     def _solve(
@@ -342,6 +349,12 @@ class GMOTLoss(nn.Module):
             inner_iter=cfg.inner_iter, solver=cfg.solver, tol=cfg.tol, grad=cfg.grad, symmetric=True,
             validate=False, start=cfg.start,
         )  # fmt: skip
+
+
+def _usable_mean(values: Tensor, usable: Tensor) -> Tensor:
+    """Mean of (B,) `values` over the items where (B,) bool `usable` holds, the others weighing 0 (gradient
+    included); 0 when none does. With every item usable it is exactly `values.mean()`."""
+    return torch.where(usable, values, 0.0).mean() * (usable.numel() / usable.sum().clamp(min=1))
 
 
 def cost_spread(cost: Tensor, valid: Tensor) -> Tensor:

@@ -263,6 +263,14 @@ class Trainer:
             "subsampling",
         )
         left_out = set(unalignable)
+        if self.use_kt:  # nothing to transfer; named here once, where the loss would weigh them 0 unseen
+            no_tokens = [
+                i
+                for i, r in enumerate(self.train_set.records)
+                if i not in left_out and "plm" in r and int(r["plm"]["num_tokens"]) < 1
+            ]
+            self._warn_left_out(no_tokens, "have no PLM teacher tokens")
+            left_out.update(no_tokens)
         lengths = [0 if i in left_out else n for i, n in enumerate(lengths)]
         batches, dropped = bucket_batches(lengths, t.max_frames, t.max_utts, self.cfg.model.min_input_frames)
         self._warn_left_out(
@@ -329,6 +337,12 @@ class Trainer:
                 self.teacher is not None and gcfg.standardise
             ):  # online PLM: no corpus statistics to standardise
                 gcfg = dataclasses.replace(gcfg, standardise=False)
+                # config.yaml and the checkpoints record the setting the run uses
+                self.cfg = dataclasses.replace(self.cfg, gmot=gcfg)
+                self._say(
+                    "[yellow]note:[/] the online teacher has no corpus statistics: gmot.standardise is off "
+                    "for this run"
+                )
             self.kt_loss = GMOTLoss.from_plm_info(gcfg, self.plm_info if self.teacher is None else None)
             self.kt_loss.to(self.device)
         self.precision = choose_precision(self.device, t.bf16)

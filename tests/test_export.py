@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +210,34 @@ def test_compare_counts_files_transcribed_alike(exported: tuple[Path, Path], tmp
         app, ["export", str(exp), str(tmp_path / "onnx2"), "--compare", str(tmp_path / "empty")]
     )
     assert res.exit_code == 2 and "no .wav or .flac files" in res.output
+
+
+@pytest.mark.parametrize(
+    ("missing", "options"),
+    [("onnxscript", []), ("onnx", ["--no-check"]), ("onnxruntime", []), ("sherpa_onnx", ["--compare", "."])],
+)
+def test_a_missing_module_is_named_with_the_extra_before_anything_is_written(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str, options: list[str]
+) -> None:
+    """What a user who ran only `pip install sherpa-onnx` meets: torch's exporter needs onnxscript too."""
+    pytest.importorskip(missing)
+    pytest.importorskip("onnxscript")  # imported whole first, so that hiding onnx cannot leave half of it
+    exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` now raises ModuleNotFoundError
+    res = runner.invoke(app, ["export", str(exp), str(tmp_path / "onnx"), *options])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    found = re.search(
+        r"error: gmot export.* needs (.+?), which (?:is|are) not usable: pip install 'gmot\[export\]'", text
+    )
+    assert found and missing in found[1].split(", "), res.output  # (onnxscript cannot import without onnx)
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # a message, no traceback
+    assert not (tmp_path / "onnx").exists()
+    if missing != "sherpa_onnx":
+        loaded = load_model(exp)
+        with pytest.raises(ExportError, match=f"ONNX export needs {missing}\\b"):
+            export_onnx(loaded, tmp_path / "lib", check="--no-check" not in options)
+        assert not (tmp_path / "lib").exists()
 
 
 def test_an_output_folder_that_cannot_be_made_exits_1(tiny_prepared: Path, tmp_path: Path) -> None:

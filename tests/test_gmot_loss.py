@@ -75,6 +75,58 @@ def test_gradients_reach_valid_frames_and_are_zero_at_padding(mode: str, terms: 
         assert torch.allclose(out["kt"], out["kt_ot"] + out["kt_align"])
 
 
+@pytest.mark.parametrize("fault", ["inf_feature", "nan_feature", "no_tokens"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"mode": "fgw"},
+        {"mode": "wd"},
+        {"unbalanced_tau": 1.0},
+        {"epsilon_scale": "cost_std", "reduction": "sum"},
+    ],
+    ids=["fgw", "wd", "unbalanced", "cost_std-sum"],
+)
+def test_an_item_with_a_broken_teacher_weighs_nothing_and_its_batch_mates_train(
+    fault: str, options: dict
+) -> None:
+    """One item whose teacher features are non-finite (a float16 overflow in the cache) or empty must not
+    turn the batch NaN: the batch gives what its other items give alone, and that item no gradient."""
+    acoustic, n_len, plm, m_len = _batch(6)
+    plm[2, 4:] = float("inf")  # in item 2's padding: ignored, item 2 stays usable
+    if fault == "inf_feature":
+        plm[1, 1, 3] = float("inf")
+    elif fault == "nan_feature":
+        plm[1, 0, 0] = float("nan")
+    else:
+        m_len[1] = 0
+    loss = _loss(outer_iter=5, inner_iter=30, **options)
+    acoustic.requires_grad_(True)
+    out = loss(acoustic, n_len, plm, m_len)
+    out["kt"].backward()
+    keep = torch.tensor([0, 2])
+    alone_acoustic = acoustic.detach()[keep].requires_grad_(True)
+    alone = loss(alone_acoustic, n_len[keep], plm[keep], m_len[keep])
+    alone["kt"].backward()
+    for key in ("kt", "kt_ot", "kt_align", "plan_entropy", "plan_marginal_error"):
+        assert torch.isfinite(out[key]), key
+        assert torch.allclose(out[key], alone[key], atol=1e-5), key
+    assert torch.isfinite(acoustic.grad).all() and acoustic.grad[1].abs().max() == 0
+    assert torch.allclose(acoustic.grad[keep], alone_acoustic.grad, atol=1e-6)
+    assert out["plan"][1].abs().max() == 0
+    assert torch.allclose(out["plan"][keep], alone["plan"], atol=1e-6)
+
+
+def test_a_batch_without_any_usable_teacher_gives_zero() -> None:
+    acoustic, n_len, plm, m_len = _batch(7)
+    acoustic.requires_grad_(True)
+    out = _loss()(acoustic, n_len, plm * float("nan"), m_len)
+    assert out["kt"] == 0 and out["plan"].abs().max() == 0
+    out["kt"].backward()
+    assert acoustic.grad.abs().max() == 0
+    empty = _loss()(acoustic, n_len, plm[:, :0], torch.zeros(3, dtype=torch.long))
+    assert empty["kt"] == 0 and empty["plan"].shape == (3, 12, 0)
+
+
 def test_gradients_reach_the_adapter_and_encoder_through_the_model() -> None:
     torch.manual_seed(4)
     model = ConformerCTC(PRESETS["tiny"], vocab_size=9, plm_width=8)

@@ -339,6 +339,31 @@ def test_resume_redoes_only_unfinished_shards(tmp_path: Path, monkeypatch: pytes
     assert len(calls) == 1
 
 
+def test_resume_redoes_a_truncated_or_short_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the reader's damaged-shard message promises: a re-run rebuilds that shard, and only it."""
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS)
+    opts = PrepareOptions(shard_frames=150)
+    out = tmp_path / "out"
+    prepare(out, [_split_input(tmp_path / "train")], options=opts)
+    first_manifest = (out / "train" / "manifest.jsonl").read_text()
+    calls: list[int] = []
+    real = preparation._featurise_shard
+
+    def counting(task: dict) -> dict:
+        calls.append(task["index"])
+        return real(task)
+
+    monkeypatch.setattr(preparation, "_featurise_shard", counting)
+    shard1, shard2 = (out / "train" / "feats" / f"shard-0000{i}.npy" for i in (1, 2))
+    shard1.write_bytes(shard1.read_bytes()[:-200])  # a copy cut short
+    np.save(shard2, np.load(shard2)[:3])  # a valid array with fewer rows than its part says
+    prepare(out, [_split_input(tmp_path / "train")], options=opts)
+    assert sorted(calls) == [1, 2]
+    assert (out / "train" / "manifest.jsonl").read_text() == first_manifest
+    reader = SplitReader(out / "train")
+    assert all(reader.features(r).shape == (r["num_frames"], 80) for r in reader.records)
+
+
 def test_segments_cut_recordings(tmp_path: Path) -> None:
     rec = write_wav(tmp_path / "rec.wav", 3.0)
     d = write_kaldi_dir(tmp_path / "train", {"rec1": str(rec)}, {"u1": "你好", "u2": "世界你好"})

@@ -186,6 +186,12 @@ def test_plm_cache_with_a_teacher_object(tmp_path: Path, tiny_bert: Path) -> Non
     teacher.calls = 0
     prepare(out, splits, teacher=teacher)
     assert teacher.calls == 0
+    # a truncated PLM shard is redone (that shard only), as the reader's message for it promises
+    plm_shard = out / "train" / reader.records[0]["plm"]["shard"]
+    plm_shard.write_bytes(plm_shard.read_bytes()[:-64])
+    prepare(out, splits, teacher=teacher)
+    assert teacher.calls == 1
+    np.testing.assert_array_equal(SplitReader(out / "train").plm_features(reader.records[0]), stored[0])
     # preparing again without a teacher removes the PLM entries and plm.json
     prepare(out, splits)
     assert "plm" not in read_manifest(out / "train")[0]

@@ -2,10 +2,12 @@
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from torch.utils.data import DataLoader
 
 from data.store import (
     SplitReader,
@@ -85,3 +87,54 @@ def test_missing_files_raise_store_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"id": "a"}) + "\n{broken\n")
     with pytest.raises(StoreError, match=":2"):
         read_manifest(tmp_path)
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage a shard file as a full disk, a killed copy or a stale rewrite would."""
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif how == "header":
+        path.write_bytes(data[:60])
+    elif how == "garbage":
+        path.write_bytes(b"\0" * len(data))
+    else:  # "short": a valid .npy with fewer rows than the manifest says
+        np.save(path, np.load(path)[:1])
+
+
+@pytest.mark.parametrize("kind", ["feats", "plm"])
+@pytest.mark.parametrize("how", ["truncated", "header", "garbage", "short"])
+def test_a_damaged_shard_names_itself_the_utterance_and_the_fix(
+    tiny_prepared: Path, tmp_path: Path, kind: str, how: str
+) -> None:
+    split = tmp_path / "dev"
+    shutil.copytree(tiny_prepared / "dev", split)
+    reader = SplitReader(split)
+    rec = next(r for r in reader.records if r[kind]["offset"] > 0)  # past the short shard's one row
+    _damage(split / rec[kind]["shard"], how)
+    read = reader.features if kind == "feats" else reader.plm_features
+    with pytest.raises(StoreError) as caught:
+        read(rec)
+    message = str(caught.value)
+    assert str(split / rec[kind]["shard"]) in message and repr(rec["id"]) in message
+    assert "Re-run `gmot prepare` with the same arguments" in message
+    assert ("truncated or corrupt" if how != "short" else "where the manifest needs") in message
+
+
+def test_a_damaged_shard_read_in_a_dataloader_worker_keeps_its_message(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    split = tmp_path / "dev"
+    shutil.copytree(tiny_prepared / "dev", split)
+    first = read_manifest(split)[0]
+    _damage(split / first["feats"]["shard"], "truncated")
+    reader = SplitReader(split)
+    with pytest.raises(StoreError) as direct:
+        reader.features(first)
+    loader = DataLoader(
+        reader.records, batch_size=1, num_workers=1, collate_fn=lambda rs: reader.features(rs[0])
+    )
+    with pytest.raises(StoreError) as caught:
+        next(iter(loader))
+    # the same one line, not "Caught StoreError in DataLoader worker process 0" and the worker's traceback
+    assert str(caught.value) == str(direct.value) and "\n" not in str(caught.value)

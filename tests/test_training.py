@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 import models.training as training
@@ -217,10 +218,14 @@ def test_distill_without_a_plm_cache_warns_and_runs_the_teacher_online(
         manifest.write_text("".join(lines), encoding="utf-8")
     bert = make_tiny_bert_dir(tmp_path / "bert", width=24)
     cfg = _tiny("train.epochs=1", "gmot.mode=wd", f"train.plm={bert}")
+    assert cfg.gmot.standardise  # asked for, but an online teacher has no corpus statistics
     with pytest.warns(UserWarning, match="no PLM feature cache"):
         train(data, tmp_path / "exp", cfg, device="cpu", progress=False)
     state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
     assert state["model"]["adapter.weight"].shape[0] == 24  # the online teacher's width
+    # config.yaml and the checkpoint record what ran: no standardisation
+    recorded = yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text(encoding="utf-8"))
+    assert recorded["gmot"]["standardise"] is False and state["config"]["gmot"]["standardise"] is False
     events = [e for e in _metrics(tmp_path / "exp") if e["event"] == "train"]
     assert events and all(e["kt"] > 0 for e in events)
     # without train.plm the missing cache is an error, not a silent online e5 teacher

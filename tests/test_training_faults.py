@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -172,6 +174,25 @@ def test_init_from_missing_or_corrupt_is_a_clear_error(
     assert "Traceback" not in output
 
 
+def test_a_truncated_shard_read_by_a_loader_worker_names_it_and_exits_1(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    data = _copy(tiny_prepared, tmp_path / "data")
+    for shard in (data / "train" / "feats").glob("shard-*.npy"):
+        shard.write_bytes(shard.read_bytes()[:-100])
+    code, output = _run_cli(["pretrain", str(data), str(tmp_path / "x"), *CLI,
+                             "--set", "train.epochs=1", "--set", "train.num_workers=1"])  # fmt: skip
+    text = " ".join(output.split())
+    assert code == 1, output
+    found = re.search(r"shard (\S+) is truncated or corrupt \(.*\); it holds utterance '([^']+)'", text)
+    assert found, output
+    records = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()]
+    holder = next(r for r in records if r["id"] == found[2])
+    assert Path(found[1]) == data / "train" / holder["feats"]["shard"]
+    assert "Re-run `gmot prepare` with the same arguments to rebuild it" in text
+    assert "Traceback" not in output and "DataLoader worker" not in output
+
+
 def _fake_checkpoint(path: Path, vocab: list[str], frontend: str = "sherpa-onnx", **model_overrides) -> None:
     cfg = _tiny(*(f"model.{k}={v}" for k, v in model_overrides.items()))
     model = ConformerCTC(cfg.model, len(vocab))
@@ -285,6 +306,41 @@ def test_nan_adapter_output_is_a_skipped_nan_step_not_a_crash(
     events = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in events if e["event"] == "skip"] == ["nan_loss"]
     state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def _rewrite_manifest(data: Path, records: list[dict]) -> None:
+    manifest = data / "train" / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def test_train_records_without_teacher_tokens_are_left_out_by_name(
+    tiny_prepared: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _copy(tiny_prepared, tmp_path / "data")
+    records = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()]
+    for r in (records[3], records[7]):
+        r["plm"]["num_tokens"], r["plm"]["tokens"] = 0, []
+    _rewrite_manifest(data, records)
+    out = train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
+    assert out.epochs_done == 1 and out.skipped_nan == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"2 train utterances have no PLM teacher tokens and are left out ({records[3]['id']}, " in err
+    assert records[7]["id"] in err
+
+
+def test_non_finite_teacher_features_cost_their_item_only(tiny_prepared: Path, tmp_path: Path) -> None:
+    """A float16 overflow in the PLM cache gives one utterance inf features: its batch still trains."""
+    data = _copy(tiny_prepared, tmp_path / "data")
+    bad = [json.loads(x) for x in (data / "train" / "manifest.jsonl").read_text().splitlines()][5]
+    shard = data / "train" / bad["plm"]["shard"]
+    feats = np.load(shard)
+    feats[bad["plm"]["offset"] + 1, 2] = np.inf
+    np.save(shard, feats)
+    out = train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
+    assert out.skipped_nan == 0 and out.skipped_inf == 0
+    state = load_checkpoint(list_checkpoints(tmp_path / "exp")[-1])
+    assert state["step"] == state["sampler"]["num_batches"]  # every batch made an update
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
