@@ -17,6 +17,7 @@ from data.store import StoreError
 from gmot_cli.errors import error_exit
 from models.checkpoint import CheckpointError
 from models.config import PRESET_NAMES, ConfigError, ExperimentConfig, resolve_config
+from models.preemption import Preempted
 from models.training import TrainingError, TrainOutcome, train
 
 PRESET_HELP = f"Starting configuration: {' | '.join(PRESET_NAMES)} (tiny is for tests)."
@@ -44,7 +45,8 @@ def run_training(
     """Resolve the config (preset, file, --set, named options), train, and turn our errors into messages.
 
     `check(cfg, console)` may reject a resolved config (it calls `fail`). ConfigError exits 2, other known
-    errors exit 1, Ctrl-C exits 130 with a hint to resume.
+    errors exit 1; SIGTERM exits 143 and Ctrl-C (SIGINT) 130 after a checkpoint of the current step, a
+    second Ctrl-C 130 at once, each with a hint to resume.
     """
     console = Console(stderr=True)
     try:
@@ -59,6 +61,10 @@ def run_training(
         )
     except (TrainingError, CheckpointError, StoreError) as err:
         fail(console, str(err))
+    except Preempted as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(Text(str(err), style="yellow"))
+        raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         console.print(
             Text("interrupted; re-run the same command to resume from the last checkpoint", style="yellow")

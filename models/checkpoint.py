@@ -55,6 +55,23 @@ def list_checkpoints(exp_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_temporaries(exp_dir: Path, others: Sequence[str] = ()) -> list[Path]:
+    """Delete the temporary files an interrupted write left in `exp_dir` (`ckpt-<step>.pt.tmp`, `avg.pt.tmp`
+    and `<name>.tmp` for each name in `others`); returns the paths deleted. Call it before a run writes."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        return []
+    names = {f"{AVERAGE_NAME}.tmp", *(f"{name}.tmp" for name in others)}
+    stale = [
+        p
+        for p in sorted(exp_dir.iterdir())
+        if p.is_file() and (p.name in names or (p.suffix == ".tmp" and _CKPT_RE.match(p.stem)))
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def _check_safe(obj: Any, where: str) -> None:
     """Raise TypeError (naming the key) if `obj` holds anything torch.load(weights_only=True) refuses."""
     if obj is None or isinstance(obj, (bool, int, float, str, Tensor, torch.dtype, torch.device, torch.Size)):

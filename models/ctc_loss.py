@@ -28,6 +28,16 @@ def ctc_required_frames(token_ids: list[int]) -> int:
     return len(token_ids) + sum(1 for a, b in itertools.pairwise(token_ids) if a == b)
 
 
+def ctc_impossible(frames: Tensor, tokens: Tensor, token_lens: Tensor) -> Tensor:
+    """Which utterances of a batch CTC cannot align, computed on the tensors' device (nothing is read on the
+    host): frames (B,) encoder output lengths, tokens (B, L) labels (padded), token_lens (B,) -> (B,) bool,
+    True where frames < labels plus repeated neighbours (`ctc_required_frames` of each), which is where
+    `ctc_losses` is infinite."""
+    valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < token_lens[:, None]
+    repeats = ((tokens[:, 1:] == tokens[:, :-1]) & valid[:, 1:]).sum(1)
+    return frames < token_lens + repeats
+
+
 def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]:
     """Indices of manifest records whose transcript cannot be aligned by CTC after the model's subsampling
     (encoder frames < labels + repeated neighbours)."""

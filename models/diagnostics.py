@@ -197,15 +197,23 @@ def gradient_ratio(kt: Tensor, ctc: Tensor, at: Tensor) -> float:
     they enter the total (weights applied by the caller). Costs two partial backward passes (from each loss
     down to `at` only), and keeps the graph for the real backward. nan when either loss is not finite or
     has no gradient."""
-    usable = kt.requires_grad and ctc.requires_grad
-    if not (usable and bool(torch.isfinite(kt)) and bool(torch.isfinite(ctc))):
-        return math.nan
+    ratio = gradient_ratio_tensor(kt, ctc, at)
+    return math.nan if ratio is None else float(ratio)
+
+
+def gradient_ratio_tensor(kt: Tensor, ctc: Tensor, at: Tensor) -> Tensor | None:
+    """`gradient_ratio` as a 0-dim float32 tensor on the device, read by nobody here (the training engine
+    reads it with the rest of its step); None when either loss has no gradient at `at`, nan when either is
+    not finite or the CTC gradient is 0."""
+    if not (kt.requires_grad and ctc.requires_grad):
+        return None
     g_kt = torch.autograd.grad(kt, at, retain_graph=True, allow_unused=True)[0]
     g_ctc = torch.autograd.grad(ctc, at, retain_graph=True, allow_unused=True)[0]
     if g_kt is None or g_ctc is None:
-        return math.nan
-    den = float(g_ctc.float().norm())
-    return float(g_kt.float().norm()) / den if den > 0 else math.nan
+        return None
+    num, den = g_kt.float().norm(), g_ctc.float().norm()
+    usable = torch.isfinite(kt.detach()) & torch.isfinite(ctc.detach()) & (den > 0)
+    return torch.where(usable, num / den, torch.full_like(num, math.nan))
 
 
 def format_scores(scores: dict[str, float]) -> str:

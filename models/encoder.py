@@ -229,7 +229,14 @@ def _block_forward(layer: ConformerLayer, x: Tensor, key_padding_mask: Tensor, p
 
 class ConformerCTC(nn.Module):
     """Conformer encoder with a CTC head over `vocab_size` units and, when `plm_width` is given, an adapter
-    from block `cfg.adapter_layer` into the PLM's width (used only by the knowledge-transfer loss)."""
+    from block `cfg.adapter_layer` into the PLM's width (used only by the knowledge-transfer loss).
+
+    `check_lengths` (default True): `forward` refuses inputs shorter than cfg.min_input_frames, which reads
+    the lengths on the host (a device synchronisation on a GPU); the training engine, whose batches hold
+    no such inputs, turns it off.
+    """
+
+    check_lengths: bool = True
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, plm_width: int | None = None) -> None:
         super().__init__()
@@ -268,7 +275,7 @@ class ConformerCTC(nn.Module):
         if feats.dim() != 3 or feats.shape[-1] != self.cfg.input_dim:
             raise ValueError(f"feats must be (B, T, {self.cfg.input_dim}), got {tuple(feats.shape)}")
         shortest = self.cfg.min_input_frames
-        if feats.shape[1] < shortest or bool((lengths < shortest).any()):
+        if feats.shape[1] < shortest or (self.check_lengths and bool((lengths < shortest).any())):
             raise ValueError(
                 f"every utterance needs at least {shortest} frames for the x{self.cfg.subsampling} "
                 f"subsampling; got lengths {lengths.tolist()} with padded length {feats.shape[1]}"

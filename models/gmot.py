@@ -177,8 +177,12 @@ class GMOTLoss(nn.Module):
     """The knowledge-transfer loss between adapted acoustic features and PLM token features.
 
     `plm_mean` / `plm_std` (D,) are the training-corpus statistics of plm.json (required when
-    cfg.standardise); they are registered buffers, so `.to(device)` moves them.
+    cfg.standardise); they are registered buffers, so `.to(device)` moves them. `check_lengths` (default
+    True) refuses empty items given CPU lengths; the training engine turns it off (its batches have none,
+    and on the CPU it trains as it would on a GPU, where the check is a device synchronisation).
     """
+
+    check_lengths: bool = True
 
     def __init__(
         self, cfg: GMOTConfig, plm_mean: Tensor | None = None, plm_std: Tensor | None = None
@@ -262,7 +266,7 @@ class GMOTLoss(nn.Module):
                 "plan_marginal_error": zero, "plan": acoustic.new_zeros(b, n, m).float(),
             }  # fmt: skip
         # checked where it costs no device synchronisation (CPU lengths); on a GPU an empty item gives NaN
-        on_host = acoustic_lengths.device.type == "cpu" and plm_lengths.device.type == "cpu"
+        on_host = self.check_lengths and acoustic_lengths.device.type == plm_lengths.device.type == "cpu"
         if on_host and bool((acoustic_lengths < 1).any()):
             raise ValueError("every utterance needs at least one acoustic frame for GM-OT")
         with torch.autocast(acoustic.device.type, enabled=False):

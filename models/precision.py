@@ -5,6 +5,11 @@
 - CPU with native bf16 (AVX512-BF16 or AMX): bf16 autocast (1.7-1.9x faster per demo step on an EPYC here);
 - anything else, or `train.bf16=false`: float32.
 Losses are computed in float32 outside the autocast region either way.
+
+The scaler takes every non-finite gradient for an fp16 overflow: it skips the step and halves its scale. A
+real NaN (a diverging model, a bad batch) overflows at every scale, so the scale would fall until the
+gradients underflow and training would stall without a word. `overflow_is_nan` says when an overflow is to
+be counted as a NaN step instead (the engine then stops after train.max_nan_steps of them, as for any NaN).
 """
 
 from __future__ import annotations
@@ -42,6 +47,21 @@ def choose_precision(device: torch.device, mixed: bool) -> Precision:
     if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+SCALE_FLOOR = 1.0
+"""Below this loss scale an fp16 overflow is taken for a NaN: the gradients are scaled down, not up, so they
+overflow fp16's range (65,504) only when they are non-finite or huge whatever the scale."""
+MAX_OVERFLOW_STREAK = 20
+"""This many fp16 overflow skips in a row are taken for a NaN whatever the scale: a scale that is merely too
+high is cured by a few halvings in a row (one after each doubling, a handful at the start), not twenty."""
+
+
+def overflow_is_nan(streak: int, scale: float) -> bool:
+    """Whether an fp16 overflow skip counts as a NaN step: `streak` overflow skips in a row (this one
+    included) and `scale` the loss scale after the scaler's update; True from MAX_OVERFLOW_STREAK skips in a
+    row or once the scale is below SCALE_FLOOR."""
+    return streak >= MAX_OVERFLOW_STREAK or scale < SCALE_FLOOR
 
 
 def autocast_for(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:

@@ -1,8 +1,9 @@
 """What a run writes beside its checkpoints: metrics.jsonl (and TensorBoard when installed), the checkpoint
-index, the command lines, and the progress bars of training."""
+index, the command lines, and the progress bars of training; and how a failed write (a full disk) is told."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -29,11 +30,16 @@ COMMAND = "command.txt"
 
 
 class MetricsLogger:
-    """metrics.jsonl (always) and TensorBoard (when installed) on rank 0; no-op elsewhere."""
+    """metrics.jsonl (always) and TensorBoard (when installed) on rank 0; no-op elsewhere.
+
+    A record that cannot be written (a full disk) is cut off again, so metrics.jsonl keeps whole lines only;
+    the OSError is kept in `error` for the caller to act on (all ranks together), and nothing more is written.
+    """
 
     def __init__(self, exp_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.path = exp_dir / METRICS
+        self.error: OSError | None = None
         self.tb = None
         if enabled:
             try:
@@ -44,11 +50,15 @@ class MetricsLogger:
                 self.tb = None
 
     def log(self, event: str, step: int, **values: Any) -> None:
-        if not self.enabled:
+        """Append one record {"event", "step", "time", **values} to metrics.jsonl (and TensorBoard)."""
+        if not self.enabled or self.error is not None:
             return
         record = {"event": event, "step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        try:
+            _append(self.path, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        except OSError as err:
+            self.error = err
+            return
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
@@ -57,6 +67,37 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _append(path: Path, data: bytes) -> None:
+    """Append `data` to `path`; on an OSError the file is cut back to its old size (no partial line)."""
+    with open(path, "ab", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered write may take part of the data and fail on the rest
+                view = view[f.write(view) :]
+        except OSError:
+            f.truncate(size)  # frees what the cut-off write took, and needs no space itself
+            raise
+
+
+def write_failure(err: OSError, path: Path, last_good: Path | None) -> str:
+    """The message for a file of a run that could not be written: what happened, where, and the newest
+    checkpoint a re-run resumes from, e.g. "no space left on the disk of /exp while writing
+    /exp/ckpt-000000040.pt; the last good checkpoint is /exp/ckpt-000000030.pt ..."."""
+    if err.errno == errno.ENOSPC:
+        what, fix = f"no space left on the disk of {path.parent}", "free space"
+    elif err.errno == errno.EDQUOT:
+        what, fix = f"disk quota exceeded on {path.parent}", "free space"
+    else:
+        what, fix = f"cannot write to {path.parent} ({err.strerror or err})", "fix that"
+    last = (
+        f"the last good checkpoint is {last_good}; {fix}, then re-run the same command to resume from it"
+        if last_good is not None
+        else f"no checkpoint has been written yet; {fix}, then re-run the same command"
+    )
+    return f"{what} while writing {path}; {last}"
 
 
 def read_index(exp_dir: Path) -> list[dict[str, Any]]:
@@ -70,8 +111,11 @@ def read_index(exp_dir: Path) -> list[dict[str, Any]]:
 def write_index(exp_dir: Path, index: list[dict[str, Any]]) -> None:
     """Write EXP_DIR/checkpoints.json atomically."""
     tmp = exp_dir / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, exp_dir / INDEX)
+    try:
+        tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, exp_dir / INDEX)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def record_command(exp_dir: Path, command: list[str] | None) -> None:

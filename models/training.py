@@ -17,8 +17,17 @@ whether the batches ran on one process with W-fold accumulation or on W DDP rank
 
 Faults: train utterances CTC cannot align after the model's subsampling are left out at load time; an
 utterance whose CTC loss is still infinite is left out of its batch's CTC; a NaN loss or gradient skips the
-step and is counted; `train.max_nan_steps` NaN steps in a row stop the run with TrainingError. Under DDP
-the ranks agree on every skip, and on the checkpoint a restart resumes from.
+step and is counted (under fp16, an overflow that the loss scale does not cure counts too,
+models.precision.overflow_is_nan); `train.max_nan_steps` NaN steps in a row stop the run with TrainingError.
+SIGTERM / SIGINT stop the run after the current step with a mid-epoch checkpoint (models.preemption); a
+checkpoint or metrics.jsonl that cannot be written (a full disk) stops it with TrainingError, the checkpoints
+already written untouched. Under DDP the ranks agree on every skip, on each stop, and on the checkpoint a
+restart resumes from; the epoch's sums (losses, skipped utterances) are summed over the ranks.
+
+Host synchronisations (a GPU waits for the host to read a value): a step reads its results once, after the
+backward passes and the gradient clipping (flags, loss terms, gradient norm, the ranks' agreement, all in
+one tensor); with a transfer loss the solver adds one per micro-batch (its log-domain rerun check), so a
+step of accum_grad=1 synchronises twice (tests/test_syncs.py counts them).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,17 +68,28 @@ from models.checkpoint import (
     init_from_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_temporaries,
     save_checkpoint,
 )
 from models.config import ExperimentConfig, config_to_dict, dump_config
-from models.ctc_loss import ctc_infeasible, ctc_losses
+from models.ctc_loss import ctc_impossible, ctc_infeasible, ctc_losses
 from models.decoding import greedy_ctc
-from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
+from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio_tensor, score_batch_plans
 from models.distributed import DeviceError, all_reduce, cpu_threads, init_distributed, pick_device
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
-from models.precision import autocast_for, choose_precision, grad_scaler
-from models.run_log import METRICS, MetricsLogger, read_index, record_command, training_progress, write_index
+from models.precision import autocast_for, choose_precision, grad_scaler, overflow_is_nan
+from models.preemption import Preempted, StopSignals, ignore_stop_signals
+from models.run_log import (
+    INDEX,
+    METRICS,
+    MetricsLogger,
+    read_index,
+    record_command,
+    training_progress,
+    write_failure,
+    write_index,
+)
 from models.schedule import kt_weight_at, lr_at
 
 CONFIG = "config.yaml"
@@ -95,6 +116,20 @@ class TrainOutcome:
     average: Path | None = None
     """avg.pt when it was written."""
     average_cer: float | None = None
+
+
+@dataclass
+class _MicroBatch:
+    """What one micro-batch leaves on the device for its optimiser step to read with the step's results."""
+
+    ids: list[str]
+    flags: Tensor
+    """(2,) float: [its loss is not finite (a NaN step), it trains (finite loss, some CTC alignable)]."""
+    impossible: Tensor
+    """(B,) float: 1 where the utterance's CTC is infinite (left out of the batch's CTC)."""
+    names: list[str]
+    values: Tensor
+    """(len(names),) float: the loss terms, and "grad_ratio" when this batch measured it."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,9 +389,15 @@ class Trainer:
         self.step = 0
         self.epoch = 1
         self.nan_streak = 0
+        self.overflow_streak = 0
         self.micro = 0
-        self.grad_ratio: float | None = None
+        self.grad_ratio: Tensor | None = None
+        self.halt: str | None = None
         self.dev_alignment = {}
+        # batches hold no input too short for the model nor empty items (load time): no host reads of lengths
+        _unwrap(self.model).check_lengths = False
+        if self.kt_loss is not None:
+            self.kt_loss.check_lengths = False
 
     def _resume_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
         """The checkpoint to resume from and its state, or None for a fresh start. Rank 0 decides from its
@@ -432,8 +473,12 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             if state.get("epoch_complete"):
                 self.sampler.set_epoch(self.epoch)
-            self.nan_streak = int(state.get("counters", {}).get("nan_streak", 0))
-            self.epoch_sums = dict(state.get("epoch_sums", {})) if not state.get("epoch_complete") else {}
+            counters = state.get("counters", {})
+            self.nan_streak = int(counters.get("nan_streak", 0))
+            self.overflow_streak = int(counters.get("overflow_streak", 0))
+            # the sums of every rank so far: rank 0 carries them on, the others add their own from here
+            resumed_sums = self.dd.main and not state.get("epoch_complete")
+            self.epoch_sums = dict(state.get("epoch_sums", {})) if resumed_sums else {}
             rng = state.get("rng", {})
             if "torch" in rng:
                 torch.set_rng_state(rng["torch"])
@@ -468,23 +513,22 @@ class Trainer:
     def _forward(self, batch: dict[str, Any], train: bool) -> tuple[dict[str, Tensor], Tensor]:
         """Loss dict {"loss", "ctc", "kt", kt parts...} (scalars) and per-utterance CTC losses (B,), inf
         where an utterance cannot be aligned. Such utterances are left out of "ctc" (their batch-mates
-        still train); when all are, "ctc" is inf."""
+        still train); when all are, "ctc" is 0 and the batch does not train. Reads nothing on the host."""
+        # the loader pins its batches on CUDA: these copies need not wait for the device
         feats = batch["feats"].to(self.device, non_blocking=True)
-        lens = batch["feat_lens"].to(self.device)
+        lens = batch["feat_lens"].to(self.device, non_blocking=True)
         if train:
             feats = self.freq_warp(feats, lens)  # the identity when train.freq_warp is 0
         if train and self.cfg.train.spec_augment:
             feats = self.spec_augment(feats, lens)
         with autocast_for(self.device, self.precision):
             out = self.model(feats, lens)
-        tokens, token_lens = batch["tokens"].to(self.device), batch["token_lens"].to(self.device)
-        per_utt = ctc_losses(out, tokens, token_lens)
-        infinite = torch.isinf(per_utt)
-        n_inf = int(infinite.sum())  # a host sync, as the loss check of every step is
-        if 0 < n_inf < per_utt.numel():
-            ctc = ctc_losses(out, tokens, token_lens, zero_infinity=True).sum() / (per_utt.numel() - n_inf)
-        else:
-            ctc = per_utt.sum() / per_utt.numel()
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        token_lens = batch["token_lens"].to(self.device, non_blocking=True)
+        impossible = ctc_impossible(out["lengths"], tokens, token_lens)
+        per_utt = ctc_losses(out, tokens, token_lens, zero_infinity=True)  # 0, no gradient where impossible
+        ctc = per_utt.sum() / (~impossible).sum().clamp(min=1)
+        per_utt = per_utt.masked_fill(impossible, math.inf)
         terms: dict[str, Tensor] = {"ctc": ctc}
         loss = ctc
         if self.use_kt and train:
@@ -494,8 +538,8 @@ class Trainer:
                 plm, plm_lens = self._teacher_batch(batch["texts"])
             assert self.kt_loss is not None
             kt = self.kt_loss(
-                out["adapted"].float(), out["lengths"], plm.to(self.device), plm_lens.to(self.device),
-                blank_prob=out["log_probs"][..., 0].exp(),
+                out["adapted"].float(), out["lengths"], plm.to(self.device, non_blocking=True),
+                plm_lens.to(self.device, non_blocking=True), blank_prob=out["log_probs"][..., 0].exp(),
             )  # fmt: skip
             for k, v in kt.items():
                 if k != "plan" and isinstance(v, Tensor) and v.dim() == 0:
@@ -503,7 +547,7 @@ class Trainer:
             weight = kt_weight_at(self.step, self.cfg.train)
             loss = ctc + weight * kt["kt"]
             if self._measure_grad_ratio():
-                self.grad_ratio = gradient_ratio(weight * kt["kt"], ctc, out["hidden"])
+                self.grad_ratio = gradient_ratio_tensor(weight * kt["kt"], ctc, out["hidden"])
         terms["loss"] = loss
         return terms, per_utt
 
@@ -521,39 +565,117 @@ class Trainer:
             f"(now {t.max_frames}), or train.max_utts (now {t.max_utts})"
         )
 
-    def _skip_backward(self) -> None:
-        """Under DDP a skipped batch still joins the gradient all-reduce, with zero gradients."""
-        if self.dd.world > 1:
-            (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
+    def _backward(self, ids: list[str], terms: dict[str, Tensor], per_utt: Tensor) -> _MicroBatch:
+        """Backpropagate one micro-batch; a batch that does not train (every CTC infinite, or a non-finite
+        loss) backpropagates 0 (NaN for a NaN loss: its step is skipped). Nothing is read on the host: the
+        returned flags and terms wait on the device for the step's one read (`_optimizer_step`)."""
+        impossible = torch.isinf(per_utt)
+        loss = terms["loss"]
+        finite = torch.isfinite(loss)
+        some = ~impossible.all()
+        trains = finite & some
+        self.scaler.scale(loss * trains / self.cfg.train.accum_grad).backward()
+        names = list(terms)
+        values = [terms[k].detach().float() for k in names]
+        if self.grad_ratio is not None:
+            names.append("grad_ratio")
+            values.append(self.grad_ratio.float())
+            self.grad_ratio = None
+        flags = torch.stack([~finite & some, trains]).float()
+        return _MicroBatch(ids, flags, impossible.float(), names, torch.stack(values))
 
-    def _optimizer_step(self, good: int) -> bool:
-        """Clip and apply accumulated gradients (`good` = batches that contributed); False when skipped."""
+    def _optimizer_step(self, pending: list[_MicroBatch]) -> bool:
+        """The optimiser step after the backward passes of `pending`, with the step's one host read.
+
+        Gradients are averaged over the micro-batches that trained, on every rank, then unscaled (fp16)
+        and clipped; one tensor holds the micro-batches' flags (summed over the ranks), the stop requests of
+        every rank (a signal, a failed write), the gradient norm and this rank's loss terms, and is read
+        once. Then the step is applied or skipped (a NaN loss or gradient, an fp16 overflow, nothing
+        trained), and the terms, skipped utterances and NaN steps are counted and logged. Sets `self.halt`
+        ("write" or "signal") when the ranks are to stop; returns whether the parameters were updated.
+        """
         t = self.cfg.train
+        n = len(pending)
+        device = pending[0].flags.device
+        requests = [self.stop.signum == signal.SIGTERM, self.stop.signum == signal.SIGINT, self.logger.error]
+        shared = torch.cat(
+            [torch.stack([m.flags for m in pending]).flatten()]
+            + [torch.full((1,), float(bool(r)), device=device) for r in requests]
+        )
+        if self.dd.world > 1:
+            dist.all_reduce(shared)  # how many ranks saw each flag
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if good == 0 or not params:
+        norm = torch.full((1,), math.nan, device=device)
+        if params:
+            # DDP averaged over the ranks and each backward divided by accum_grad: now the mean over the
+            # micro-batches that trained (multiplying by 1 when all did)
+            trained = shared[1 : 2 * n : 2].sum().clamp(min=1)
+            torch._foreach_mul_([p.grad for p in params], (t.accum_grad * self.dd.world) / trained)
+            self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
+            max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm).float().reshape(1)
+        local = [torch.cat([m.flags, m.impossible, m.values]) for m in pending]
+        host = torch.cat([shared, norm, *local]).tolist()  # the step's one host synchronisation
+        agreed, (sigterm, sigint, failed), grad_norm = host[: 2 * n], host[2 * n : 2 * n + 3], host[2 * n + 3]
+        self.halt = "write" if failed else "signal" if sigterm or sigint else None
+        if sigterm or sigint:
+            self.stop.signum = self.stop.signum or (signal.SIGTERM if sigterm else signal.SIGINT)
+        at = 2 * n + 4
+        for m in pending:
+            size = 2 + len(m.ids) + len(m.names)
+            self._account(m, host[at : at + size])
+            at += size
+        nan_batches = sum(1 for i in range(n) if agreed[2 * i] > 0)
+        for _ in range(nan_batches):
+            self._count_nan("loss")
+        trained_anywhere = any(agreed[2 * i + 1] > 0 for i in range(n))
+        if nan_batches or not trained_anywhere or not params:
             self.optimizer.zero_grad(set_to_none=True)
+            if params and self.scaler.is_enabled():  # not an overflow: the scale stays
+                self.scaler.update(self.scaler.get_scale())
             return False
-        if good != t.accum_grad:  # a skipped batch or the end of an epoch: mean over the batches that counted
-            for p in params:
-                p.grad.mul_(t.accum_grad / good)
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        self.scaler.unscale_(self.optimizer)  # a no-op unless fp16
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(norm):
+        if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler.is_enabled():  # fp16 overflow: the scaler lowers its scale, not a NaN step
+            if self.scaler.is_enabled():  # an fp16 overflow: the scaler lowers its scale, unless it is a NaN
                 self.scaler.update()
-                return False
+                self.overflow_streak += 1
+                if not overflow_is_nan(self.overflow_streak, self.scaler.get_scale()):
+                    return False
             self._count_nan("gradient")
             return False
         for g in self.optimizer.param_groups:
             g["lr"] = lr_at(self.step, self.cfg, self.total_steps)
-        self.scaler.step(self.optimizer)
+        # the read above found the gradients finite: the step scaler.step() would take, without its own read
+        self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.nan_streak = 0
+        self.overflow_streak = 0
         return True
+
+    def _account(self, m: _MicroBatch, values: list[float]) -> None:
+        """Count and log one micro-batch from its values as read: `values` = its flags, its utterances'
+        infinite-CTC flags and its terms (the layout of `_optimizer_step`'s read)."""
+        b = len(m.ids)
+        impossible = [m.ids[i] for i in range(b) if values[2 + i]]
+        if impossible:  # left out of this batch's CTC (all of them: the batch did not train)
+            self.outcome.skipped_inf += len(impossible)
+            self.epoch_sums["skipped_inf"] = self.epoch_sums.get("skipped_inf", 0) + len(impossible)
+            self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=impossible)
+        if values[0]:
+            self.logger.log("skip", self.step, epoch=self.epoch, reason="nan_loss", utterances=m.ids)
+        if not values[1]:
+            return
+        terms = dict(zip(m.names, values[2 + b :], strict=True))
+        ratio = terms.pop("grad_ratio", math.nan)
+        if math.isfinite(ratio):
+            self.window_ratio = ratio
+        for k, v in terms.items():
+            self.window[k] = self.window.get(k, 0.0) + v
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+        self.window_n += 1
+        self.epoch_sums["batches"] = self.epoch_sums.get("batches", 0) + 1
 
     def _count_nan(self, what: str) -> None:
         self.outcome.skipped_nan += 1
@@ -583,15 +705,15 @@ class Trainer:
             num_workers=t.num_workers,
             persistent_workers=False,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=ignore_stop_signals if t.num_workers > 0 else None,
         )
         task = None
         if progress is not None:
             task = progress.add_task(
                 f"epoch {self.epoch}/{t.epochs}", total=len(self.sampler), completed=done, terms=""
             )
-        good = 0
-        window: dict[str, float] = {}
-        window_n = 0
+        pending: list[_MicroBatch] = []
+        self.window, self.window_n, self.window_ratio = {}, 0, None
         for batch in loader:
             self.micro = done % max(t.accum_grad, 1)
             if self.dd.world > 1:
@@ -602,67 +724,62 @@ class Trainer:
             torch.manual_seed(_batch_seed(t.seed, self.epoch, position))
             try:
                 terms, per_utt = self._forward(batch, train=True)
+                pending.append(self._backward(batch["ids"], terms, per_utt))
             except torch.cuda.OutOfMemoryError:
                 raise TrainingError(self._oom_message(batch)) from None
-            loss = terms["loss"]
-            inf_items = torch.nonzero(torch.isinf(per_utt)).flatten().tolist()
-            if inf_items:  # left out of this batch's CTC (all of them: the batch is skipped below)
-                self.outcome.skipped_inf += len(inf_items)
-                self.epoch_sums["skipped_inf"] = self.epoch_sums.get("skipped_inf", 0) + len(inf_items)
-                bad = [batch["ids"][i] for i in inf_items]
-                self.logger.log("skip", self.step, epoch=self.epoch, reason="inf_ctc", utterances=bad)
-            bad_inf = float(len(inf_items) == per_utt.numel() and not bool(torch.isnan(per_utt).any()))
-            bad_nan = float(bool(torch.isnan(loss)) or (not bad_inf and not bool(torch.isfinite(loss))))
-            bad_inf, bad_nan = all_reduce([bad_inf, bad_nan], self.dd, self.device, op="max")
-            if bad_inf:
-                self._skip_backward()
-            elif bad_nan:
-                self._skip_backward()
-                self.logger.log(
-                    "skip", self.step, epoch=self.epoch, reason="nan_loss", utterances=batch["ids"]
-                )
-                self._count_nan("loss")
-            else:
-                try:
-                    self.scaler.scale(loss / t.accum_grad).backward()
-                except torch.cuda.OutOfMemoryError:
-                    raise TrainingError(self._oom_message(batch)) from None
-                good += 1
-                for k, v in terms.items():
-                    window[k] = window.get(k, 0.0) + float(v.detach())
-                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + float(v.detach())
-                window_n += 1
-                self.epoch_sums["batches"] = self.epoch_sums.get("batches", 0) + 1
             done += 1
             last = done == len(self.sampler)
             if done % t.accum_grad == 0 or last:
-                stepped = self._optimizer_step(good)
-                good = 0
-                if stepped and self.step % t.log_interval == 0 and window_n:
-                    means = {k: v / window_n for k, v in window.items()}
-                    if self.grad_ratio is not None and math.isfinite(self.grad_ratio):
-                        means["grad_ratio"] = self.grad_ratio
-                        self.epoch_sums["grad_ratio_sum"] = self.epoch_sums.get("grad_ratio_sum", 0.0) + (
-                            self.grad_ratio
-                        )
-                        self.epoch_sums["grad_ratio_n"] = self.epoch_sums.get("grad_ratio_n", 0) + 1
-                    self.grad_ratio = None
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means)
-                    window, window_n = {}, 0
-                    if progress is not None and task is not None:
-                        shown = " ".join(
-                            f"{k} {v:.3f}"
-                            for k, v in means.items()
-                            if k in ("loss", "ctc", "kt", "grad_ratio")
-                        )
-                        progress.update(task, terms=f"{shown} lr {lr:.2e}")
+                stepped = self._optimizer_step(pending)
+                pending = []
+                if stepped and self.step % t.log_interval == 0 and self.window_n:
+                    self._log_window(progress, task)
+                if self.halt == "write":
+                    raise TrainingError(self._write_failure_message(None))
+                if self.halt == "signal":
+                    self._save(epoch_complete=False, consumed=done)
+                    raise self._preempted()
                 if stepped and t.save_every_steps and self.step % t.save_every_steps == 0 and not last:
                     self._save(epoch_complete=False, consumed=done)
             if progress is not None and task is not None:
                 progress.update(task, completed=done)
         if progress is not None and task is not None:
             progress.remove_task(task)
+
+    def _log_window(self, progress: Progress | None, task: Any) -> None:
+        """Log the mean terms of the batches trained since the last record (a "train" record)."""
+        means = {k: v / self.window_n for k, v in self.window.items()}
+        if self.window_ratio is not None:
+            means["grad_ratio"] = self.window_ratio
+            self.epoch_sums["grad_ratio_sum"] = self.epoch_sums.get("grad_ratio_sum", 0.0) + self.window_ratio
+            self.epoch_sums["grad_ratio_n"] = self.epoch_sums.get("grad_ratio_n", 0) + 1
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means)
+        self.window, self.window_n, self.window_ratio = {}, 0, None
+        if progress is not None and task is not None:
+            shown = " ".join(
+                f"{k} {v:.3f}" for k, v in means.items() if k in ("loss", "ctc", "kt", "grad_ratio")
+            )
+            progress.update(task, terms=f"{shown} lr {lr:.2e}")
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank caught a stop signal (all ranks call it together)."""
+        requests = [float(self.stop.signum == signal.SIGTERM), float(self.stop.signum == signal.SIGINT)]
+        if self.dd.world > 1:
+            requests = all_reduce(requests, self.dd, self.device)
+        if requests[0] or requests[1]:
+            self.stop.signum = self.stop.signum or (signal.SIGTERM if requests[0] else signal.SIGINT)
+            return True
+        return False
+
+    def _preempted(self) -> Preempted:
+        """The exception that ends a run stopped by a signal, after its checkpoint was saved."""
+        signum = self.stop.signum or signal.SIGTERM
+        return Preempted(
+            signum,
+            f"stopped by {signal.Signals(signum).name} at epoch {self.epoch}, step {self.step}: saved "
+            f"{checkpoint_path(self.exp_dir, self.step)}; re-run the same command to resume from it",
+        )
 
     @torch.no_grad()
     def _dev_cer(self) -> tuple[float, float] | None:
@@ -728,7 +845,7 @@ class Trainer:
             self.dev_alignment = {k: round(v, 4) for k, v in meter.summary().items() if math.isfinite(v)}
         return errors / max(ref_len, 1.0), loss_sum / max(n_utts, 1.0)
 
-    def _state(self, epoch_complete: bool, consumed: int) -> dict[str, Any]:
+    def _state(self, epoch_complete: bool, consumed: int, epoch_sums: dict[str, float]) -> dict[str, Any]:
         return {
             "model": _unwrap(self.model).state_dict(),
             "config": config_to_dict(self.cfg),
@@ -752,35 +869,76 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "sampler": self.sampler.state_dict(consumed),
             "rng": _rng_state(self.device),
-            "counters": {"nan_streak": self.nan_streak},
-            "epoch_sums": dict(self.epoch_sums),
+            "counters": {"nan_streak": self.nan_streak, "overflow_streak": self.overflow_streak},
+            "epoch_sums": epoch_sums,
         }
 
     def _save(self, epoch_complete: bool, consumed: int, dev_cer: float | None = None) -> None:
-        """Write ckpt-<step>.pt atomically (rank 0), update checkpoints.json, prune to keep_last + best n."""
+        """Write ckpt-<step>.pt atomically (rank 0), update checkpoints.json, prune to keep_last + best n.
+        A write that fails (a full disk) leaves the checkpoints written before as they were, and every rank
+        stops with TrainingError (`_agree_on_writes`)."""
+        epoch_sums = self._global_sums()
+        failure = None
         if self.dd.main:
             path = checkpoint_path(self.exp_dir, self.step)
-            state = self._state(epoch_complete, consumed)
-            state["dev_cer"] = dev_cer
-            save_checkpoint(path, state)
-            index = [e for e in read_index(self.exp_dir) if e["file"] != path.name]
-            index.append(
-                {
-                    "file": path.name,
-                    "epoch": self.epoch,
-                    "step": self.step,
-                    "epoch_complete": epoch_complete,
-                    "dev_cer": dev_cer,
-                }
-            )
-            keep = {e["file"] for e in index[-max(self.cfg.train.keep_last, 1) :]}
-            keep |= {e["file"] for e in self._best(index)}
-            write_index(self.exp_dir, [e for e in index if e["file"] in keep])
-            for e in index:
-                if e["file"] not in keep:
-                    (self.exp_dir / e["file"]).unlink(missing_ok=True)
+            try:
+                state = self._state(epoch_complete, consumed, epoch_sums)
+                state["dev_cer"] = dev_cer
+                save_checkpoint(path, state)
+                index = [e for e in read_index(self.exp_dir) if e["file"] != path.name]
+                index.append(
+                    {
+                        "file": path.name,
+                        "epoch": self.epoch,
+                        "step": self.step,
+                        "epoch_complete": epoch_complete,
+                        "dev_cer": dev_cer,
+                    }
+                )
+                keep = {e["file"] for e in index[-max(self.cfg.train.keep_last, 1) :]}
+                keep |= {e["file"] for e in self._best(index)}
+                path = self.exp_dir / INDEX
+                write_index(self.exp_dir, [e for e in index if e["file"] in keep])
+                for e in index:
+                    if e["file"] not in keep:
+                        (self.exp_dir / e["file"]).unlink(missing_ok=True)
+            except OSError as err:
+                failure = (err, path)
+        self._agree_on_writes(failure)
+
+    def _agree_on_writes(self, failure: tuple[OSError, Path] | None) -> None:
+        """Every rank waits here for rank 0's writes (a barrier) and learns whether they failed: `failure`
+        (the error and the file, rank 0) or an earlier failed metrics record. Raises TrainingError on every
+        rank when one did, so that no rank is left waiting for another."""
+        failed = failure is not None or self.logger.error is not None
         if self.dd.world > 1:
-            dist.barrier()
+            failed = bool(all_reduce([float(failed)], self.dd, self.device, op="max")[0])
+        if failed:
+            raise TrainingError(self._write_failure_message(failure))
+
+    def _write_failure_message(self, failure: tuple[OSError, Path] | None) -> str:
+        """What could not be written (rank 0) or that rank 0 could not write (other ranks), and the newest
+        checkpoint a re-run resumes from."""
+        if failure is None and self.logger.error is not None:
+            failure = (self.logger.error, self.logger.path)
+        if failure is None:
+            return f"rank {self.dd.rank}: rank 0 could not write to {self.exp_dir} (its message says why)"
+        ckpts = list_checkpoints(self.exp_dir)
+        return write_failure(failure[0], failure[1], ckpts[-1] if ckpts else None)
+
+    def _global_sums(self) -> dict[str, float]:
+        """The epoch's sums over every rank: losses, batches and skipped utterances are each rank's own and
+        are added up; skipped_nan is counted alike by every rank (they agree on each skip) and is not."""
+        sums = dict(self.epoch_sums)
+        if self.dd.world == 1:
+            return sums
+        every: list[list[str]] = [[] for _ in range(self.dd.world)]
+        dist.all_gather_object(every, sorted(sums))  # a rank that trained no batch yet lacks the terms
+        names = sorted({k for keys in every for k in keys} - {"skipped_nan"})
+        values = all_reduce([float(sums.get(k, 0)) for k in names], self.dd, self.device)
+        total = dict(zip(names, values, strict=True))
+        nan = all_reduce([float(sums.get("skipped_nan", 0))], self.dd, self.device, op="max")[0]
+        return {**total, "skipped_nan": nan} if nan else total
 
     def _best(self, index: list[dict[str, Any]]) -> list[dict[str, Any]]:
         n = self.cfg.train.average_best
@@ -831,20 +989,23 @@ class Trainer:
         for k in range(len(best), 0, -1):
             chosen = best[:k]
             paths = [self.exp_dir / e["file"] for e in chosen]
+            failure = None
             if self.dd.main:
                 state = load_checkpoint(max(paths), map_location="cpu")
                 keep = {k: state[k] for k in ("config", "vocab", "cmvn", "plm", "mode", "epoch", "step")}
-                save_checkpoint(
-                    self.exp_dir / AVERAGE_NAME,
-                    {
-                        **keep,
-                        "model": average_checkpoints(paths),
-                        "averaged_from": [p.name for p in paths],
-                        "dev_cer_of_sources": [e.get("dev_cer") for e in chosen],
-                    },
-                )
-            if self.dd.world > 1:
-                dist.barrier()
+                try:
+                    save_checkpoint(
+                        self.exp_dir / AVERAGE_NAME,
+                        {
+                            **keep,
+                            "model": average_checkpoints(paths),
+                            "averaged_from": [p.name for p in paths],
+                            "dev_cer_of_sources": [e.get("dev_cer") for e in chosen],
+                        },
+                    )
+                except OSError as err:
+                    failure = (err, self.exp_dir / AVERAGE_NAME)
+            self._agree_on_writes(failure)
             model = _unwrap(self.model)
             model.load_state_dict(load_checkpoint(self.exp_dir / AVERAGE_NAME)["model"])
             result = self._dev_cer()
@@ -873,7 +1034,8 @@ class Trainer:
             # times slower than normal ones. The setting is process-wide: restored when training ends.
             torch.set_flush_denormal(True)
         try:
-            return self._run()
+            with StopSignals() as self.stop:
+                return self._run()
         finally:
             torch.set_flush_denormal(flushing)
             torch.set_num_threads(threads_before)
@@ -887,6 +1049,10 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         if self.dd.main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
+            stale = remove_temporaries(self.exp_dir, (INDEX, CONFIG))
+            if stale:
+                names = ", ".join(p.name for p in stale)
+                self._say(f"removed what an interrupted write left in {self.exp_dir}: {names}")
         if self.dd.world > 1:
             dist.barrier()
         self._resume_or_init()
@@ -895,9 +1061,15 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.logger = MetricsLogger(self.exp_dir, self.dd.main)
+        failure = None
         if self.dd.main:
-            dump_config(self.cfg, self.exp_dir / CONFIG)
-            record_command(self.exp_dir, self.command)
+            try:
+                dump_config(self.cfg, self.exp_dir / CONFIG)
+                record_command(self.exp_dir, self.command)
+            except OSError as err:
+                remove_temporaries(self.exp_dir, (CONFIG,))
+                failure = (err, Path(err.filename) if err.filename else self.exp_dir / CONFIG)
+        self._agree_on_writes(failure)
         n_params = sum(p.numel() for p in self.model.parameters())
         self._say(
             f"{self.mode if self.use_kt else 'pretrain'}: {n_params / 1e6:.2f} M parameters, "
@@ -916,7 +1088,7 @@ class Trainer:
                     self._train_epoch(progress)
                     dev = self._dev_cer()
                     dev_cer = None if dev is None else dev[0]
-                    sums = self.epoch_sums
+                    sums = self._global_sums()
                     n = max(sums.get("batches", 0), 1)
                     summary = {
                         k: v / n
@@ -962,11 +1134,18 @@ class Trainer:
                     if warning:
                         self._say(f"[yellow]warning:[/] {warning}")
                     self._save(epoch_complete=True, consumed=len(self.sampler), dev_cer=dev_cer)
+                    if self._stop_requested():  # a signal during the dev pass or the save
+                        raise self._preempted()
                     self.outcome.epochs_done = self.epoch
                     self.epoch += 1
                     self.epoch_sums = {}
             if t.average_best > 0:
                 self._average()
+            self._agree_on_writes(None)  # the last metrics records
+            if self.dd.world > 1:
+                self.outcome.skipped_inf = int(
+                    all_reduce([float(self.outcome.skipped_inf)], self.dd, self.device)[0]
+                )
         finally:
             self.logger.close()
         self.outcome.step = self.step
