@@ -63,7 +63,14 @@ from models.config import ExperimentConfig, config_to_dict, dump_config
 from models.ctc_loss import ctc_infeasible, ctc_losses
 from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio, score_batch_plans
-from models.distributed import DeviceError, all_reduce, cpu_threads, init_distributed, pick_device
+from models.distributed import (
+    DeviceError,
+    all_reduce,
+    cpu_threads,
+    init_distributed,
+    launch_info,
+    pick_device,
+)
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 from models.precision import autocast_for, choose_precision, grad_scaler
@@ -153,17 +160,12 @@ class Trainer:
         self.command = command
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        requested = (device or "auto").lower()
-        dev_type = (
-            "cuda"
-            if requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
-            else "cpu"
-        )
-        self.dd = init_distributed(dev_type)
+        self.dd = launch_info()
         try:
-            self.device = pick_device(device, self.dd)
+            self.device = pick_device(device, self.dd)  # first: the group is bound to this device
         except DeviceError as err:
             raise TrainingError(str(err)) from None
+        self.dd = init_distributed(self.dd, self.device)
         self.mode = str(cfg.gmot.mode)
         self.use_kt = self.mode != "none"
         self.outcome = TrainOutcome(self.exp_dir, 0, 0, None)
@@ -353,7 +355,7 @@ class Trainer:
             chosen = [ckpts[-1].name if ckpts else None]
         else:
             chosen = [None]
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.broadcast_object_list(chosen)
         if chosen[0] is None:
             return None
@@ -363,7 +365,7 @@ class Trainer:
             state = load_checkpoint(path, map_location="cpu")
         except (CheckpointError, OSError) as err:
             problem = str(err)
-        if self.dd.world > 1:
+        if self.dd.distributed:
             failed = all_reduce([float(state is None)], self.dd, self.device, op="max")[0]
             if failed:
                 raise TrainingError(
@@ -508,7 +510,7 @@ class Trainer:
 
     def _skip_backward(self) -> None:
         """Under DDP a skipped batch still joins the gradient all-reduce, with zero gradients."""
-        if self.dd.world > 1:
+        if self.dd.distributed:
             (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
 
     def _optimizer_step(self, good: int) -> bool:
@@ -579,7 +581,7 @@ class Trainer:
         window_n = 0
         for batch in loader:
             self.micro = done % max(t.accum_grad, 1)
-            if self.dd.world > 1:
+            if self.dd.distributed:
                 # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation
                 finishing = (done + 1) % t.accum_grad == 0 or done + 1 == len(self.sampler)
                 self.model.require_backward_grad_sync = finishing
@@ -764,7 +766,7 @@ class Trainer:
             for e in index:
                 if e["file"] not in keep:
                     (self.exp_dir / e["file"]).unlink(missing_ok=True)
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.barrier()
 
     def _best(self, index: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -828,7 +830,7 @@ class Trainer:
                         "dev_cer_of_sources": [e.get("dev_cer") for e in chosen],
                     },
                 )
-            if self.dd.world > 1:
+            if self.dd.distributed:
                 dist.barrier()
             model = _unwrap(self.model)
             model.load_state_dict(load_checkpoint(self.exp_dir / AVERAGE_NAME)["model"])
@@ -871,10 +873,10 @@ class Trainer:
         self.total_steps = t.epochs * self.steps_per_epoch
         if self.dd.main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.barrier()
         self._resume_or_init()
-        if self.dd.world > 1:
+        if self.dd.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
