@@ -891,6 +891,7 @@ class Trainer:
             f"device {self.device} ({self.precision}"
             + (f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else "")
             + f"), {self.dd.world} process(es)"
+            + (f" in a {dist.get_backend()} group" if self.dd.distributed else "")
         )
         for e in read_index(self.exp_dir) if self.dd.main else []:
             if e.get("dev_cer") is not None:

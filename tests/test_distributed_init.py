@@ -5,6 +5,7 @@ resumes to the weights of an uninterrupted one."""
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
 import models.training as training
@@ -83,11 +85,14 @@ def test_one_torchrun_rank_trains_in_a_gloo_group_under_ddp(
     tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _torchrun_env(monkeypatch)
-    trainer = Trainer(tiny_prepared, tmp_path / "exp", _cfg("train.epochs=1"), device="cpu", progress=False)
+    said = Console(file=io.StringIO(), width=200)
+    cfg = _cfg("train.epochs=1")
+    trainer = Trainer(tiny_prepared, tmp_path / "exp", cfg, device="cpu", console=said, progress=False)
     assert dist.is_initialized() and dist.get_world_size() == 1 and dist.get_backend() == "gloo"
     out = trainer.run()
     assert isinstance(trainer.model, DistributedDataParallel)
     assert out.epochs_done == 1 and out.step > 0
+    assert "1 process(es) in a gloo group" in said.file.getvalue()  # the start line
     assert not dist.is_initialized()  # the run's group is gone with it
 
 
