@@ -91,6 +91,12 @@ def test_a_run_killed_after_a_mid_epoch_checkpoint_is_told_from_a_finished_one(
     diff, steps_a, steps_b = gpu_check.compare_runs(tmp_path / "straight", tmp_path / "killed")
     assert (steps_a, steps_b) == (8, 5) and diff > 1e-4
     assert gpu_check.compare_runs(tmp_path / "straight", tmp_path / "straight") == (0.0, 8, 8)
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    assert gpu_check.main(["compare", straight, straight, "--again", straight]) == 0
+    assert gpu_check.main(["compare", straight, killed, "--again", straight]) == 1  # 5 steps, not 8
+    assert (
+        gpu_check.main(["compare", killed, killed, "--again", straight]) == 1
+    )  # the second run is elsewhere
 
 
 @pytest.mark.slow
