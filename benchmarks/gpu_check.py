@@ -37,6 +37,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -86,33 +87,40 @@ def host_syncs(device: torch.device) -> Iterator[Callable[[], int]]:
             yield lambda: counts["n"]
 
 
+@dataclass
+class _SyncWindow:
+    """The counting window of `count_step_syncs`: the open counter's reader, the steps and syncs counted."""
+
+    read: Callable[[], int] | None = None
+    steps: int = 0
+    syncs: int = 0
+
+
 def count_step_syncs(data: Path, exp: Path, device: str, steps: int = 10) -> tuple[int, int]:
     """Train the tiny preset (one utterance per batch, logging every 10 steps) on the prepared folder `data`
     into `exp` on `device`; count the host synchronisations from the end of optimiser step 1 to the end of
-    step 1 + `steps` (or of the epoch). Returns (synchronisations, steps counted)."""
+    step 1 + `steps` (or of the run, when it has fewer steps). Returns (synchronisations, steps counted)."""
     cfg = resolve_config(
         "tiny",
         overrides=["gmot.mode=fgw", "train.max_utts=1", "train.epochs=1", "train.log_interval=10",
                    "train.average_best=0"],
     )  # fmt: skip
     original = training.Trainer._optimizer_step
-    window = contextlib.ExitStack()
-    state: dict[str, object] = {"read": None, "steps": 0, "syncs": 0}
+    counters = contextlib.ExitStack()
+    window = _SyncWindow()
 
     def close() -> None:
-        read = state["read"]
-        if callable(read):
-            state["syncs"] = read()
-            state["read"] = None
-            window.close()
+        if window.read is not None:
+            window.syncs, window.read = window.read(), None
+            counters.close()
 
     def stepping(self: training.Trainer, good: int) -> bool:
         stepped = original(self, good)
         if stepped and self.step == 1:
-            state["read"] = window.enter_context(host_syncs(self.device))
-        elif stepped and state["read"] is not None:
-            state["steps"] = int(state["steps"]) + 1  # type: ignore[call-overload]
-            if state["steps"] == steps:
+            window.read = counters.enter_context(host_syncs(self.device))
+        elif stepped and window.read is not None:
+            window.steps += 1
+            if window.steps == steps:
                 close()
         return stepped
 
@@ -121,15 +129,28 @@ def count_step_syncs(data: Path, exp: Path, device: str, steps: int = 10) -> tup
             training.train(data, exp, cfg, device=device, progress=False)
         finally:
             close()
-    return int(state["syncs"]), int(state["steps"])  # type: ignore[call-overload]
+    return window.syncs, window.steps
 
 
-def fp16_run(data: Path, exp: Path, device: str) -> dict[str, object]:
+@dataclass
+class Fp16Run:
+    """What `fp16_run` saw: the precision, whether the scaler ran, its final scale (None without it), whether
+    the last checkpoint holds its state, the optimiser steps planned and applied (the others were skipped
+    as overflows), the NaN steps counted, and the first and last epoch losses."""
+
+    precision: str
+    scaler: bool
+    scale: float | None
+    saved_scaler: bool
+    planned: int
+    applied: int
+    nan_steps: int
+    losses: tuple[float, float]
+
+
+def fp16_run(data: Path, exp: Path, device: str) -> Fp16Run:
     """Train the tiny preset for two epochs of one-utterance batches on `device` in fp16 with the GradScaler
-    (training's own, enabled on CUDA; a disabled one on a CPU), as a GPU without bf16 would. Returns the
-    precision, whether the scaler ran, its final scale (None without it), whether the last checkpoint holds
-    the scaler's state, the steps planned and applied (the others were skipped as overflows), the NaN steps
-    counted and the first and last epoch losses."""
+    (training's own, enabled on CUDA; a disabled one on a CPU), as a GPU without bf16 would."""
     cfg = resolve_config("tiny", overrides=["gmot.mode=fgw", "train.max_utts=1", "train.epochs=2"])
     on_cuda = torch.device(device).type == "cuda"
     scaler = (
@@ -142,16 +163,17 @@ def fp16_run(data: Path, exp: Path, device: str) -> dict[str, object]:
         trainer = training.Trainer(data, exp, cfg, device=device, progress=False)
         out = trainer.run()
     losses = [r["loss"] for r in _metrics(exp) if r["event"] == "epoch"]
-    return {
-        "precision": trainer.precision,
-        "scaler": trainer.scaler.is_enabled(),
-        "scale": float(trainer.scaler.get_scale()) if trainer.scaler.is_enabled() else None,
-        "saved_scaler": bool(load_checkpoint(list_checkpoints(exp)[-1]).get("scaler")),
-        "planned": trainer.total_steps,
-        "applied": out.step,
-        "nan_steps": out.skipped_nan,
-        "losses": (losses[0], losses[-1]) if losses else (math.nan, math.nan),
-    }
+    enabled = trainer.scaler.is_enabled()
+    return Fp16Run(
+        precision=trainer.precision,
+        scaler=enabled,
+        scale=float(trainer.scaler.get_scale()) if enabled else None,
+        saved_scaler=bool(load_checkpoint(list_checkpoints(exp)[-1]).get("scaler")),
+        planned=trainer.total_steps,
+        applied=out.step,
+        nan_steps=out.skipped_nan,
+        losses=(losses[0], losses[-1]) if losses else (math.nan, math.nan),
+    )
 
 
 def _metrics(exp: Path) -> list[dict]:
@@ -283,21 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if steps == args.steps and per_step <= SYNCS_PER_STEP else 1
     if args.command == "fp16":
         r = fp16_run(args.data, args.exp, args.device)
-        first, last = r["losses"]  # type: ignore[misc]
-        on_gpu = args.device.startswith("cuda")
-        applied, planned = int(r["applied"]), int(r["planned"])  # type: ignore[call-overload]
+        (first, last), on_gpu = r.losses, args.device.startswith("cuda")
         ok = (
-            r["precision"] == "fp16"
-            and r["scaler"] == r["saved_scaler"] == on_gpu
-            and (not on_gpu or float(r["scale"]) >= 1.0)  # type: ignore[arg-type]
-            and r["nan_steps"] == 0
-            and applied >= planned - FP16_OVERFLOW_SKIPS
+            r.precision == "fp16"
+            and r.scaler == r.saved_scaler == on_gpu
+            and (r.scale is None or r.scale >= 1.0)
+            and r.nan_steps == 0
+            and r.applied >= r.planned - FP16_OVERFLOW_SKIPS
             and last < first  # it trains; NaN compares False
         )
-        scaler = f"scale {r['scale']:g}" if r["scaler"] else "scaler off (it needs CUDA)"
+        scaler = "scaler off (it needs CUDA)" if r.scale is None else f"scale {r.scale:g}"
         figure(
-            f"fp16, {scaler}, {applied} of {planned} steps applied ({planned - applied} overflow skips), "
-            f"{r['nan_steps']} NaN steps, epoch loss {first:.3f} -> {last:.3f}"
+            f"fp16, {scaler}, {r.applied} of {r.planned} steps applied ({r.planned - r.applied} overflow "
+            f"skips), {r.nan_steps} NaN steps, epoch loss {first:.3f} -> {last:.3f}"
         )
         return 0 if ok else 1
     if args.command == "killed-state":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command, at most 8 minutes on one GPU (the step limits add up to 470 s), from anywhere.
 #
-#   bash benchmarks/gpu_check.sh                    # on a CUDA machine, with a Python that has gmot's dependencies
+#   bash benchmarks/gpu_check.sh                    # on a CUDA machine, a Python with gmot's dependencies
 #   DEVICE=cpu bash benchmarks/gpu_check.sh         # a dry run of the same steps on the CPU (limits x3)
 #   STEPS=tests,bench_train bash benchmarks/gpu_check.sh            # only some steps (comma-separated)
 #   PYTHON=~/.cache/gmot/venv-.../bin/python OUT=/tmp/check bash benchmarks/gpu_check.sh
@@ -16,7 +16,8 @@
 #                    <= 1.05x) and peak memory;
 #   syncs            host synchronisations over ten Trainer steps, counted with
 #                    torch.cuda.set_sync_debug_mode("warn") (target <= 2 per step);
-#   fp16             a tiny distill in fp16 with the GradScaler forced on (a bf16 GPU never runs it otherwise);
+#   fp16             a tiny distill in fp16 with the GradScaler forced on (a bf16 GPU never runs it
+#                    otherwise);
 #   ddp_resume       torchrun with one rank (an NCCL group, DDP, barriers, broadcasts): a tiny distill killed
 #                    (SIGKILL) after a mid-epoch checkpoint and resumed ends with the weights of an
 #                    uninterrupted run (both under torchrun); then beam decode of it on the GPU.
@@ -82,7 +83,9 @@ bench_train() {
   return $rc
 }
 
-syncs() { tiny_data && "$PYTHON" benchmarks/gpu_check.py syncs "$WORK/data" "$WORK/syncs" --device "$DEVICE"; }
+syncs() {
+  tiny_data && "$PYTHON" benchmarks/gpu_check.py syncs "$WORK/data" "$WORK/syncs" --device "$DEVICE"
+}
 
 fp16() { tiny_data && "$PYTHON" benchmarks/gpu_check.py fp16 "$WORK/data" "$WORK/fp16" --device "$DEVICE"; }
 
@@ -100,11 +103,13 @@ ddp_resume() {
   local straight=$!
   "${torchrun[@]}" -m gmot_cli "${args[@]/#EXP/$WORK/again}" > "$WORK/again.log" 2>&1 &
   local again=$!
-  "${torchrun[@]}" benchmarks/gpu_check.py run-killed 5 "${args[@]/#EXP/$WORK/resumed}" > "$WORK/killed.log" 2>&1
+  "${torchrun[@]}" benchmarks/gpu_check.py run-killed 5 "${args[@]/#EXP/$WORK/resumed}" \
+    > "$WORK/killed.log" 2>&1
   echo "the killed run's torchrun exited with status $?"
   wait "$straight" || { echo "the uninterrupted run failed:"; tail -n 40 "$WORK/straight.log"; return 1; }
   wait "$again" || { echo "the second uninterrupted run failed:"; tail -n 40 "$WORK/again.log"; return 1; }
-  "$PYTHON" benchmarks/gpu_check.py killed-state "$WORK/resumed" --step 5 || { tail -n 40 "$WORK/killed.log"; return 1; }
+  "$PYTHON" benchmarks/gpu_check.py killed-state "$WORK/resumed" --step 5 \
+    || { tail -n 40 "$WORK/killed.log"; return 1; }
   "${torchrun[@]}" -m gmot_cli "${args[@]/#EXP/$WORK/resumed}" > "$WORK/resumed.log" 2>&1 \
     || { tail -n 40 "$WORK/resumed.log"; return 1; }
   grep -a -e "resuming from" -e "process(es)" "$WORK/resumed.log"

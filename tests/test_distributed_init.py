@@ -6,6 +6,7 @@ resumes to the weights of an uninterrupted one."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from models.checkpoint import list_checkpoints, load_checkpoint
 from models.config import resolve_config
 from models.distributed import PROCESS_GROUP_TIMEOUT, DistInfo, launch_info
 from models.training import Trainer
+
+
+@pytest.fixture(autouse=True)
+def _no_group_left_behind() -> Iterator[None]:
+    """A test that fails before its run ends leaves its group; the next one could not create its own."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _torchrun_env(monkeypatch: pytest.MonkeyPatch, rank: int = 0, world: int = 1) -> None:

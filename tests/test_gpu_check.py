@@ -56,11 +56,10 @@ def test_syncs_are_counted_over_ten_steps_after_the_first(tiny_prepared: Path, t
 @pytest.mark.slow
 def test_fp16_is_forced_on_whatever_the_device_prefers(tiny_prepared: Path, tmp_path: Path) -> None:
     r = gpu_check.fp16_run(tiny_prepared, tmp_path / "exp", "cpu")
-    assert r["precision"] == "fp16"
-    assert not r["scaler"] and not r["saved_scaler"]  # GradScaler needs CUDA here
-    assert r["applied"] == r["planned"] > 0 and r["nan_steps"] == 0
-    first, last = r["losses"]
-    assert torch.isfinite(torch.tensor([first, last])).all()
+    assert r.precision == "fp16"
+    assert not r.scaler and not r.saved_scaler and r.scale is None  # GradScaler needs CUDA here
+    assert r.applied == r.planned > 0 and r.nan_steps == 0
+    assert torch.isfinite(torch.tensor(r.losses)).all()
 
 
 class _Killed(Exception):
