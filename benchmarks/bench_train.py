@@ -8,7 +8,9 @@ a distill step: forward, CTC loss (the engine's `ctc_losses`), for distill the G
 output, backward, gradient clipping and AdamW, exactly the work of `models.training.Trainer` per batch
 (data loading and SpecAugment, identical in both modes, are left out). It prints the best step time of each
 mode, their ratio, and the median of the per-batch ratios ("paired"); the target is distill <= 1.15x
-pretrain on a CPU and <= 1.05x on a GPU.
+pretrain on a CPU and <= 1.05x on a GPU. On a GPU the batches are the presets' real frame budgets (40,000
+frames at aishell1), also with --quick (fewer of them): smaller ones would time kernel launches, not the
+work; the peak GPU memory is reported too. Exit status 1 when a preset's ratio misses the target.
 """
 
 from __future__ import annotations
@@ -126,8 +128,11 @@ def bench_preset(
 
     Each batch is stepped `repeats` times per mode, alternating the modes; a batch's time is its best
     repeat (robust to other load on the machine); a mode's time is the mean over batches. "paired" is the
-    median over batches of the per-batch ratio distill / pretrain.
+    median over batches of the per-batch ratio distill / pretrain. "peak_gib": the most GPU memory
+    allocated meanwhile (both models, their optimisers and the batches; None on a CPU).
     """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     shape = SHAPES[name]
     cfg = PRESETS[name]
     batches = [
@@ -175,11 +180,13 @@ def bench_preset(
         "distill": statistics.mean(best["distill"]),
         "paired": statistics.median(d / p for d, p in zip(best["distill"], best["pretrain"], strict=True)),
         "kt_only": min(ot_times),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, run both presets, print the table; exit 0."""
+    """Parse options, time the presets, print the table and one line per preset; 0 when every preset's
+    distill/pretrain ratio meets the device's target, 1 when one misses it, 2 for bad options."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller batches and fewer steps (under a minute)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -194,19 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         help="autocast of the forward pass (auto: what training picks on this device, models/precision.py)",
     )
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available")
     torch.set_num_threads(max(args.threads, 1))
     device = torch.device(args.device)
     gmot = GMOTConfig(mode="fgw")
     console = Console()
     if not console.is_terminal:
         console.width = 140
-    # frames per batch: the demo preset's real budget; a reduced aishell1 budget on a CPU (the ratio hardly
-    # depends on it, both steps grow linearly with the batch)
+    # frames per batch: on a CPU reduced budgets (the ratio hardly depends on them, both steps grow linearly
+    # with the batch); on a GPU the presets' real ones, where a small batch times kernel launches instead
     budgets = {"demo": 2500, "aishell1": 1500} if args.quick else {"demo": 12000, "aishell1": 4000}
     n_batches, repeats = (2, 2) if args.quick else (3, 3)
-    if device.type == "cuda" and not args.quick:
+    if device.type == "cuda":
         budgets = {"demo": 12000, "aishell1": 40000}
-        n_batches, repeats = 8, 5
+        n_batches, repeats = (2, 3) if args.quick else (8, 5)
     target = 1.05 if device.type == "cuda" else 1.15
     table = Table(
         title=f"train step: distill (GM-OT fgw, {gmot.outer_iter}x{gmot.inner_iter} {gmot.solver}, "
@@ -223,13 +232,17 @@ def main(argv: list[str] | None = None) -> int:
         "ratio",
         "paired",
         "target",
+        *(("peak GiB",) if device.type == "cuda" else ()),
     )
     for col in cols:
         table.add_column(col, justify="left" if col in ("preset", "batch") else "right")
+    verdicts, missed = [], False
     for name in args.presets.split(","):
         console.print(f"timing {name} ...")
         r = bench_preset(name, budgets[name], n_batches, repeats, device, gmot, args.precision)
         ratio = r["distill"] / r["pretrain"]
+        missed |= ratio > target
+        peak = () if r["peak_gib"] is None else (f"{r['peak_gib']:.1f}",)
         table.add_row(
             name,
             f"{r['params'] / 1e6:.1f} M",
@@ -240,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
             f"[{'green' if ratio <= target else 'red'}]{ratio:.3f}x[/]",
             f"{r['paired']:.3f}x",
             f"<= {target:.2f}x",
+            *peak,
+        )
+        verdicts.append(
+            f"{name}: {budgets[name]:,} frames, pretrain {1000 * r['pretrain']:.0f} ms, distill "
+            f"{1000 * r['distill']:.0f} ms, {ratio:.3f}x (target <= {target:.2f}x: "
+            f"{'met' if ratio <= target else 'MISSED'})" + (f", peak {peak[0]} GiB" if peak else "")
         )
     console.print(table)
-    return 0
+    for line in verdicts:
+        print(line)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

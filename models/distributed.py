@@ -1,14 +1,18 @@
 """Processes and devices: torchrun's ranks, the process group, each rank's device, and small all-reduces.
 
 Launch with `torchrun`; RANK, LOCAL_RANK and WORLD_SIZE say who a process is. Rank 0 alone writes files.
+A process started by torchrun joins a process group even when it is the only rank, so that one GPU runs the
+same code as many: the group, its barriers and broadcasts, and DDP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,39 +22,63 @@ class DeviceError(ValueError):
     """The device asked for is not there (e.g. --device cuda without a GPU)."""
 
 
+# How long a collective (a barrier, an all-reduce) waits for the other ranks before the run fails. Every rank
+# waits in a barrier while rank 0 writes a checkpoint or averages the best ones; 30 minutes leaves room for a
+# slow shared filesystem, where NCCL's default of 10 minutes might not.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
 @dataclass
 class DistInfo:
-    """Who this process is under torchrun (rank 0 of 1 without it) and whether it created the group."""
+    """Who this process is under torchrun (rank 0 of 1 without it), whether it is in a process group
+    (`distributed`: started by torchrun, even as the only rank) and whether it created that group."""
 
     rank: int = 0
     local_rank: int = 0
     world: int = 1
     owns_group: bool = False
+    distributed: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Read RANK / LOCAL_RANK / WORLD_SIZE (set by torchrun) and join the process group (gloo on CPU, nccl on
-    CUDA). A single process needs no group."""
+def launch_info() -> DistInfo:
+    """Who this process is, from its environment; joins no group. A process is `distributed` when torchrun
+    started it (TORCHELASTIC_RUN_ID is set, whatever the number of ranks) or when another launcher set
+    WORLD_SIZE > 1 with RANK (and LOCAL_RANK, MASTER_ADDR, MASTER_PORT)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not dist.is_torchelastic_launched():
         return DistInfo()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world
-        )
-        owns = True
-    return DistInfo(rank, local, world, owns)
+    return DistInfo(rank, local, world, distributed=True)
+
+
+def init_distributed(
+    dd: DistInfo, device: torch.device, timeout: timedelta = PROCESS_GROUP_TIMEOUT
+) -> DistInfo:
+    """Join the process group of a `distributed` process (gloo on CPU, nccl on CUDA) once its device is
+    chosen (`pick_device`, which also makes it the current CUDA device): the group is bound to that GPU
+    (`device_id`), so no collective has to guess it, and collectives fail after `timeout`. Returns `dd`
+    with `owns_group` set when this call created the group; a process that is not distributed, or whose
+    group exists already, is returned as it is."""
+    if not dd.distributed or dist.is_initialized():
+        return dd
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        rank=dd.rank,
+        world_size=dd.world,
+        timeout=timeout,
+        device_id=device if device.type == "cuda" else None,  # gloo takes no device_id
+    )
+    return dataclasses.replace(dd, owns_group=True)
 
 
 def pick_device(requested: str | None, ddp: DistInfo) -> torch.device:
-    """ "auto"/None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU."""
+    """ "auto"/None: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU. A CUDA device becomes the
+    process's current device (before `init_distributed` binds the group to it)."""
     req = (requested or "auto").lower()
     if req == "auto":
         req = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +102,8 @@ def pick_device(requested: str | None, ddp: DistInfo) -> torch.device:
 
 
 def all_reduce(values: list[float], dd: DistInfo, device: torch.device, op: str = "sum") -> list[float]:
-    if dd.world == 1:
+    """Sum (or max) `values` over the ranks of the group; `values` themselves when there is no group."""
+    if not dd.distributed:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)

@@ -75,7 +75,14 @@ from models.config import ExperimentConfig, config_to_dict, dump_config
 from models.ctc_loss import ctc_impossible, ctc_infeasible, ctc_losses
 from models.decoding import greedy_ctc
 from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio_tensor, score_batch_plans
-from models.distributed import DeviceError, all_reduce, cpu_threads, init_distributed, pick_device
+from models.distributed import (
+    DeviceError,
+    all_reduce,
+    cpu_threads,
+    init_distributed,
+    launch_info,
+    pick_device,
+)
 from models.encoder import ConformerCTC
 from models.gmot import GMOTLoss
 from models.precision import autocast_for, choose_precision, grad_scaler, overflow_is_nan
@@ -189,17 +196,12 @@ class Trainer:
         self.command = command
         self.console = console or Console(stderr=True)
         self.show_progress = progress
-        requested = (device or "auto").lower()
-        dev_type = (
-            "cuda"
-            if requested.startswith("cuda") or (requested == "auto" and torch.cuda.is_available())
-            else "cpu"
-        )
-        self.dd = init_distributed(dev_type)
+        self.dd = launch_info()
         try:
-            self.device = pick_device(device, self.dd)
+            self.device = pick_device(device, self.dd)  # first: the group is bound to this device
         except DeviceError as err:
             raise TrainingError(str(err)) from None
+        self.dd = init_distributed(self.dd, self.device)
         self.mode = str(cfg.gmot.mode)
         self.use_kt = self.mode != "none"
         self.outcome = TrainOutcome(self.exp_dir, 0, 0, None)
@@ -409,7 +411,7 @@ class Trainer:
             chosen = [ckpts[-1].name if ckpts else None]
         else:
             chosen = [None]
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.broadcast_object_list(chosen)
         if chosen[0] is None:
             return None
@@ -419,7 +421,7 @@ class Trainer:
             state = load_checkpoint(path, map_location="cpu")
         except (CheckpointError, OSError) as err:
             problem = str(err)
-        if self.dd.world > 1:
+        if self.dd.distributed:
             failed = all_reduce([float(state is None)], self.dd, self.device, op="max")[0]
             if failed:
                 raise TrainingError(
@@ -602,7 +604,7 @@ class Trainer:
             [torch.stack([m.flags for m in pending]).flatten()]
             + [torch.full((1,), float(bool(r)), device=device) for r in requests]
         )
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.all_reduce(shared)  # how many ranks saw each flag
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.full((1,), math.nan, device=device)
@@ -716,7 +718,7 @@ class Trainer:
         self.window, self.window_n, self.window_ratio = {}, 0, None
         for batch in loader:
             self.micro = done % max(t.accum_grad, 1)
-            if self.dd.world > 1:
+            if self.dd.distributed:
                 # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation
                 finishing = (done + 1) % t.accum_grad == 0 or done + 1 == len(self.sampler)
                 self.model.require_backward_grad_sync = finishing
@@ -765,7 +767,7 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank caught a stop signal (all ranks call it together)."""
         requests = [float(self.stop.signum == signal.SIGTERM), float(self.stop.signum == signal.SIGINT)]
-        if self.dd.world > 1:
+        if self.dd.distributed:
             requests = all_reduce(requests, self.dd, self.device)
         if requests[0] or requests[1]:
             self.stop.signum = self.stop.signum or (signal.SIGTERM if requests[0] else signal.SIGINT)
@@ -911,7 +913,7 @@ class Trainer:
         (the error and the file, rank 0) or an earlier failed metrics record. Raises TrainingError on every
         rank when one did, so that no rank is left waiting for another."""
         failed = failure is not None or self.logger.error is not None
-        if self.dd.world > 1:
+        if self.dd.distributed:
             failed = bool(all_reduce([float(failed)], self.dd, self.device, op="max")[0])
         if failed:
             raise TrainingError(self._write_failure_message(failure))
@@ -930,7 +932,7 @@ class Trainer:
         """The epoch's sums over every rank: losses, batches and skipped utterances are each rank's own and
         are added up; skipped_nan is counted alike by every rank (they agree on each skip) and is not."""
         sums = dict(self.epoch_sums)
-        if self.dd.world == 1:
+        if not self.dd.distributed:
             return sums
         every: list[list[str]] = [[] for _ in range(self.dd.world)]
         dist.all_gather_object(every, sorted(sums))  # a rank that trained no batch yet lacks the terms
@@ -1053,10 +1055,10 @@ class Trainer:
             if stale:
                 names = ", ".join(p.name for p in stale)
                 self._say(f"removed what an interrupted write left in {self.exp_dir}: {names}")
-        if self.dd.world > 1:
+        if self.dd.distributed:
             dist.barrier()
         self._resume_or_init()
-        if self.dd.world > 1:
+        if self.dd.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
@@ -1077,6 +1079,7 @@ class Trainer:
             f"device {self.device} ({self.precision}"
             + (f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else "")
             + f"), {self.dd.world} process(es)"
+            + (f" in a {dist.get_backend()} group" if self.dd.distributed else "")
         )
         for e in read_index(self.exp_dir) if self.dd.main else []:
             if e.get("dev_cer") is not None:
@@ -1142,7 +1145,7 @@ class Trainer:
             if t.average_best > 0:
                 self._average()
             self._agree_on_writes(None)  # the last metrics records
-            if self.dd.world > 1:
+            if self.dd.distributed:
                 self.outcome.skipped_inf = int(
                     all_reduce([float(self.outcome.skipped_inf)], self.dd, self.device)[0]
                 )

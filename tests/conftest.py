@@ -8,7 +8,9 @@ Features are built from one prototype vector per character (plus noise), so a mo
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +91,22 @@ def build_tiny_prepared(root: Path, seed: int = 0) -> Path:
         std=plm.std(0),
     )
     return root
+
+
+def copy_without_plm_cache(prepared: Path, dest: Path) -> Path:
+    """Copy the prepared folder `prepared` to `dest` without its PLM cache (no lang/plm.json, no `plm` in any
+    manifest record; the PLM shards stay, unreferenced), as `gmot prepare --no-plm-cache` leaves it, for
+    runs with an online teacher. Returns `dest`."""
+    shutil.copytree(prepared, dest)
+    (dest / "lang" / "plm.json").unlink()
+    for manifest in dest.glob("*/manifest.jsonl"):
+        records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+        for r in records:
+            r.pop("plm", None)
+        manifest.write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+        )
+    return dest
 
 
 @pytest.fixture(scope="session")
