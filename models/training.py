@@ -512,7 +512,10 @@ class Trainer:
             (sum(p.sum() for p in self.model.parameters()) * 0.0).backward()
 
     def _optimizer_step(self, good: int) -> bool:
-        """Clip and apply accumulated gradients (`good` = batches that contributed); False when skipped."""
+        """Clip and apply accumulated gradients (`good` = batches that contributed); False when skipped.
+
+        For the fault tests, the environment variable GMOT_KILL_AFTER_STEP=N makes the process SIGKILL itself
+        right after step N is applied, before it is logged or saved: a crash at a known point."""
         t = self.cfg.train
         params = [p for p in self.model.parameters() if p.grad is not None]
         if good == 0 or not params:
@@ -538,6 +541,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.nan_streak = 0
+        if os.environ.get("GMOT_KILL_AFTER_STEP") == str(self.step):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         return True
 
     def _count_nan(self, what: str) -> None:
