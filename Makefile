@@ -9,8 +9,9 @@ DEMO_DIR ?= demo_run
 
 .PHONY: venv sysdeps test test-fast lint demo clean
 
-# Debian packages: espeak-ng speaks the demo corpus; a CJK font lets plot-alignment label Mandarin tokens.
-DEB_PACKAGES := espeak-ng fonts-wqy-zenhei
+# Debian packages: espeak-ng speaks the demo corpus; a CJK font lets plot-alignment label Mandarin tokens;
+# flac and sox decode the `flac ... |` and `sox ... |` entries of Kaldi wav.scp files (tested).
+DEB_PACKAGES := espeak-ng fonts-wqy-zenhei flac sox
 
 sysdeps:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

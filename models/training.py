@@ -39,6 +39,7 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,19 @@ class _MicroBatch:
 def _batch_seed(seed: int, epoch: int, position: int) -> int:
     """A reproducible seed for the batch at `position` of `epoch`'s global order."""
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
+
+
+def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
+    """The batches of `loader`; its worker processes are shut down however the iteration ends. An error
+    raised in a worker (a damaged shard) keeps the loader's iterator alive through its traceback, and a
+    worker left running would make the interpreter wait for it forever at exit."""
+    batches = iter(loader)
+    try:
+        yield from batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
+        if shutdown is not None:
+            shutdown()
 
 
 def _unwrap(model: nn.Module) -> ConformerCTC:
@@ -595,6 +609,9 @@ class Trainer:
         once. Then the step is applied or skipped (a NaN loss or gradient, an fp16 overflow, nothing
         trained), and the terms, skipped utterances and NaN steps are counted and logged. Sets `self.halt`
         ("write" or "signal") when the ranks are to stop; returns whether the parameters were updated.
+
+        For the fault tests, the environment variable GMOT_KILL_AFTER_STEP=N makes the process SIGKILL itself
+        right after step N is applied, before it is saved: a crash at a known point.
         """
         t = self.cfg.train
         n = len(pending)
@@ -654,6 +671,8 @@ class Trainer:
         self.step += 1
         self.nan_streak = 0
         self.overflow_streak = 0
+        if os.environ.get("GMOT_KILL_AFTER_STEP") == str(self.step):
+            os.kill(os.getpid(), signal.SIGKILL)
         return True
 
     def _account(self, m: _MicroBatch, values: list[float]) -> None:
@@ -716,7 +735,7 @@ class Trainer:
             )
         pending: list[_MicroBatch] = []
         self.window, self.window_n, self.window_ratio = {}, 0, None
-        for batch in loader:
+        for batch in _batches(loader):
             self.micro = done % max(t.accum_grad, 1)
             if self.dd.distributed:
                 # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation

@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
 import sys
-import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
@@ -90,7 +90,9 @@ def test_unknown_set_key_is_a_usage_error(tiny_prepared: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> None:
+def test_ablation_end_to_end_and_resume(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "abl"
     report = tmp_path / "report.md"
     argv = [
@@ -164,11 +166,17 @@ def test_ablation_end_to_end_and_resume(tiny_prepared: Path, tmp_path: Path) -> 
     assert "- jobs: 2 (worker processes of 1 thread each)" in text
     assert f"This invocation took {data['elapsed_seconds'] / 60:.1f} min of wall time" in text
     assert data["elapsed_seconds"] > 0
-    # a second invocation reuses the finished runs: no training, the same numbers
+    # a second invocation reuses the finished runs: no training, decoding or worker, the same numbers
     ckpt_mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
-    started = time.perf_counter()
-    assert ablation.main(argv) == 0
-    assert time.perf_counter() - started < 5.0
+
+    def no_more_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished run was trained, decoded or given to a worker again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(ablation, "train", no_more_work)
+        patched.setattr(ablation, "decode_test", no_more_work)
+        patched.setattr(ablation, "subprocess", SimpleNamespace(Popen=no_more_work, STDOUT=subprocess.STDOUT))
+        assert ablation.main(argv) == 0
     again = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
     assert [(r["run"], r["seed"], r["test_cer"]) for r in again["runs"]] == [
         (r["run"], r["seed"], r["test_cer"]) for r in runs

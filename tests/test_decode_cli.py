@@ -192,19 +192,49 @@ def test_decode_writes_times_confidence_and_nbest(
                   "--beam-size", "8", "--nbest", "3", "--no-progress")  # fmt: skip
     assert res.exit_code == 0, res.output
     details = [json.loads(line) for line in (out / "details.jsonl").read_text(encoding="utf-8").splitlines()]
+    # the 1-best of the same beam search without --nbest
+    res = _invoke("decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "one", "--method",
+                  "beam", "--beam-size", "8", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    one_best = read_kaldi_text(tmp_path / "one" / "text")
+    assert [d["id"] for d in details] == list(one_best)
     for d in details:
         assert [t[0] for t in d["times"]] == list(d["hyp"])  # one entry per character, in order
         ends = [0.0] + [x for _, s, e in d["times"] for x in (s, e)]
         assert ends == sorted(ends) and ends[-1] <= d["duration"] + 0.08  # within the audio (80 ms frames)
-        assert (d["confidence"] is None) == (d["hyp"] == "") or 0.0 < d["confidence"] <= 1.0
-        assert 1 <= len(d["nbest"]) <= 3 and d["nbest"][0]["hyp"] == d["hyp"]
-        assert len({n["hyp"] for n in d["nbest"]}) == len(d["nbest"])  # distinct texts
+        if d["hyp"]:
+            assert 0.0 < d["confidence"] <= 1.0  # a mean of posteriors
+        else:
+            assert "confidence" not in d  # no character to be confident about
+        # utterances of 40-120 frames: a beam of 8 holds more than 3 distinct texts at the last frame
+        assert len(d["nbest"]) == 3
+        assert len({n["hyp"] for n in d["nbest"]}) == 3  # distinct texts
+        assert d["nbest"][0]["hyp"] == d["hyp"] == one_best[d["id"]]
         scores = [n["score"] for n in d["nbest"]]
         assert scores == sorted(scores, reverse=True)
     bad = _invoke(
         "decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / "x", "--nbest", "2"
     )
     assert bad.exit_code == 2 and "needs --method beam" in bad.output
+
+
+@pytest.mark.slow
+def test_no_timestamps_leaves_times_and_confidence_out(
+    tiny_exp: Path, tiny_prepared: Path, tmp_path: Path
+) -> None:
+    details = {}
+    for name, extra in (("with", []), ("without", ["--no-timestamps"])):
+        res = _invoke("decode", tiny_exp, tiny_prepared, "--split", "dev", "--out", tmp_path / name,
+                      "--no-progress", *extra)  # fmt: skip
+        assert res.exit_code == 0, res.output
+        lines = (tmp_path / name / "details.jsonl").read_text(encoding="utf-8").splitlines()
+        details[name] = [json.loads(line) for line in lines]
+    assert all("times" in d for d in details["with"])
+    assert any("confidence" in d for d in details["with"])
+    for d in details["without"]:
+        assert "times" not in d and "confidence" not in d
+    # the same transcripts: only the alignment is left out
+    assert [(d["id"], d["hyp"]) for d in details["without"]] == [(d["id"], d["hyp"]) for d in details["with"]]
 
 
 def _decode_with_model_front_end(tiny_prepared: Path, tmp_path: Path, frontend: str):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+import torch
 from prepare_helpers import write_wav
 from typer.testing import CliRunner
 
@@ -42,6 +43,12 @@ def test_hf_dataset_to_sherpa_onnx(tmp_path: Path) -> None:
         ["export", str(exp), str(onnx_dir)],
     ]  # fmt: skip
     for args in steps:
+        if args[0] == "export":
+            # two epochs on six utterances leave a model that says "blank" to some of them; a lower blank
+            # bias makes it emit characters for every file, so that the two decoders have text to agree on
+            state = torch.load(exp / "avg.pt", weights_only=True)
+            state["model"]["ctc_head.bias"][0] -= 4.0
+            torch.save(state, exp / "avg.pt")
         res = runner.invoke(app, args)
         assert res.exit_code == 0, (args[0], res.output)
     assert "sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(" in res.output
@@ -54,9 +61,12 @@ def test_hf_dataset_to_sherpa_onnx(tmp_path: Path) -> None:
     fields = [line.split(" ", 1) for line in res.output.splitlines()]  # "id text" per file among the lines
     ours = {f[0]: (f[1] if len(f) > 1 else "") for f in fields if f[0] in {w.stem for w in wavs}}
     assert len(ours) == len(wavs), res.output
+    nonempty = 0
     for wav in wavs:
         wave, rate = soundfile.read(wav, dtype="float32")
         stream = recogniser.create_stream()
         stream.accept_waveform(rate, wave)
         recogniser.decode_stream(stream)
         assert stream.result.text == ours[wav.stem].strip()
+        nonempty += bool(stream.result.text)
+    assert nonempty == len(wavs), ours  # the comparison saw text each time, not two empty strings

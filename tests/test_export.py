@@ -240,6 +240,46 @@ def test_a_missing_module_is_named_with_the_extra_before_anything_is_written(
         assert not (tmp_path / "lib").exists()
 
 
+def test_compare_exits_1_and_lists_the_files_that_differ(
+    exported: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gmot's side of the comparison is made to add a character to one file's transcript: --compare counts
+    that file as differing, names it with both texts, and exits 1."""
+    import models.decoding as decoding
+
+    sherpa_onnx = pytest.importorskip("sherpa_onnx", reason="pip install 'gmot[export]'")
+    exp, _ = exported
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for seed in range(3):  # the files test_compare_counts_files_transcribed_alike sees transcribed alike
+        soundfile.write(audio / f"c{seed}.wav", _speechy(1.2 + 0.3 * seed, 10 + seed), 16_000)
+    real_transcribe = decoding.transcribe
+
+    def one_off(*args, **kwargs) -> list:
+        hyps = real_transcribe(*args, **kwargs)
+        for hyp in hyps:
+            if hyp.id == "c1":
+                hyp.text += "好"
+        return hyps
+
+    monkeypatch.setattr(decoding, "transcribe", one_off)
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per differing file, however long its path
+    out = tmp_path / "onnx"
+    res = runner.invoke(app, ["export", str(exp), str(out), "--no-check", "--compare", str(audio)])
+    assert res.exit_code == 1, res.output
+    assert "transcribes 2 of 3 files" in res.output
+    recogniser = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc(
+        model=str(out / "model.onnx"), tokens=str(out / "tokens.txt"), num_threads=1
+    )
+    wave, rate = soundfile.read(audio / "c1.wav", dtype="float32")
+    stream = recogniser.create_stream()
+    stream.accept_waveform(rate, wave)
+    recogniser.decode_stream(stream)
+    theirs = stream.result.text
+    listed = [line for line in res.output.splitlines() if line.startswith("  ")]
+    assert listed == [f"  {audio / 'c1.wav'}: gmot {theirs + '好'!r}, sherpa-onnx {theirs!r}"]
+
+
 def test_an_output_folder_that_cannot_be_made_exits_1(tiny_prepared: Path, tmp_path: Path) -> None:
     exp = build_tiny_checkpoint(tiny_prepared, tmp_path / "exp", steps=1)
     blocker = tmp_path / "taken"

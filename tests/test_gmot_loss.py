@@ -1,5 +1,9 @@
-"""GM-OT knowledge-transfer loss: modes, marginals, gradients and padding, standardisation, learning."""
+"""GM-OT knowledge-transfer loss: modes, marginals, gradients and padding, standardisation, learning, and
+its value computed by hand."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +213,52 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown gmot config keys"):
         GMOTConfig.from_dict({"alhpa": 0.1})
     assert GMOTConfig.from_dict(GMOTConfig(mode="wd").to_dict()) == GMOTConfig(mode="wd")
+
+
+@pytest.mark.parametrize("align_loss", ["cosine", "mse"])
+def test_kt_by_hand_on_two_frames_and_three_tokens(align_loss: str) -> None:
+    """Mode wd on N = 2 frames and M = 3 tokens, computed here in float64 without the loss's code: teacher
+    tokens standardised and centred, the cosine cost plus the order prior, a plain Sinkhorn plan, the
+    transport value and the alignment loss against the transported frames."""
+    mean, std = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 1.0])
+    plm = torch.tensor([[[5.0, 1.0], [1.0, 2.0], [3.0, 0.0]]])
+    # standardised: (2, 1), (0, 2), (1, 0), whose mean is (1, 1); centred:
+    z = np.array([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
+    h = np.array([[1.0, 0.0], [0.0, 1.0]])
+    r = 1.0 / np.sqrt(2.0)
+    cos = np.array([[1.0, -r, 0.0], [0.0, r, -1.0]])  # cos(h_i, z_j)
+    # |(i + 1/2)/N - (j + 1/2)/M|: frames at 1/4, 3/4, tokens at 1/6, 1/2, 5/6
+    prior = np.array([[1 / 12, 1 / 4, 7 / 12], [7 / 12, 1 / 4, 1 / 12]])
+    tot_weight, epsilon = 0.5, 0.1
+    cost = 1.0 - cos + tot_weight * prior
+    a, b = np.full(2, 1 / 2), np.full(3, 1 / 3)
+    kernel, v = np.exp(-cost / epsilon), np.ones(3)
+    for _ in range(2000):
+        u = a / (kernel @ v)
+        v = b / (kernel.T @ u)
+    plan = u[:, None] * kernel * v[None, :]
+    np.testing.assert_allclose(plan.sum(1), a, atol=1e-12)  # converged
+    kt_ot = float((plan * cost).sum())
+    moved = plan.T @ h / b[:, None]  # h~_j = sum_i T_ij h_i / b_j
+    if align_loss == "cosine":
+        per_token = 1.0 - (moved * z).sum(1) / np.linalg.norm(moved, axis=1) / np.linalg.norm(z, axis=1)
+    else:
+        per_token = ((moved - z) ** 2).mean(1)
+    kt_align = float(per_token.mean())
+
+    cfg = GMOTConfig(mode="wd", epsilon=epsilon, tot_weight=tot_weight, outer_iter=20, inner_iter=50,
+                     align_loss=align_loss)  # fmt: skip
+    loss = GMOTLoss(cfg, mean, std)
+    n_len, m_len = torch.tensor([2]), torch.tensor([3])
+    b_mask = torch.ones(1, 3, dtype=torch.bool)
+    assert np.allclose(loss.teacher_features(plm, b_mask)[0].numpy(), z)
+    assert np.allclose(order_prior(torch.ones(1, 2, dtype=torch.bool), b_mask)[0].numpy(), prior)
+    out = loss(torch.tensor(h[None], dtype=torch.float32), n_len, plm, m_len)
+    np.testing.assert_allclose(out["plan"][0].numpy(), plan, atol=1e-6)
+    assert out["kt_ot"].item() == pytest.approx(kt_ot, abs=1e-5)
+    assert out["kt_align"].item() == pytest.approx(kt_align, abs=1e-5)
+    assert out["kt"].item() == pytest.approx(kt_ot + kt_align, abs=1e-5)
+    # reduction "sum": per utterance times its 3 tokens
+    summed = GMOTLoss(dataclasses.replace(cfg, reduction="sum"), mean, std)
+    out = summed(torch.tensor(h[None], dtype=torch.float32), n_len, plm, m_len)
+    assert out["kt"].item() == pytest.approx(3 * (kt_ot + kt_align), abs=1e-4)

@@ -213,6 +213,57 @@ def test_report_counts_match(bad_run: tuple[Path, Path, str]) -> None:
     assert report["skipped_total"] == sum(report["skipped_counts"].values()) == 13
 
 
+# ------------------------------------------------------------------------------- flac and sox pipe entries
+
+# the pipe commands of wav.scp entries that README says are read without running them
+PIPES = {"flac": "flac -c -d -s {flac} |", "sox": "sox {wav} -t wav - |"}
+
+
+def _pipe_corpus(root: Path) -> tuple[Path, Path]:
+    """One utterance as a .wav and the same samples as a .flac (lossless from 16-bit PCM)."""
+    wav = write_wav(root / "audio" / "u.wav", 0.9, seed=3)
+    wave, rate = soundfile.read(wav, dtype="int16")
+    flac = root / "audio" / "u.flac"
+    soundfile.write(flac, wave, rate, subtype="PCM_16")
+    return wav, flac
+
+
+def test_flac_and_sox_pipe_entries_read_the_named_file(tmp_path: Path) -> None:
+    """Without running flac or sox: the entries are read as the file they name, as a plain path is."""
+    wav, flac = _pipe_corpus(tmp_path)
+    entries = {"plain": str(wav), **{k: v.format(wav=wav, flac=flac) for k, v in PIPES.items()}}
+    write_kaldi_dir(tmp_path / "train", entries, dict.fromkeys(entries, "你好世界"))
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["prepare", "kaldi", str(out), "--split", f"train={tmp_path / 'train'}", "--no-plm-cache"]
+    )
+    assert res.exit_code == 0, res.output
+    report = _report(out, "train")
+    assert report["skipped_total"] == 0, report["skipped"]
+    reader = SplitReader(out / "train")
+    feats = {r["id"]: reader.features(r) for r in reader.records}
+    assert sorted(feats) == ["flac", "plain", "sox"]
+    assert np.array_equal(feats["flac"], feats["plain"]) and np.array_equal(feats["sox"], feats["plain"])
+
+
+@pytest.mark.parametrize("tool", sorted(PIPES))
+def test_flac_and_sox_pipes_give_what_their_files_hold(tmp_path: Path, tool: str) -> None:
+    """Where the tool is installed: its pipe's output holds the samples that reading the file directly
+    gives, so reading it directly is what running the entry would give."""
+    import io
+    import shutil
+    import subprocess
+
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (Debian package {tool}): its pipe's output cannot be compared")
+    wav, flac = _pipe_corpus(tmp_path)
+    command = PIPES[tool].format(wav=wav, flac=flac).removesuffix("|")
+    run = subprocess.run(command, shell=True, capture_output=True, timeout=60, check=True)
+    piped, rate = soundfile.read(io.BytesIO(run.stdout), dtype="float32")
+    assert rate == 16_000
+    np.testing.assert_array_equal(piped, load_audio(flac if tool == "flac" else wav))
+
+
 # ------------------------------------------------------------------------------- empty splits, --lang
 
 

@@ -84,6 +84,35 @@ def test_wer_equals_direct_jiwer_computation() -> None:
     assert result.to_json()["wer"] == pytest.approx(direct.wer)
 
 
+def test_cli_word_units_score_words(tmp_path: Path) -> None:
+    refs = {"a": "the cat sat on the mat", "b": "hello world", "c": "one two three"}
+    hyps = {"a": "the cat sat on mat today", "b": "hello  there world", "c": ""}
+    ref = _write(tmp_path / "ref", [f"{k} {v}" for k, v in refs.items()])
+    hyp = _write(tmp_path / "hyp", [f"{k} {v}".rstrip() for k, v in hyps.items()])
+    direct = jiwer.process_words(list(refs.values()), [" ".join(h.split()) for h in hyps.values()])
+    errors = direct.substitutions + direct.deletions + direct.insertions
+    assert errors == 6  # a: 2, b: 1 insertion, c: 3 deletions
+    out = CliRunner().invoke(app, ["score", str(ref), str(hyp), "--unit", "word", "--json"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    assert payload["unit"] == "word" and "cer" not in payload
+    assert payload["wer"] == pytest.approx(direct.wer) == pytest.approx(6 / 11)
+    assert (payload["substitutions"], payload["deletions"], payload["insertions"], payload["ref_len"]) == (
+        direct.substitutions,
+        direct.deletions,
+        direct.insertions,
+        11,
+    )
+    out = CliRunner().invoke(app, ["score", str(ref), str(hyp), "--unit", "word"])
+    assert out.exit_code == 0, out.output
+    summary = (
+        f"%WER {100 * direct.wer:.2f} [ {errors} / 11, {direct.insertions} ins, {direct.deletions} del, "
+        f"{direct.substitutions} sub ]"
+    )
+    assert summary in out.output
+    assert "# Wrd" in out.output and "# Chr" not in out.output
+
+
 def test_missing_ids_count_as_deletions_and_extra_ids_are_ignored() -> None:
     refs = {"u1": "今天很好", "u2": "我们去", "u3": "公园"}
     hyps = {"u1": "今天很好", "u3": "公园", "x9": "多余"}

@@ -306,3 +306,43 @@ def test_extending_a_finished_cosine_run_keeps_its_schedule(tiny_prepared: Path,
     floor = 0.01 * 0.002  # min_lr_ratio * lr
     assert second and all(r["lr"] == pytest.approx(floor) for r in second)
     assert max(r["lr"] for r in second) <= min(r["lr"] for r in first)
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def test_without_tensorboard_only_the_metrics_log_is_written(tiny_prepared: Path, tmp_path: Path) -> None:
+    if _has_tensorboard():
+        pytest.skip("tensorboard is installed here: test_tensorboard_scalars_are_the_logged_metrics runs")
+    exp = tmp_path / "exp"
+    train(tiny_prepared, exp, _tiny("train.epochs=1"), device="cpu", progress=False)
+    assert any(e["event"] == "train" for e in _metrics(exp))
+    assert not (exp / "tensorboard").exists()
+
+
+def test_tensorboard_scalars_are_the_logged_metrics(tiny_prepared: Path, tmp_path: Path) -> None:
+    """README: EXP_DIR/tensorboard holds event files when the tensorboard package is installed; every
+    number of metrics.jsonl is there as the scalar EVENT/KEY at its step."""
+    if not _has_tensorboard():
+        pytest.skip("tensorboard is not installed (an optional package): training writes metrics.jsonl only")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exp = tmp_path / "exp"
+    train(tiny_prepared, exp, _tiny("train.epochs=1", "gmot.mode=fgw"), device="cpu", progress=False)
+    events = EventAccumulator(str(exp / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged: dict[str, list[tuple[int, float]]] = {}
+    for record in _metrics(exp):
+        for key, value in record.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if numeric and key not in ("step", "time", "epoch"):
+                logged.setdefault(f"{record['event']}/{key}", []).append((record["step"], value))
+    assert {"train/loss", "train/kt", "epoch/dev_cer"} <= set(logged)
+    assert sorted(events.Tags()["scalars"]) == sorted(logged)
+    for tag, points in logged.items():
+        scalars = [(s.step, s.value) for s in events.Scalars(tag)]
+        assert [s for s, _ in scalars] == [s for s, _ in points], tag
+        assert [v for _, v in scalars] == pytest.approx([v for _, v in points], rel=1e-6), tag

@@ -4,13 +4,13 @@ unknown --set keys, GPU out of memory."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +191,8 @@ def test_a_truncated_shard_read_by_a_loader_worker_names_it_and_exits_1(
     assert Path(found[1]) == data / "train" / holder["feats"]["shard"]
     assert "Re-run `gmot prepare` with the same arguments to rebuild it" in text
     assert "Traceback" not in output and "DataLoader worker" not in output
+    # the worker was shut down: one left running would make the interpreter wait for it forever at exit
+    assert multiprocessing.active_children() == []
 
 
 def _fake_checkpoint(path: Path, vocab: list[str], frontend: str = "sherpa-onnx", **model_overrides) -> None:
@@ -253,26 +255,24 @@ def test_sigkill_mid_epoch_then_rerun_resumes(tiny_prepared: Path, tmp_path: Pat
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = list_checkpoints(exp) if exp.is_dir() else []
-        if len(ckpts) >= 1 and int(ckpts[-1].stem.split("-")[1]) >= 5:  # mid-epoch 1 (12 steps an epoch)
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    env.pop("GMOT_KILL_AFTER_STEP", None)
+    # killed by the engine's own hook right after step 6 (mid-epoch 1 of 12 steps), before it is saved
+    killed = subprocess.run(cmd, cwd=REPO, env={**env, "GMOT_KILL_AFTER_STEP": "6"}, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     killed_at = list_checkpoints(exp)
+    assert [p.name for p in killed_at] == ["ckpt-000000004.pt", "ckpt-000000005.pt"]  # keep_last=2
     for path in killed_at:  # every checkpoint left behind is complete
         load_checkpoint(path)
-    last = load_checkpoint(killed_at[-1])
-    assert last["step"] < 24
+    assert load_checkpoint(killed_at[-1])["step"] == 5
+    logged = [json.loads(x) for x in (exp / "metrics.jsonl").read_text().splitlines()]
+    assert max(e["step"] for e in logged if e["event"] == "train") == 5  # step 6 was lost with the process
 
-    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # a wide console: the message on one line, however long the path
+    rerun = subprocess.run(cmd, cwd=REPO, env={**env, "COLUMNS": "1000"}, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "resuming from" in " ".join(rerun.stderr.split())
+    assert f"resuming from {killed_at[-1]} (epoch 1, step 5)" in rerun.stderr
     torch.set_num_threads(1)
     cfg = resolve_config("tiny", overrides=[*sets, "gmot.mode=none"])
     straight = train(tiny_prepared, tmp_path / "straight", cfg, device="cpu",
