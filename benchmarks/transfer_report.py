@@ -226,6 +226,17 @@ def error_kind_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure to `path` as PNG atomically (temp file + rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
     """Each arm's paired dev and test gain over the baseline (points of CER) with its 95 % t interval,
     one panel per size."""
@@ -264,11 +275,7 @@ def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
         ax.set_title(f"{size} train sentences, {seeds} seeds, from scratch, equal updates", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
@@ -301,11 +308,7 @@ def plot_curve(curves: dict[int, dict[str, Any]], path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def report(

@@ -358,10 +358,8 @@ def _split_input(data_dir: Path, name: str = "train") -> SplitInput:
     return SplitInput(name, records, skips)
 
 
-def test_resume_redoes_only_unfinished_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS)
-    opts = PrepareOptions(shard_frames=150)  # about 2 utterances per shard
-    out = tmp_path / "out"
+def _count_featurised_shards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that collects the index of every shard `prepare` featurises from now on."""
     calls: list[int] = []
     real = preparation._featurise_shard
 
@@ -370,6 +368,14 @@ def test_resume_redoes_only_unfinished_shards(tmp_path: Path, monkeypatch: pytes
         return real(task)
 
     monkeypatch.setattr(preparation, "_featurise_shard", counting)
+    return calls
+
+
+def test_resume_redoes_only_unfinished_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS)
+    opts = PrepareOptions(shard_frames=150)  # about 2 utterances per shard
+    out = tmp_path / "out"
+    calls = _count_featurised_shards(monkeypatch)
     prepare(out, [_split_input(tmp_path / "train")], options=opts)
     n_shards = len(list((out / "train" / "feats").glob("shard-*.npy")))
     assert n_shards >= 3 and sorted(calls) == list(range(n_shards))
@@ -397,14 +403,7 @@ def test_resume_redoes_a_truncated_or_short_shard(tmp_path: Path, monkeypatch: p
     out = tmp_path / "out"
     prepare(out, [_split_input(tmp_path / "train")], options=opts)
     first_manifest = (out / "train" / "manifest.jsonl").read_text()
-    calls: list[int] = []
-    real = preparation._featurise_shard
-
-    def counting(task: dict) -> dict:
-        calls.append(task["index"])
-        return real(task)
-
-    monkeypatch.setattr(preparation, "_featurise_shard", counting)
+    calls = _count_featurised_shards(monkeypatch)
     shard1, shard2 = (out / "train" / "feats" / f"shard-0000{i}.npy" for i in (1, 2))
     shard1.write_bytes(shard1.read_bytes()[:-200])  # a copy cut short
     np.save(shard2, np.load(shard2)[:3])  # a valid array with fewer rows than its part says
