@@ -143,6 +143,11 @@ def run_specs(tot_weight: float) -> dict[str, RunSpec]:
             {**gmot, "gmot.teacher": "random"},
         ),
         RunSpec(
+            "fgw-random-units",
+            "GM-OT (centred + prior) to one fixed Gaussian vector per character: no PLM at all",
+            {**gmot, "gmot.teacher": "random_units"},
+        ),
+        RunSpec(
             UNTRAINED,
             "control: GM-OT (centred + prior) from an untrained teacher (same architecture and tokenizer)",
             dict(gmot),

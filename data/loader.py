@@ -33,7 +33,8 @@ class SpeechDataset(Dataset):
     `plm_mean`/`plm_std` (D,), when given, standardise the cached PLM features per dimension. `use_plm=False`
     never reads the PLM cache. `teacher_source` (one record index per record) reads each utterance's PLM
     features from another record (the `shuffle` control); `teacher_random` = (seed, mean, std) replaces them
-    by fixed Gaussian vectors of the same shape (the `random` control; data.teacher_controls).
+    by fixed Gaussian vectors of the same shape (the `random` control); `teacher_units` = (seed, width) gives
+    one fixed N(0, 1) vector of that width per token id instead, with no PLM cache (data.teacher_controls).
     Item: {"index": int, "id": str, "text": str, "feats": (T, F) float32, "tokens": (L,) int64,
     "plm": (M, D) float32 or None}.
     """
@@ -49,6 +50,7 @@ class SpeechDataset(Dataset):
         use_plm: bool = True,
         teacher_source: list[int] | None = None,
         teacher_random: tuple[int, np.ndarray | None, np.ndarray | None] | None = None,
+        teacher_units: tuple[int, int] | None = None,
     ) -> None:
         self.reader = SplitReader(Path(split_dir))
         self.records = self.reader.records
@@ -63,6 +65,7 @@ class SpeechDataset(Dataset):
             raise ValueError("teacher_source needs one record index per record")
         self.teacher_source = teacher_source
         self.teacher_random = teacher_random
+        self.teacher_units = teacher_units
 
     def __len__(self) -> int:
         return len(self.records)
@@ -80,7 +83,11 @@ class SpeechDataset(Dataset):
         rec = self.records[index]
         feats = (self.reader.features(rec) - self.mean) * self.inv_std
         plm = None
-        if self.use_plm:
+        if self.use_plm and self.teacher_units is not None:
+            seed, width = self.teacher_units
+            units = random_features((len(rec["token_ids"]), width), index, seed, None, None)
+            plm = torch.from_numpy(units)
+        elif self.use_plm:
             source = self.records[self.teacher_source[index]] if self.teacher_source is not None else rec
             raw = self.reader.plm_features(source)
             if raw is not None and self.teacher_random is not None:

@@ -95,12 +95,16 @@ class GMOTConfig:
     frames, most CTC frames, carry little transport mass."""
     marginal_floor: float = 0.05
     """Floor of the per-frame non-blank probability of the "nonblank" marginal, before normalising."""
-    teacher: Literal["real", "shuffle", "random"] = "real"
+    teacher: Literal["real", "shuffle", "random", "random_units"] = "real"
     """Which teacher features the training utterances get (dev keeps the real ones): "real" their own;
     "shuffle" another sentence's with the same token count (a seeded cycle, never their own sentence);
-    "random" fixed i.i.d. Gaussian vectors of the same shape with the teacher's per-dimension mean and std.
-    The two controls keep the transfer's shape and remove the teacher's knowledge of the sentence
-    (data.teacher_controls, docs/transfer.md); an untrained teacher is `gmot prepare --plm untrained:NAME`."""
+    "random" fixed i.i.d. Gaussian vectors of the same shape with the teacher's per-dimension mean and std;
+    "random_units" one fixed N(0, 1) vector per transcript unit (character) of width `random_width`, which
+    needs no PLM at all (no cache; standardise is off and dev has no plans to score). The first two controls
+    keep the transfer's shape and remove the teacher's knowledge of the sentence (data.teacher_controls,
+    docs/transfer.md); an untrained teacher is `gmot prepare --plm untrained:NAME`."""
+    random_width: int = 384
+    """Width of the "random_units" targets (the adapter's output width)."""
     unbalanced_tau: float = 0.0
     """KL relaxation of the acoustic marginal (unbalanced OT, after arXiv 2509.05609): the plan's row sums
     may leave `a` at a cost tau * KL(T 1 || a), so frames that match no token need not be transported.
@@ -125,7 +129,7 @@ class GMOTConfig:
             "epsilon_scale": ("absolute", "cost_std"),
             "reduction": ("mean", "sum"),
             "acoustic_marginal": ("uniform", "nonblank"),
-            "teacher": ("real", "shuffle", "random"),
+            "teacher": ("real", "shuffle", "random", "random_units"),
         }
         for key, allowed in choices.items():
             value = getattr(self, key)
@@ -133,6 +137,8 @@ class GMOTConfig:
                 raise ValueError(f"gmot.{key} must be one of {', '.join(allowed)}, got {value!r}")
         if not 0.0 < self.marginal_floor <= 1.0:
             raise ValueError(f"gmot.marginal_floor must lie in (0, 1], got {self.marginal_floor}")
+        if self.random_width < 1:
+            raise ValueError(f"gmot.random_width must be at least 1, got {self.random_width}")
         if self.unbalanced_tau < 0:
             raise ValueError(f"gmot.unbalanced_tau must be >= 0 (0 = balanced), got {self.unbalanced_tau}")
 

@@ -265,7 +265,16 @@ class Trainer:
         self.teacher = None
         self.plm_width: int | None = None
         if self.use_kt:
-            if self.train_set.has_plm and self.plm_info is not None:
+            if self.cfg.gmot.teacher == "random_units":  # no teacher at all: dev has no plans to score
+                self.plm_width = int(self.cfg.gmot.random_width)
+                self.train_set.teacher_units = (t.seed, self.plm_width)
+                if self.dev_set is not None:
+                    self.dev_set.use_plm = False
+                self._say(
+                    f"teacher control: random_units (one fixed N(0, 1) vector of width {self.plm_width} per "
+                    "transcript unit; no PLM)"
+                )
+            elif self.train_set.has_plm and self.plm_info is not None:
                 self.plm_width = int(self.plm_info["width"])
                 self._apply_teacher_control()
             elif t.plm is None:
@@ -384,6 +393,9 @@ class Trainer:
         self.kt_loss = None
         if self.use_kt:
             gcfg = self.cfg.gmot
+            if gcfg.teacher == "random_units" and gcfg.standardise:  # N(0, 1) already, no statistics
+                gcfg = dataclasses.replace(gcfg, standardise=False)
+                self.cfg = dataclasses.replace(self.cfg, gmot=gcfg)
             if (
                 self.teacher is not None and gcfg.standardise
             ):  # online PLM: no corpus statistics to standardise

@@ -178,3 +178,38 @@ def test_ablation_control_arms(tiny_prepared: Path, tmp_path: Path) -> None:
     opt = ablation.parse_args([*argv, "--untrained-data", str(tmp_path / "u")])
     assert opt.data_for("fgw-untrained") == tmp_path / "u"
     assert opt.data_for("fgw-shuffle") == tiny_prepared
+
+
+@pytest.mark.slow
+def test_random_units_needs_no_plm(tiny_prepared: Path, tmp_path: Path) -> None:
+    import yaml
+    from conftest import copy_without_plm_cache
+
+    from data.store import read_manifest
+    from models.checkpoint import plm_width_of
+
+    data = copy_without_plm_cache(tiny_prepared, tmp_path / "data")
+    sets = ["gmot.teacher=random_units", "gmot.random_width=24", "train.epochs=1", "train.threads=1"]
+    cfg = resolve_config("tiny", None, sets, {"gmot.mode": "fgw"})
+    trainer = Trainer(data, tmp_path / "probe", cfg, device="cpu")
+    trainer._load_data()
+    records = read_manifest(data / "train")
+    for i in (0, 5):
+        item = trainer.train_set[i]["plm"]
+        assert item is not None and item.shape == (len(records[i]["token_ids"]), 24)
+        assert abs(float(item.mean())) < 1.0
+    assert trainer.dev_set is not None and trainer.dev_set[0]["plm"] is None  # nothing to score plans against
+    outcome = train(data, tmp_path / "run", cfg, device="cpu", progress=False)
+    assert outcome.step > 0
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["gmot"]["teacher"] == "random_units" and saved["gmot"]["standardise"] is False
+    state = torch.load(
+        sorted((tmp_path / "run").glob("ckpt-*.pt"))[-1], map_location="cpu", weights_only=True
+    )
+    assert plm_width_of(state) == 24
+    # the other controls need the teacher's cache, and say so
+    from models.training import TrainingError
+
+    shuffle = resolve_config("tiny", None, ["gmot.teacher=shuffle"], {"gmot.mode": "fgw"})
+    with pytest.raises(TrainingError, match="has no complete PLM feature cache"):
+        train(data, tmp_path / "shuffle", shuffle, device="cpu", progress=False)
