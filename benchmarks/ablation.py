@@ -3,7 +3,7 @@
     python benchmarks/ablation.py DATA_DIR OUT_DIR [--init-from CKPT | --pretrain-epochs N] [--epochs E]
         [--seeds 0,1,2] [--runs baseline,wd,fgw-cosine,fgw-temporal,fgw-hybrid,fgw-tot] [--preset demo]
         [--set key=value ...] [--variant NAME=BASE:key=value,... ...] [--tot-weight W] [--report FILE]
-        [--device auto|cpu|cuda] [--threads N] [--quick]
+        [--device auto|cpu|cuda] [--threads N] [--quick] [--jobs N] [--untrained-data DIR] [--collect]
 
 The start is a given checkpoint (`--init-from`) or one this script pretrains into OUT_DIR/pretrain (CTC only,
 `--pretrain-epochs`, seed `--pretrain-seed`). From it each run trains `--epochs` epochs per seed with the same
@@ -27,10 +27,13 @@ Runs are resumable: each lives in OUT_DIR/runs/<run>-seed<k> (an interrupted one
 checkpoint) and a finished one's result.json is reused when its start checkpoint, overrides and epochs match.
 Writes OUT_DIR/ablation.json (every run and the summary) and a markdown report (`--report`, default
 benchmarks/results/ablation.md) with the table, the exact command, the machine and the settings.
-`--jobs N` trains N runs at once, each in a worker process of this script with one thread (logs in
-OUT_DIR/logs), then collects them; on a 2-core CPU two 1-thread processes do about 1.3x the work of one
-2-thread process. `--quick` is a smoke run: 1 pretrain epoch, 1 epoch per run, the first seed only, dev and
-test capped.
+The knowledge controls (docs/transfer.md) are the arms `fgw-shuffle`, `fgw-random`, `fgw-random-units` and
+`fgw-untrained` (the last trains on `--untrained-data DIR`, the corpus prepared with --plm untrained:...).
+`--collect` trains nothing: it writes ablation.json and the report from the runs that have finished (a study
+stopped part way). `--jobs N` trains N runs at once, each in a worker process of this script with one thread
+(logs in OUT_DIR/logs), then collects them; on a 2-core CPU two 1-thread processes do about 1.3x the work
+of one 2-thread process. `--quick` is a smoke run: 1 pretrain epoch, 1 epoch per run, the first seed only,
+dev and test capped.
 """
 
 from __future__ import annotations
@@ -274,6 +277,7 @@ class Options:
     jobs: int = 1
     only: tuple[str, int] | None = None
     untrained_data: Path | None = None
+    collect: bool = False
 
     def data_for(self, run: str) -> Path:
         """The prepared folder run `run` trains on: --untrained-data for the untrained-teacher arm."""
@@ -333,6 +337,11 @@ def parse_args(argv: list[str]) -> Options:
         "--untrained-data",
         type=Path,
         help=f"the {UNTRAINED} arm's data: DATA_DIR's corpus prepared with --plm untrained:<teacher>",
+    )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="train nothing: write ablation.json and the report from the runs that have finished",
     )
     p.add_argument("--only", help=argparse.SUPPRESS)  # RUN@SEED: one worker of --jobs
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 1 seed, dev/test capped")
@@ -399,6 +408,7 @@ def parse_args(argv: list[str]) -> Options:
         jobs=a.jobs,
         only=only,
         untrained_data=a.untrained_data,
+        collect=a.collect,
     )
 
 
@@ -505,14 +515,10 @@ def run_diagnostics(run_dir: Path) -> dict[str, float]:
     return {k: float(last[k]) for k in DIAGNOSTICS if isinstance(last.get(k), (int, float))}
 
 
-def one_run(
-    opt: Options, spec: RunSpec, seed: int, start: tuple[Path | None, str], device: str, console: Console
-) -> tuple[dict[str, Any], bool]:
-    """Train (or resume) and score one run x seed; returns (its result dict, whether it was reused)."""
-    run_dir = opt.out_dir / "runs" / f"{spec.name}-seed{seed}"
-    cfg = run_config(opt, spec, seed)
-    data_dir = opt.data_for(spec.name)
-    wanted = {
+def run_settings(opt: Options, spec: RunSpec, start: tuple[Path | None, str]) -> dict[str, Any]:
+    """What a finished run must have been run with to be reused: overrides, preset, --set options, epochs,
+    start checkpoint, dev/test caps, and its data folder where it is not DATA_DIR."""
+    wanted: dict[str, Any] = {
         "overrides": overrides_list(spec.overrides),
         "preset": opt.preset,
         "sets": list(opt.sets),
@@ -521,18 +527,39 @@ def one_run(
         "dev_max_utts": opt.dev_max_utts,
         "test_max_utts": opt.test_max_utts,
     }
+    data_dir = opt.data_for(spec.name)
     if data_dir != opt.data_dir:
         wanted["data_dir"] = str(data_dir)
+    return wanted
+
+
+def finished_result(run_dir: Path, wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of the finished run in `run_dir` (its result.json), None when it has not finished;
+    AblationError when it finished with settings other than `wanted`."""
     result_file = run_dir / RESULT
-    if result_file.is_file():
-        old = json.loads(result_file.read_text(encoding="utf-8"))
-        differs = [k for k, v in wanted.items() if old.get(k) != v]
-        if not differs:
-            return old, True
+    if not result_file.is_file():
+        return None
+    old = json.loads(result_file.read_text(encoding="utf-8"))
+    differs = [k for k, v in wanted.items() if old.get(k) != v]
+    if differs:
         raise AblationError(
             f"{run_dir} holds a finished run with other settings ({', '.join(differs)} differ); "
             "use another OUT_DIR or delete that folder"
         )
+    return old
+
+
+def one_run(
+    opt: Options, spec: RunSpec, seed: int, start: tuple[Path | None, str], device: str, console: Console
+) -> tuple[dict[str, Any], bool]:
+    """Train (or resume) and score one run x seed; returns (its result dict, whether it was reused)."""
+    run_dir = opt.out_dir / "runs" / f"{spec.name}-seed{seed}"
+    cfg = run_config(opt, spec, seed)
+    data_dir = opt.data_for(spec.name)
+    wanted = run_settings(opt, spec, start)
+    finished = finished_result(run_dir, wanted)
+    if finished is not None:
+        return finished, True
     started = time.perf_counter()
     outcome = train(
         data_dir,
@@ -572,8 +599,14 @@ def one_run(
         "rtf": decoded["rtf"],
         **run_diagnostics(run_dir),
     }
-    write_json(result_file, result)
+    write_json(run_dir / RESULT, result)
     return result, False
+
+
+def collected(opt: Options, spec: RunSpec, seed: int, start: tuple[Path | None, str]) -> dict | None:
+    """The finished result of run x seed (as `one_run` would reuse it), None when it has not finished."""
+    run_dir = opt.out_dir / "runs" / f"{spec.name}-seed{seed}"
+    return finished_result(run_dir, run_settings(opt, spec, start))
 
 
 def summarise(results: list[dict[str, Any]], runs: list[str], specs: dict[str, RunSpec]) -> list[dict]:
@@ -771,12 +804,15 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
     for name in opt.runs:  # config errors show before any training
         run_config(opt, specs[name], opt.seeds[0])
         opt.data_for(name)
+    scratch_or_given = opt.from_scratch or opt.init_from is not None
+    if opt.collect and not scratch_or_given and not (opt.out_dir / "pretrain" / START_MARKER).is_file():
+        raise AblationError(f"--collect: {opt.out_dir} has no pretrained start yet")
     start = pretrained_start(opt, console)
     if opt.only is not None:  # a worker of --jobs: one run, no report
         name, seed = opt.only
         result, _ = one_run(opt, specs[name], seed, start, device, console)
         return result
-    if opt.jobs > 1:
+    if opt.jobs > 1 and not opt.collect:
         run_in_workers(opt, start, console)
     results = []
     total = len(opt.runs) * len(opt.seeds)
@@ -785,6 +821,13 @@ def run_ablation(opt: Options, console: Console) -> dict[str, Any]:
         for name in opt.runs:
             k += 1
             tag = f"[{k}/{total}] {name} seed {seed}"
+            if opt.collect:
+                found = collected(opt, specs[name], seed, start)
+                if found is None:
+                    console.print(f"{tag}: not finished, left out", highlight=False)
+                else:
+                    results.append(found)
+                continue
             console.print(
                 Text(f"{tag}: training {opt.epochs} epoch(s) from {start[0] or 'scratch'}", style="bold"),
                 soft_wrap=True,

@@ -253,11 +253,14 @@ def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
         rows = {r["run"]: r for r in curves[size]["summary"]}
         base = rows.get(BASELINE)
         arms = [name for name in rows if name != BASELINE]
+        labels = []
         for k, name in enumerate(arms):
+            seeds = 0
             for dy, key, colour in ((-0.15, "dev_cer", "tab:blue"), (0.15, "test_cer", "tab:orange")):
                 x = paired(rows[name], base, key) if base is not None else None
                 if x is None:
                     continue
+                seeds = x.n
                 ax.errorbar(
                     100 * x.mean,
                     k + dy,
@@ -267,12 +270,12 @@ def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
                     capsize=3,
                     label=("dev" if key == "dev_cer" else "test") if k == 0 else None,
                 )
+            labels.append(f"{name}\n({seeds} seeds)")
         ax.axvline(0.0, color="grey", lw=1)
-        ax.set_yticks(range(len(arms)), arms, fontsize=8)
+        ax.set_yticks(range(len(arms)), labels, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("CER gain over the baseline, points (mean of per-seed differences, 95 % t interval)")
-        seeds = len(base["seeds"]) if base is not None else 0
-        ax.set_title(f"{size} train sentences, {seeds} seeds, from scratch, equal updates", fontsize=9)
+        ax.set_xlabel("CER gain over the baseline, points (paired mean, 95 % t interval)")
+        ax.set_title(f"{size} train sentences, from scratch, equal updates", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=8)
     _save_figure(fig, path)

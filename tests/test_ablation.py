@@ -213,3 +213,30 @@ def test_from_scratch_runs_carry_the_transfer_diagnostics(tiny_prepared: Path, t
     assert f"| {row['align_lift']:.2f} | {row['align_order']:+.2f} |" in text
     with pytest.raises(SystemExit):
         ablation.parse_args([str(tiny_prepared), str(out), "--from-scratch", "--init-from", "x.pt"])
+
+
+def test_collect_reports_the_finished_runs_and_trains_nothing(tiny_prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = [str(tiny_prepared), str(out), "--preset", "tiny", "--from-scratch", "--seeds", "0,1"]
+    argv += ["--runs", "baseline,fgw-shuffle", "--report", str(tmp_path / "r.md")]
+    opt = ablation.parse_args([*argv, "--collect"])
+    spec = ablation.run_specs(0.5)["baseline"]
+    finished = {
+        **ablation.run_settings(opt, spec, (None, ablation.SCRATCH)),
+        "run": "baseline",
+        "description": spec.description,
+        "seed": 1,
+        "steps": 7,
+        "test_cer": 0.5,
+        "dev_cer": 0.4,
+        "wall_seconds": 1.0,
+    }
+    ablation.write_json(out / "runs" / "baseline-seed1" / "result.json", finished)
+    assert ablation.main([*argv, "--collect"]) == 0
+    data = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    assert [(r["run"], r["seed"]) for r in data["runs"]] == [("baseline", 1)]
+    assert [r["run"] for r in data["summary"]] == ["baseline"]
+    assert not [p for p in (out / "runs").iterdir() if p.name != "baseline-seed1"]  # nothing trained
+    # a finished run with other settings is refused, as when training
+    ablation.write_json(out / "runs" / "baseline-seed1" / "result.json", {**finished, "epochs": 99})
+    assert ablation.main([*argv, "--collect"]) == 2
