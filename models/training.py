@@ -265,15 +265,9 @@ class Trainer:
         self.teacher = None
         self.plm_width: int | None = None
         if self.use_kt:
-            if self.cfg.gmot.teacher == "random_units":  # no teacher at all: dev has no plans to score
+            if self.cfg.gmot.teacher == "random_units":  # no teacher at all
                 self.plm_width = int(self.cfg.gmot.random_width)
-                self.train_set.teacher_units = (t.seed, self.plm_width)
-                if self.dev_set is not None:
-                    self.dev_set.use_plm = False
-                self._say(
-                    f"teacher control: random_units (one fixed N(0, 1) vector of width {self.plm_width} per "
-                    "transcript unit; no PLM)"
-                )
+                self._apply_teacher_control()
             elif self.train_set.has_plm and self.plm_info is not None:
                 self.plm_width = int(self.plm_info["width"])
                 self._apply_teacher_control()
@@ -360,6 +354,14 @@ class Trainer:
             off = f", {plan.off_count} from the nearest other token count" if plan.off_count else ""
             self._say(
                 f"teacher control: shuffle (each train utterance reads another sentence's features{off})"
+            )
+        elif control == "random_units":  # dev has no teacher, so no plans to score
+            self.train_set.teacher_units = (seed, int(self.cfg.gmot.random_width))
+            if self.dev_set is not None:
+                self.dev_set.use_plm = False
+            self._say(
+                f"teacher control: random_units (one fixed N(0, 1) vector of width "
+                f"{self.cfg.gmot.random_width} per transcript unit; no PLM)"
             )
         elif control == "random":
             info = self.plm_info or {}
