@@ -33,6 +33,7 @@ step of accum_grad=1 synchronises twice (tests/test_syncs.py counts them).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -1075,6 +1076,11 @@ class Trainer:
             torch.set_flush_denormal(flushing)
             torch.set_num_threads(threads_before)
             if self.dd.owns_group and dist.is_initialized():
+                # free DDP's reducer while its process group exists: freed later (the Trainer kept alive),
+                # gloo's destructor can wait forever for its threads (seen as a hung test worker)
+                if isinstance(self.model, nn.parallel.DistributedDataParallel):
+                    self.model.__dict__.pop("reducer", None)
+                    gc.collect()
                 dist.destroy_process_group()
 
     def _run(self) -> TrainOutcome:
