@@ -62,10 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError, file_sha256, read_plm_info
-from models.checkpoint import CheckpointError, load_model, resolve_checkpoint
-from models.config import ConfigError, ExperimentConfig, config_to_dict, resolve_config
-from models.decoding import DecodingError, greedy_ctc, split_utterances, transcribe, write_hypotheses
-from models.training import TrainingError, train
+from models.engine.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from models.engine.config import ConfigError, ExperimentConfig, config_to_dict, resolve_config
+from models.engine.training import TrainingError, train
+from models.nn.ctc import greedy_ctc
+from models.tasks.decoding import split_utterances, transcribe, write_hypotheses
+from models.tasks.search import DecodingError
 
 DEFAULT_REPORT = Path(__file__).resolve().parent / "results" / "ablation.md"
 SCRATCH = "scratch"  # the start "checkpoint hash" of runs trained from random weights (--from-scratch)
@@ -499,7 +501,7 @@ def decode_test(run_dir: Path, opt: Options, device: str, data_dir: Path) -> dic
 
 
 def run_diagnostics(run_dir: Path) -> dict[str, float]:
-    """The transfer diagnostics of a run's last epoch record in metrics.jsonl (models.diagnostics):
+    """The transfer diagnostics of a run's last epoch record in metrics.jsonl (models.engine.diagnostics):
     align_lift, align_order, align_entropy (dev plans vs. the CTC forced alignment) and grad_ratio (kt/ctc
     gradient norms at the adapter's block); the keys the run did not log are left out."""
     path = run_dir / "metrics.jsonl"

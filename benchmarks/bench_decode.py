@@ -3,8 +3,9 @@
 The models have random weights (decoding cost does not depend on what the weights learned, except that beam
 search prunes less on the flat posteriors of an untrained model, so its figures here are pessimistic) and the
 input is random fbank-like noise of typical utterance lengths. RTF = decode wall time (CMVN, batched forward,
-search) / audio duration, measured after one warm-up batch, through the same `models.decoding.transcribe`
-the CLI uses. Targets (issue 5) at the demo preset on 2 CPU cores: greedy <= 0.01, beam (K=10) <= 0.05.
+search) / audio duration, measured after one warm-up batch, through the same
+`models.tasks.decoding.transcribe` the CLI uses. Targets (issue 5) at the demo preset on 2 CPU cores: greedy
+<= 0.01, beam (K=10) <= 0.05.
 
     python benchmarks/bench_decode.py [--quick] [--threads 2] [--device cpu|cuda]
 """
@@ -20,8 +21,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from models.decoding import Utterance, make_decoder, real_time_factor, transcribe
-from models.encoder import PRESETS, ConformerCTC, count_parameters
+from models.nn.encoder import PRESETS, ConformerCTC, count_parameters
+from models.tasks.decoding import Utterance, real_time_factor, transcribe
+from models.tasks.search import make_decoder
 
 # vocabulary sizes: the embedded HSK demo corpus (~1,800 characters) and AISHELL-1 (4,233 characters)
 VOCAB_SIZES = {"demo": 1800, "aishell1": 4233}

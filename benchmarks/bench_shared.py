@@ -30,9 +30,9 @@ def child(threads: int, steps: int) -> dict[str, float]:
     import torch
 
     from benchmarks.bench_train import SHAPES, make_batches, train_step
-    from models.distributed import cpu_threads
-    from models.encoder import PRESETS, ConformerCTC
-    from models.gmot import GMOTConfig, GMOTLoss
+    from models.engine.distributed import cpu_threads
+    from models.nn.encoder import PRESETS, ConformerCTC
+    from models.nn.transfer_loss import GMOTConfig, GMOTLoss
 
     chosen = cpu_threads(threads) or torch.get_num_threads()
     torch.set_num_threads(chosen)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     policies = ["active"] if a.quick else ["active", "passive"]
     import torch
 
-    from models.precision import choose_precision
+    from models.engine.precision import choose_precision
 
     precision = choose_precision(torch.device("cpu"), True)
     print(

@@ -5,7 +5,7 @@
 For each model preset (demo, aishell1) it builds synthetic batches shaped like the corpus (80-dim features,
 character targets, cached PLM token features), then times alternately, batch by batch, a pretrain step and
 a distill step: forward, CTC loss (the engine's `ctc_losses`), for distill the GM-OT loss on the adapter
-output, backward, gradient clipping and AdamW, exactly the work of `models.training.Trainer` per batch
+output, backward, gradient clipping and AdamW, exactly the work of `models.engine.training.Trainer` per batch
 (data loading and SpecAugment, identical in both modes, are left out). It prints the best step time of each
 mode, their ratio, and the median of the per-batch ratios ("paired"); the target is distill <= 1.15x
 pretrain on a CPU and <= 1.05x on a GPU. On a GPU the batches are the presets' real frame budgets (40,000
@@ -29,10 +29,10 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.ctc_loss import ctc_losses
-from models.encoder import PRESETS, ConformerCTC, count_parameters
-from models.gmot import GMOTConfig, GMOTLoss
-from models.precision import autocast_for, choose_precision
+from models.engine.precision import autocast_for, choose_precision
+from models.nn.ctc import ctc_losses
+from models.nn.encoder import PRESETS, ConformerCTC, count_parameters
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss
 
 
 @dataclass
@@ -94,7 +94,7 @@ def train_step(
     precision: str = "auto",
 ) -> float:
     """One optimiser step on `batch`; returns the loss value (forces the step to finish). `precision`:
-    "auto" (what training picks on `device`, models/precision.py), "bf16", "fp16" or "fp32"."""
+    "auto" (what training picks on `device`, models/engine/precision.py), "bf16", "fp16" or "fp32"."""
     chosen = choose_precision(device, True) if precision == "auto" else precision
     with autocast_for(device, chosen):  # type: ignore[arg-type]
         out = model(batch["feats"], batch["lens"])
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         "--precision",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="autocast of the forward pass (auto: what training picks on this device, models/precision.py)",
+        help="autocast of the forward pass (auto: what training picks on this device, "
+        "models/engine/precision.py)",
     )
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

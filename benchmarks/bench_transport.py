@@ -1,4 +1,4 @@
-"""Benchmark: batched entropic FGW (models.transport) against POT 0.9.7, forward + backward of the value.
+"""Benchmark: batched entropic FGW (models.ot.transport) against POT 0.9.7, forward + backward of the value.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--device cpu|cuda] [--repeats R] [--threads T]
        [--epsilon E] [--no-ott]
@@ -47,8 +47,8 @@ import ot
 from rich.console import Console
 from rich.table import Table
 
-from models.graphs import cosine_cost, structure_matrix, uniform_marginal
-from models.transport import fused_gromov_wasserstein
+from models.ot.graphs import cosine_cost, structure_matrix, uniform_marginal
+from models.ot.transport import fused_gromov_wasserstein
 
 WIDTH, ALPHA, EPSILON, OUTER, INNER = 384, 0.5, 0.1, 10, 20
 FULL = [(b, n, m) for b in (8, 32) for n in (64, 128, 256) for m in (16, 32)] + [(32, 128, 24)]
@@ -86,7 +86,7 @@ def leaves(*tensors: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
 
 
 def ours(problem, solver: str, solve: Callable = fused_gromov_wasserstein) -> Callable[[], None]:
-    """One timed run of our solver (``solve``: models.transport's, or another version's; see
+    """One timed run of our solver (``solve``: models.ot.transport's, or another version's; see
     bench_transport_ab.py) at the module's alpha, epsilon and iteration counts."""
     cost, sa, sb, a, b, _, _ = problem
     inputs = leaves(cost, sa, sb)

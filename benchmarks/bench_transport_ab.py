@@ -1,4 +1,4 @@
-"""Paired benchmark: models/transport.py as it is now against the same file at another git revision.
+"""Paired benchmark: models/ot/transport.py as it is now against the same file at another git revision.
 
 Usage: python benchmarks/bench_transport_ab.py --against REV [--threads T] [--epsilon E] [--ragged]
        [--rounds R] [--shape B N M] [--solvers pgd ppa]
@@ -9,8 +9,8 @@ rounds) in alternation, one run of each per round, so that a shared machine's lo
 Reported per shape and solver: the median ms of each version and the median of the per-round ratios
 now / REV (below 1: faster now), which is steadier than the ratio of medians when the machine's speed
 drifts. The revision's file is read with ``git show`` and imported on its own, so it must depend on torch
-only (models/transport.py always has), and so is its models/sinkhorn_cpu.py where it has one (numba then
-compiles that copy afresh: the first round of a run includes no compile, `timed_runs` warms up first).
+only (models/ot/transport.py always has), and so is its models/ot/_sinkhorn_cpu.py where it has one (numba
+then compiles that copy afresh: the first round of a run includes no compile, `timed_runs` warms up first).
 """
 
 from __future__ import annotations
@@ -51,20 +51,24 @@ def file_at(rev: str, path: str) -> tuple[str | None, str]:
 
 
 def revision_module(rev: str, folder: Path) -> ModuleType:
-    """models/transport.py at git revision ``rev``, imported as its own module; where the revision has
-    models/sinkhorn_cpu.py (the compiled CPU loop), the module uses that revision's copy of it too."""
-    text, error = file_at(rev, "models/transport.py")
+    """models/ot/transport.py at git revision ``rev``, imported as its own module; where the revision has
+    models/ot/_sinkhorn_cpu.py (the compiled CPU loop), the module uses that revision's copy of it too."""
+    text, error = file_at(rev, "models/ot/transport.py")
+    if text is None:  # revisions before the rooms of models/ (docs/design.md, section 0)
+        text, error = file_at(rev, "models/transport.py")
     if text is None:
         print(f"--against {rev}: git show failed: {error}", file=sys.stderr)
         raise SystemExit(2)
     path = folder / "transport_at_revision.py"
     path.write_text(text)
     module = load_module(path, "transport_at_revision")
-    loop, _ = file_at(rev, "models/sinkhorn_cpu.py")
+    loop, _ = file_at(rev, "models/ot/_sinkhorn_cpu.py")
+    if loop is None:
+        loop, _ = file_at(rev, "models/sinkhorn_cpu.py")
     if loop is not None and hasattr(module, "_sinkhorn_cpu"):
         (folder / "sinkhorn_cpu_at_revision.py").write_text(loop)
         compiled = load_module(folder / "sinkhorn_cpu_at_revision.py", "sinkhorn_cpu_at_revision")
-        module._sinkhorn_cpu = lambda: compiled  # the revision imports models.sinkhorn_cpu through this
+        module._sinkhorn_cpu = lambda: compiled  # the revision imports models.ot._sinkhorn_cpu through this
     return module
 
 
@@ -80,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     bt.EPSILON = args.epsilon
     torch.set_num_threads(args.threads)
-    now = load_module(ROOT / "models" / "transport.py", "transport_now")
+    now = load_module(ROOT / "models" / "ot" / "transport.py", "transport_now")
     shapes = [tuple(args.shape)] if args.shape else bt.FULL
     console = Console(width=130)
     table = Table(

@@ -46,9 +46,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
-import models.training as training  # noqa: E402
-from models.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
-from models.config import resolve_config  # noqa: E402
+import models.engine.training as training  # noqa: E402
+from models.engine.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+from models.engine.config import resolve_config  # noqa: E402
 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # c10/cuda's message in sync debug mode "warn"
 SYNCS_PER_STEP = 2

@@ -1,11 +1,11 @@
-"""Where the time of one FGW call goes: wall time inside each stage of models.transport, per call.
+"""Where the time of one FGW call goes: wall time inside each stage of models.ot.transport, per call.
 
 Usage: python benchmarks/profile_transport.py [--shape B N M] [--epsilon E] [--threads T] [--calls C]
        [--solver pgd|ppa]
 
 Runs bench_transport's problem and call (float32, alpha 0.5, 10 outer x 20 inner, forward + backward of the
-value) ``--calls`` times after a warm-up, with each stage of models.transport and models.sinkhorn_cpu wrapped
-in a timer, and prints the total and each stage's ms per call. Stages nest (a projection includes its
+value) ``--calls`` times after a warm-up, with each stage of models.ot.transport and models.ot._sinkhorn_cpu
+wrapped in a timer, and prints the total and each stage's ms per call. Stages nest (a projection includes its
 compiled calls; "backward" is the rest of the call after the objective); the timers add about a microsecond
 per stage call. Times on a shared machine drift: compare stages within one run, not across runs.
 """
@@ -29,7 +29,8 @@ import bench_transport as bt
 from rich.console import Console
 from rich.table import Table
 
-from models import sinkhorn_cpu, transport
+from models.ot import _sinkhorn_cpu as sinkhorn_cpu
+from models.ot import transport
 
 STAGES: list[tuple[ModuleType, str, str]] = [
     (transport, "_validate", "input checks"),

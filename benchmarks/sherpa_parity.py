@@ -1,6 +1,6 @@
 """Does sherpa-onnx transcribe as gmot does? Export a model, decode the same audio files with gmot's own
 greedy CTC and with sherpa-onnx's offline recogniser, and count identical transcripts
-(models.export.compare_with_sherpa; `gmot export EXP OUT --compare DIR` does the same).
+(models.tasks.export.compare_with_sherpa; `gmot export EXP OUT --compare DIR` does the same).
 
     python benchmarks/sherpa_parity.py EXP WAV [WAV ...] [--out DIR] [--threads N]
 
@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, run both decoders, print the comparison; 0 when all agree."""
     import torch
 
-    from models.checkpoint import load_model
-    from models.export import compare_with_sherpa, export_onnx
+    from models.engine.checkpoint import load_model
+    from models.tasks.export import compare_with_sherpa, export_onnx
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("exp", type=Path, help="experiment folder or checkpoint")

@@ -84,7 +84,7 @@ class PrepareError(Exception):
 
 
 class Teacher(Protocol):
-    """What the pipeline needs of a PLM teacher (models.plm.PLMTeacher satisfies it)."""
+    """What the pipeline needs of a PLM teacher (models.nn.plm.PLMTeacher satisfies it)."""
 
     name: str
     source: str

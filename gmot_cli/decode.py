@@ -15,17 +15,15 @@ from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError, frontend_mismatch
 from gmot_cli.errors import error_exit
 from gmot_cli.score import print_score
-from models.checkpoint import CheckpointError, load_model
-from models.decoding import (
-    METHODS,
-    DecodingError,
-    make_decoder,
+from models.engine.checkpoint import CheckpointError, load_model
+from models.tasks.decoding import (
     real_time_factor,
     split_utterances,
     transcribe,
     wav_utterances,
     write_hypotheses,
 )
+from models.tasks.search import METHODS, DecodingError, make_decoder
 
 
 def default_out(

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from gmot_cli.pretrain import PRESET_HELP, SET_HELP, fail, run_training
-from models.config import ExperimentConfig
+from models.engine.config import ExperimentConfig
 
 
 def distill(

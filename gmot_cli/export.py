@@ -10,8 +10,8 @@ from rich.markup import escape
 
 from data.features import NUM_MEL_BINS, SHERPA_ONNX_FRONTEND, AudioError
 from gmot_cli.errors import error_exit
-from models.checkpoint import CheckpointError, load_model
-from models.export import (
+from models.engine.checkpoint import CheckpointError, load_model
+from models.tasks.export import (
     CHECK_MODULES,
     COMPARE_MODULES,
     DEFAULT_OPSET,

@@ -10,7 +10,10 @@ from rich.markup import escape
 
 from data.store import StoreError, frontend_mismatch
 from gmot_cli.errors import error_exit
-from models.alignment_plot import (
+from models.engine.checkpoint import CheckpointError, load_model
+from models.engine.diagnostics import format_scores
+from models.nn.ctc import greedy_ctc
+from models.tasks.alignment_plot import (
     FIGURE_SUFFIXES,
     PLAN_MODES,
     AlignmentPlotError,
@@ -20,9 +23,8 @@ from models.alignment_plot import (
     save_figure,
     worst_utterances,
 )
-from models.checkpoint import CheckpointError, load_model
-from models.decoding import DecodingError, greedy_ctc, split_utterances, transcribe
-from models.diagnostics import format_scores
+from models.tasks.decoding import split_utterances, transcribe
+from models.tasks.search import DecodingError
 
 
 def plot_alignment(

@@ -159,7 +159,7 @@ def _load_teacher(common: _Common):
     """The PLM teacher (or None with --no-plm-cache); a clear error and exit 2 for an unknown --plm."""
     if common.no_plm_cache:
         return None
-    from models.plm import PLMError, load_teacher
+    from models.nn.plm import PLMError, load_teacher
 
     if common.plm_device.startswith("cuda"):
         import torch

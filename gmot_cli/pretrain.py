@@ -15,10 +15,10 @@ from rich.text import Text
 
 from data.store import StoreError
 from gmot_cli.errors import error_exit
-from models.checkpoint import CheckpointError
-from models.config import PRESET_NAMES, ConfigError, ExperimentConfig, resolve_config
-from models.preemption import Preempted
-from models.training import TrainingError, TrainOutcome, train
+from models.engine.checkpoint import CheckpointError
+from models.engine.config import PRESET_NAMES, ConfigError, ExperimentConfig, resolve_config
+from models.engine.preemption import Preempted
+from models.engine.training import TrainingError, TrainOutcome, train
 
 PRESET_HELP = f"Starting configuration: {' | '.join(PRESET_NAMES)} (tiny is for tests)."
 SET_HELP = "Override one config key, e.g. --set train.lr=0.002 --set model.num_layers=8 (repeatable)."

@@ -50,7 +50,7 @@ def good_kaldi_dir(root: Path, name: str, texts: list[str], seed: int = 0) -> Pa
 
 
 class TinyTeacher:
-    """A minimal PLM teacher around a Hugging Face BERT folder (duck-types models.plm.PLMTeacher)."""
+    """A minimal PLM teacher around a Hugging Face BERT folder (duck-types models.nn.plm.PLMTeacher)."""
 
     def __init__(self, folder: Path, layer: int = -1):
         import torch

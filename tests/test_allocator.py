@@ -1,5 +1,5 @@
-"""models.allocator: freed memory stays in the process, so memory freed by one training step is reused by the
-next without new page faults; GMOT_MALLOC=default leaves glibc alone; results do not depend on it."""
+"""models.engine.allocator: freed memory stays in the process, so memory freed by one training step is reused
+by the next without new page faults; GMOT_MALLOC=default leaves glibc alone; results do not depend on it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 # steps) and prints the minor page faults of the last two rounds.
 _CHILD = """
 import ctypes, resource, sys
-from models.allocator import keep_freed_memory
+from models.engine.allocator import keep_freed_memory
 print(keep_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -63,9 +63,9 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
 def test_training_sets_the_allocator_and_is_unchanged_by_it(tiny_prepared: Path, tmp_path: Path) -> None:
     import torch
 
-    from models import allocator
-    from models.config import resolve_config
-    from models.training import train
+    from models.engine import allocator
+    from models.engine.config import resolve_config
+    from models.engine.training import train
 
     cfg = resolve_config("tiny", None, ["train.epochs=1", "train.threads=1"], {"gmot.mode": "none"})
     allocator._state = None

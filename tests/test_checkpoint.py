@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import (
+from models.engine.checkpoint import (
     CheckpointError,
     average_checkpoints,
     checkpoint_path,
@@ -16,7 +16,7 @@ from models.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from models.encoder import PRESETS, ConformerCTC, ModelConfig
+from models.nn.encoder import PRESETS, ConformerCTC, ModelConfig
 
 torch.set_num_threads(1)
 VOCAB = ["<blank>", "<unk>", "你", "好", "我", "们"]

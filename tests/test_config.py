@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import (
+from models.engine.config import (
     ConfigError,
     ExperimentConfig,
     all_keys,
@@ -17,7 +17,7 @@ from models.config import (
     preset_config,
     resolve_config,
 )
-from models.encoder import PRESETS as MODEL_PRESETS
+from models.nn.encoder import PRESETS as MODEL_PRESETS
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "aishell1"])

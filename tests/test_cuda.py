@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from data.scoring import read_kaldi_text
 from gmot_cli.app import app
-from models import transport
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
-from models.gmot import GMOTConfig, GMOTLoss
-from models.precision import choose_precision, cpu_has_native_bf16
-from models.training import train
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
+from models.engine.precision import choose_precision, cpu_has_native_bf16
+from models.engine.training import train
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss
+from models.ot import transport
 
 pytestmark = pytest.mark.parametrize(
     "device",

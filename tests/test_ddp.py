@@ -16,11 +16,11 @@ import torch.multiprocessing as mp
 
 from data.loader import bucket_batches
 from data.store import read_manifest
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
-from models.encoder import MIN_INPUT_FRAMES, ConformerCTC
-from models.run_log import read_index, write_index
-from models.training import train
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
+from models.engine.run_log import read_index, write_index
+from models.engine.training import train
+from models.nn.encoder import MIN_INPUT_FRAMES, ConformerCTC
 
 SETS = ["train.max_utts=3", "train.epochs=2", "gmot.mode=fgw", "model.dropout=0.1", "train.average_best=0"]
 # a checkpoint after every step, all kept: the resume test starts from one of them (the weights are the same)
@@ -133,7 +133,7 @@ def _worker_own_folder(rank: int, world: int, port: int, data: str, exps: list[s
          "MASTER_PORT": str(port)}
     )  # fmt: skip
     torch.set_num_threads(1)
-    from models.training import TrainingError
+    from models.engine.training import TrainingError
 
     cfg = resolve_config("tiny", overrides=[*SETS, "train.epochs=2"])
     try:

@@ -22,9 +22,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import models.training as training
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
+import models.engine.training as training
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
 
 # 12 batches of one utterance: 6 steps an epoch on two ranks; two of the utterances CTC cannot align
 SETS = ["train.max_utts=1", "train.epochs=2", "gmot.mode=fgw", "model.dropout=0.1", "train.average_best=0",

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from data.features import compute_fbank, load_audio
 from data.scoring import read_kaldi_text, read_transcripts, score_transcripts
 from gmot_cli.app import app
-from models.decoding import wav_utterances
+from models.tasks.decoding import wav_utterances
 
 runner = CliRunner()
 
@@ -169,7 +169,7 @@ def test_ctc_times_follow_the_frames_around_known_silences() -> None:
 
     import torch
 
-    from models.diagnostics import ctc_token_spans
+    from models.engine.diagnostics import ctc_token_spans
 
     # 20 encoder frames over 3 units (0 = blank): silence, "A" on frames 5-7, silence, "B" on 13-14, silence
     lp = torch.full((20, 3), -8.0)

@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.decoding import (
-    BeamSearchDecoder,
-    DecodingError,
-    batches_by_frames,
-    greedy_ctc,
-    make_decoder,
-)
+from models.nn.ctc import greedy_ctc
+from models.tasks.decoding import batches_by_frames
+from models.tasks.search import BeamSearchDecoder, DecodingError, make_decoder
 
 VOCAB = ["<blank>", "<unk>", "a", "b", "c"]
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import models.run_log as run_log
+import models.engine.run_log as run_log
 from gmot_cli.app import app
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.run_log import METRICS, write_failure
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.run_log import METRICS, write_failure
 
 ARGS = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--set", "train.max_utts=3", "--set",
         "train.epochs=1", "--set", "train.save_every_steps=2", "--set", "train.average_best=0"]  # fmt: skip

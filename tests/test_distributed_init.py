@@ -17,11 +17,11 @@ import torch.distributed as dist
 from rich.console import Console
 from torch.nn.parallel import DistributedDataParallel
 
-import models.training as training
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
-from models.distributed import PROCESS_GROUP_TIMEOUT, DistInfo, launch_info
-from models.training import Trainer
+import models.engine.training as training
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
+from models.engine.distributed import PROCESS_GROUP_TIMEOUT, DistInfo, launch_info
+from models.engine.training import Trainer
 
 
 @pytest.fixture(autouse=True)

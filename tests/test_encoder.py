@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.encoder import (
+from models.nn.encoder import (
     MIN_INPUT_FRAMES,
     PRESETS,
     ConformerCTC,

@@ -14,9 +14,10 @@ from tiny_model import build_tiny_checkpoint
 from typer.testing import CliRunner
 
 from gmot_cli.app import app
-from models.checkpoint import load_model
-from models.decoding import greedy_ctc, padded_batch, wav_utterances
-from models.export import ExportError, export_onnx, onnx_log_probs, sherpa_onnx_command, tokens_text
+from models.engine.checkpoint import load_model
+from models.nn.ctc import greedy_ctc
+from models.tasks.decoding import padded_batch, wav_utterances
+from models.tasks.export import ExportError, export_onnx, onnx_log_probs, sherpa_onnx_command, tokens_text
 
 onnx = pytest.importorskip("onnx", reason="pip install 'gmot[export]'")
 ort = pytest.importorskip("onnxruntime", reason="pip install 'gmot[export]'")
@@ -245,7 +246,7 @@ def test_compare_exits_1_and_lists_the_files_that_differ(
 ) -> None:
     """gmot's side of the comparison is made to add a character to one file's transcript: --compare counts
     that file as differing, names it with both texts, and exits 1."""
-    import models.decoding as decoding
+    import models.tasks.decoding as decoding
 
     sherpa_onnx = pytest.importorskip("sherpa_onnx", reason="pip install 'gmot[export]'")
     exp, _ = exported

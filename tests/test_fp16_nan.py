@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.training as training
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
-from models.precision import MAX_OVERFLOW_STREAK, SCALE_FLOOR, overflow_is_nan
-from models.training import TrainingError, train
+import models.engine.training as training
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
+from models.engine.precision import MAX_OVERFLOW_STREAK, SCALE_FLOOR, overflow_is_nan
+from models.engine.training import TrainingError, train
 
 
 def test_when_an_overflow_counts_as_nan() -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.encoder import PRESETS, ConformerCTC
-from models.gmot import GMOTConfig, GMOTLoss, order_prior
+from models.nn.encoder import PRESETS, ConformerCTC
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss, order_prior
 
 torch.set_num_threads(1)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import benchmarks.gpu_check as gpu_check
-import models.training as training
-from models.config import resolve_config
+import models.engine.training as training
+from models.engine.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"

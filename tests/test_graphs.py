@@ -1,12 +1,12 @@
-"""models.graphs: node costs, structure matrices and marginals on padded batches."""
+"""models.ot.graphs: node costs, structure matrices and marginals on padded batches."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from models.graphs import cosine_cost, structure_matrix, temporal_positions, uniform_marginal
-from models.transport import fused_gromov_wasserstein
+from models.ot.graphs import cosine_cost, structure_matrix, temporal_positions, uniform_marginal
+from models.ot.transport import fused_gromov_wasserstein
 
 F64 = torch.float64
 

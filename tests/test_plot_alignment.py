@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from data.store import SplitReader
 from gmot_cli.app import app
-from models.alignment_plot import (
+from models.engine.checkpoint import load_model
+from models.tasks.alignment_plot import (
     CJK_FONT_NAMES,
     AlignmentData,
     compute_alignment,
@@ -22,7 +23,6 @@ from models.alignment_plot import (
     find_cjk_font,
     worst_utterances,
 )
-from models.checkpoint import load_model
 
 runner = CliRunner()
 

@@ -1,12 +1,13 @@
-"""models.precision: which precision a device gets; the fp16 scaler; the GPU index of each torchrun rank."""
+"""models.engine.precision: which precision a device gets; the fp16 scaler; the GPU index of each torchrun
+rank."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import models.distributed as distributed
-import models.precision as precision
+import models.engine.distributed as distributed
+import models.engine.precision as precision
 
 
 def test_choose_precision_by_device_capability(monkeypatch: pytest.MonkeyPatch) -> None:

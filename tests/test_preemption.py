@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import list_checkpoints, load_checkpoint
-from models.config import resolve_config
-from models.preemption import Preempted, StopSignals
-from models.training import train
+from models.engine.checkpoint import list_checkpoints, load_checkpoint
+from models.engine.config import resolve_config
+from models.engine.preemption import Preempted, StopSignals
+from models.engine.training import train
 
 REPO = Path(__file__).resolve().parent.parent
 # 12 steps an epoch; one thread in every run, as the straight run is compared weight for weight; one loader
@@ -129,7 +129,7 @@ def test_a_signal_during_the_last_step_of_an_epoch_stops_after_it(
 ) -> None:
     """The signal comes during the epoch's dev pass: the epoch's checkpoint is written, then the run stops;
     the re-run goes on with the next epoch."""
-    import models.training as training
+    import models.engine.training as training
 
     original = training.Trainer._dev_cer
 

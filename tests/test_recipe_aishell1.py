@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prepare_helpers import write_wav
 
-from models.config import config_to_dict, preset_config, resolve_config
+from models.engine.config import config_to_dict, preset_config, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "aishell1"

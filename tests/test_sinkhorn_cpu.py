@@ -1,4 +1,4 @@
-"""The compiled CPU Sinkhorn iterations (models.sinkhorn_cpu) against the same iterations in torch."""
+"""The compiled CPU Sinkhorn iterations (models.ot._sinkhorn_cpu) against the same iterations in torch."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import models
-from models import sinkhorn_cpu, transport
-from models.transport import fused_gromov_wasserstein, sinkhorn
+from models.ot import _sinkhorn_cpu as sinkhorn_cpu
+from models.ot import transport
+from models.ot.transport import fused_gromov_wasserstein, sinkhorn
 from tests.test_transport import ragged_problem
 
 torch.set_num_threads(1)
@@ -152,7 +153,7 @@ def test_without_numba_the_torch_loop_runs_with_a_warning(monkeypatch):
     cost, sa, sb, a, b = ragged_problem(seed=1)
     want = fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.05, outer_iter=3, inner_iter=10)
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
-    monkeypatch.delitem(sys.modules, "models.sinkhorn_cpu")
+    monkeypatch.delitem(sys.modules, "models.ot._sinkhorn_cpu")
     monkeypatch.delattr(models, "sinkhorn_cpu")
     transport._sinkhorn_cpu.cache_clear()
     try:

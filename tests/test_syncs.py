@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.training as training
-from models import transport
-from models.config import resolve_config
-from models.ctc_loss import ctc_impossible, ctc_losses
-from models.gmot import GMOTConfig, GMOTLoss
+import models.engine.training as training
+from models.engine.config import resolve_config
+from models.nn.ctc import ctc_impossible, ctc_losses
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss
+from models.ot import transport
 
 SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero")
 

@@ -13,8 +13,8 @@ import torch
 from data.loader import SpeechDataset
 from data.store import read_cmvn, read_plm_info
 from data.teacher_controls import random_features, shuffle_sources
-from models.config import resolve_config
-from models.training import Trainer, train
+from models.engine.config import resolve_config
+from models.engine.training import Trainer, train
 
 
 def test_shuffle_never_keeps_the_sentence_and_keeps_the_token_count() -> None:
@@ -92,7 +92,7 @@ def test_the_trainer_gives_control_features_to_train_only(
 
 
 def test_an_unknown_teacher_control_is_refused() -> None:
-    from models.config import ConfigError
+    from models.engine.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"gmot\.teacher"):
         resolve_config("tiny", None, ["gmot.teacher=wrong"], {})
@@ -125,7 +125,7 @@ def test_distill_with_transfer_weight_zero_is_the_baseline_to_the_digit(
 def test_untrained_teacher_keeps_tokens_and_width_and_loses_the_weights(tmp_path: Path) -> None:
     from tiny_plm import make_tiny_bert_dir
 
-    from models.plm import load_teacher
+    from models.nn.plm import load_teacher
 
     folder = make_tiny_bert_dir(tmp_path / "tiny_bert")
     trained = load_teacher(str(folder))
@@ -186,7 +186,7 @@ def test_random_units_needs_no_plm(tiny_prepared: Path, tmp_path: Path) -> None:
     from conftest import copy_without_plm_cache
 
     from data.store import read_manifest
-    from models.checkpoint import plm_width_of
+    from models.engine.checkpoint import plm_width_of
 
     data = copy_without_plm_cache(tiny_prepared, tmp_path / "data")
     sets = ["gmot.teacher=random_units", "gmot.random_width=24", "train.epochs=1", "train.threads=1"]
@@ -208,7 +208,7 @@ def test_random_units_needs_no_plm(tiny_prepared: Path, tmp_path: Path) -> None:
     )
     assert plm_width_of(state) == 24
     # the other controls need the teacher's cache, and say so
-    from models.training import TrainingError
+    from models.engine.training import TrainingError
 
     shuffle = resolve_config("tiny", None, ["gmot.teacher=shuffle"], {"gmot.mode": "fgw"})
     with pytest.raises(TrainingError, match="has no complete PLM feature cache"):

@@ -10,13 +10,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import models.training as training
+import models.engine.training as training
 from gmot_cli.app import app
-from models.checkpoint import list_checkpoints, load_checkpoint, load_model
-from models.config import resolve_config
-from models.precision import autocast_bf16, cpu_has_native_bf16
-from models.schedule import lr_at
-from models.training import train
+from models.engine.checkpoint import list_checkpoints, load_checkpoint, load_model
+from models.engine.config import resolve_config
+from models.engine.precision import autocast_bf16, cpu_has_native_bf16
+from models.engine.schedule import lr_at
+from models.engine.training import train
 
 
 def _metrics(exp: Path) -> list[dict]:

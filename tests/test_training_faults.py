@@ -18,13 +18,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import models.ctc_loss as ctc_loss
-import models.training as training
+import models.engine.training as training
+import models.nn.ctc as ctc_loss
 from gmot_cli.app import app
-from models.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from models.config import config_to_dict, resolve_config
-from models.encoder import ConformerCTC
-from models.training import TrainingError, train
+from models.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from models.engine.config import config_to_dict, resolve_config
+from models.engine.training import TrainingError, train
+from models.nn.encoder import ConformerCTC
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = ["--preset", "tiny", "--device", "cpu", "--no-progress"]

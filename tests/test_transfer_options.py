@@ -1,6 +1,6 @@
 """The options that make the transfer align and matter: unbalanced transport, teacher centring, relative
 epsilon, summed reduction, non-blank marginals, the CTC head on the adapter, the kt ramp, and the
-diagnostics that show whether a plan aligns (models.diagnostics)."""
+diagnostics that show whether a plan aligns (models.engine.diagnostics)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import ot
 import pytest
 import torch
 
-from models import diagnostics, transport
-from models.config import TrainConfig, resolve_config
-from models.encoder import ConformerCTC, ModelConfig
-from models.gmot import GMOTConfig, GMOTLoss, cost_spread, plan_entropy_ratio
-from models.schedule import kt_weight_at
-from models.training import train
+from models.engine import diagnostics
+from models.engine.config import TrainConfig, resolve_config
+from models.engine.schedule import kt_weight_at
+from models.engine.training import train
+from models.nn.encoder import ConformerCTC, ModelConfig
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss, cost_spread, plan_entropy_ratio
+from models.ot import transport
 
 
 def _marginal(rng: torch.Generator, *shape: int) -> torch.Tensor:
@@ -107,7 +108,7 @@ def test_cost_std_epsilon_is_the_absolute_epsilon_times_the_spread() -> None:
     plain = {"standardise": False, "centre": False, "tot_weight": 0.0}
     rel = GMOTLoss(GMOTConfig(mode="wd", epsilon=0.5, epsilon_scale="cost_std", **plain))
     out_rel = rel(h, hl, z, zl)
-    from models import graphs
+    from models.ot import graphs
 
     am = torch.arange(h.shape[1])[None] < hl[:, None]
     bm = torch.arange(z.shape[1])[None] < zl[:, None]
@@ -273,13 +274,13 @@ def test_distill_logs_the_gradient_ratio_and_the_dev_plan_scores(tiny_prepared: 
         assert e["align_lift"] > 0 and -1.0 <= e["align_order"] <= 1.0
         assert e["grad_ratio"] > 0
     # the model decodes without the PLM, and its CTC head reads the adapter
-    from models.checkpoint import load_model
+    from models.engine.checkpoint import load_model
 
     loaded = load_model(tmp_path / "exp", device="cpu")
     assert loaded.model.cfg.ctc_from == "adapter" and loaded.model.adapter is not None
     # plot-alignment draws this model's plans with its own options (centred tokens, non-blank marginal)
     from data.store import read_manifest
-    from models.alignment_plot import compute_alignment
+    from models.tasks.alignment_plot import compute_alignment
 
     utt = read_manifest(tiny_prepared / "dev")[0]["id"]
     data = compute_alignment(loaded, tiny_prepared, "dev", utt, ("wd", "fgw"))
@@ -295,7 +296,7 @@ def test_pretrain_with_the_ctc_head_on_the_adapter_has_the_same_architecture(
     cfg = resolve_config("tiny", overrides=["train.max_utts=4", "train.epochs=1", "model.ctc_from=adapter",
                                              "gmot.mode=none"])  # fmt: skip
     train(tiny_prepared, tmp_path / "exp", cfg, device="cpu", progress=False)
-    from models.checkpoint import load_model
+    from models.engine.checkpoint import load_model
 
     loaded = load_model(tmp_path / "exp", device="cpu")
     assert loaded.model.ctc_head.in_features == 16  # the tiny PLM width

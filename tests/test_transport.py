@@ -1,4 +1,4 @@
-"""models.transport against POT 0.9.7 (float64), padding, stability, gradients and input validation."""
+"""models.ot.transport against POT 0.9.7 (float64), padding, stability, gradients and input validation."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import ot
 import pytest
 import torch
 
-from models import transport
-from models.transport import fused_gromov_wasserstein, sinkhorn
+from models.ot import transport
+from models.ot.transport import fused_gromov_wasserstein, sinkhorn
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""models.transport against POT's entropic Gromov-Wasserstein solvers on small dense problems.
+"""models.ot.transport against POT's entropic Gromov-Wasserstein solvers on small dense problems.
 
 The problems are of the kind POT's own entropic GW / FGW tests use (a 2D Gaussian sample matched with its
 reversed copy, distance matrices scaled to a maximum of 1; asymmetric random structures matched with a
@@ -7,7 +7,7 @@ marginals within 1e-4 (1e-2 for one proximal iteration). Every case also asks th
 as close as POT's to the iterates of exact projections (the same outer steps, Sinkhorn run to 1e-15) at the
 same budget; those exact iterates come from POT's gradient of the linearised objective and a Newton solve
 of each projection's dual (Sinkhorn itself needs over 10^5 iterations on these problems at epsilon 1e-2).
-Square loss only: models.transport has no KL loss.
+Square loss only: models.ot.transport has no KL loss.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 
-from models.transport import fused_gromov_wasserstein
+from models.ot.transport import fused_gromov_wasserstein
 
 torch.set_num_threads(1)
 F64 = torch.float64

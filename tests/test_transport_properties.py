@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of models.transport over sizes, epsilons and alphas."""
+"""Property tests (hypothesis) of models.ot.transport over sizes, epsilons and alphas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.transport import fused_gromov_wasserstein, sinkhorn
+from models.ot.transport import fused_gromov_wasserstein, sinkhorn
 
 torch.set_num_threads(1)
 F64 = torch.float64

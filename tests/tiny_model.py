@@ -1,6 +1,7 @@
 """A tiny ConformerCTC checkpoint for decode / plot-alignment tests, fitted for a few seconds on the
-`tiny_prepared` folder (tests/conftest.py) with plain CTC, saved through models.checkpoint.save_checkpoint
-with the folder's vocabulary and CMVN. It does not depend on the training engine."""
+`tiny_prepared` folder (tests/conftest.py) with plain CTC, saved through
+models.engine.checkpoint.save_checkpoint with the folder's vocabulary and CMVN. It does not depend on the
+training engine."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import torch
 
 from data.store import SplitReader, read_cmvn, read_frontend, read_plm_info, read_vocab
-from models.checkpoint import save_checkpoint
-from models.decoding import padded_batch
-from models.encoder import PRESETS, ConformerCTC
+from models.engine.checkpoint import save_checkpoint
+from models.nn.encoder import PRESETS, ConformerCTC
+from models.tasks.decoding import padded_batch
 
 TINY_GMOT = {"mode": "fgw", "alpha": 0.5, "epsilon": 0.1}
 

@@ -1,7 +1,7 @@
 """A tiny randomly initialised BERT teacher for tests (no downloaded weights).
 
 `make_tiny_bert_dir(path)` writes a standard Hugging Face model folder (config.json, weights, fast tokenizer)
-that `models.plm.load_teacher(str(path))` loads like any real checkpoint.
+that `models.nn.plm.load_teacher(str(path))` loads like any real checkpoint.
 """
 
 from __future__ import annotations

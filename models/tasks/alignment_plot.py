@@ -23,9 +23,10 @@ import torch
 
 from data.store import SplitReader, read_plm_info
 from data.vocab import Vocabulary
-from models import diagnostics
-from models.checkpoint import LoadedModel
-from models.decoding import greedy_ctc, padded_batch
+from models.engine import diagnostics
+from models.engine.checkpoint import LoadedModel
+from models.nn.ctc import greedy_ctc
+from models.tasks.decoding import padded_batch
 
 CJK_FONT_NAMES = (
     "Noto Sans CJK SC",
@@ -74,7 +75,8 @@ class AlignmentData:
     char_spans: list[tuple[str, int, int]] | None = None
     notes: list[str] = field(default_factory=list)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
-    """mode -> models.diagnostics.score_plan of its plan (alignment lift, mass in span, order, entropy)."""
+    """mode -> models.engine.diagnostics.score_plan of its plan (alignment lift, mass in span, order,
+    entropy)."""
 
     @property
     def cer(self) -> float:
@@ -98,7 +100,7 @@ def _find_record(reader: SplitReader, utt_id: str) -> dict:
 
 def gmot_config_of(loaded: LoadedModel):
     """The checkpoint's GMOTConfig (config["gmot"]), defaults where the checkpoint has none."""
-    from models.gmot import GMOTConfig
+    from models.nn.transfer_loss import GMOTConfig
 
     raw = loaded.config.get("gmot") if isinstance(loaded.config, dict) else None
     try:
@@ -117,8 +119,8 @@ def compute_alignment(
     checkpoint's. Raises AlignmentPlotError for an unknown id, a split without PLM cache or a model without
     an adapter; data.store.StoreError when the split is not prepared.
     """
-    from models import graphs
-    from models.gmot import GMOTLoss
+    from models.nn.transfer_loss import GMOTLoss
+    from models.ot import graphs
 
     for mode in modes:
         if mode not in PLAN_MODES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from models.config import ExperimentConfig, TrainConfig
+from models.engine.config import ExperimentConfig, TrainConfig
 
 
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:

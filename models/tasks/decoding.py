@@ -1,25 +1,14 @@
-"""CTC decoding: batched greedy search, beam search with flashlight-text (optional KenLM), and the loop that
-turns a loaded model plus raw fbank features into transcripts with timings.
-
-Beam search uses flashlight-text's `LexiconFreeDecoder` with the CTC criterion over the character vocabulary
-(no lexicon, no word boundary). flashlight needs a "silence" token index; a character vocabulary has no word
-separator, so the blank doubles as the silence token with a silence score of 0: this adds nothing to any
-path score and makes flashlight's CTC rules (collapse repeats, blank separates repeats) the usual ones.
-Hypotheses that reach the same label prefix are merged with log-add (`log_add=True`), i.e. the search ranks
-label sequences by (an approximation of) their summed path probability, not single best paths. With a KenLM
-model (ARPA or KenLM binary whose words are the vocabulary's characters), each emitted character adds
-`lm_weight` times its LM log10-probability (flashlight passes KenLM's log10 scores on unconverted, so a
-weight w on the LM is w / ln 10 in natural-log units against the acoustic log-probabilities; checked in
-tests/test_ngram.py) and the end of sentence is scored when the utterance ends.
+"""Decoding utterances: reading them (a prepared split, wav files), batching them by frames, the loop that
+turns a loaded model plus raw fbank features into transcripts with timings and confidences (`transcribe`, with
+any search of `models.tasks.search`), and writing the hypotheses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,180 +18,8 @@ from torch import Tensor
 
 from data.features import FRAME_SHIFT_S, apply_cmvn, feature_width_mismatch
 from data.vocab import Vocabulary
-from models.diagnostics import ctc_token_spans
-
-BLANK_ID = 0
-METHODS = ("greedy", "beam")
-
-
-class DecodingError(Exception):
-    """A decoding set-up that cannot work (unreadable LM file, bad option); the message names the cause."""
-
-
-def greedy_ctc(log_probs: Tensor, lengths: Tensor, blank: int = BLANK_ID) -> list[list[int]]:
-    """Best-path CTC decoding of a batch.
-
-    log_probs (B, T, V) (log-)probabilities, lengths (B,) valid frames per item -> for each item the label ids
-    of its best path with repeats collapsed and blanks removed. Frames past an item's length are ignored.
-    """
-    if log_probs.dim() != 3:
-        raise ValueError(f"log_probs must be (B, T, V), got {tuple(log_probs.shape)}")
-    best = log_probs.argmax(dim=-1)  # (B, T)
-    t = best.shape[1]
-    valid = torch.arange(t, device=best.device)[None, :] < lengths.to(best.device)[:, None]
-    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=-1)
-    keep = valid & (best != blank) & (best != prev)
-    best, keep = best.cpu(), keep.cpu()
-    return [best[b][keep[b]].tolist() for b in range(best.shape[0])]
-
-
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """Silence C/C++ writes to file descriptor 2 (KenLM prints a progress bar while loading an ARPA file,
-    sherpa-onnx a note for every file it resamples)."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # pragma: no cover - no fd 2
-        yield
-        return
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def load_kenlm(path: Path, vocab: Sequence[str]):
-    """Load a KenLM model (ARPA text or KenLM binary) over `vocab`'s units for flashlight.
-
-    Raises DecodingError naming the file when it is missing, unreadable or not an n-gram model (KenLM also
-    refuses unigram-only ARPA files: it needs at least a bigram model).
-    """
-    from flashlight.lib.text.decoder.kenlm import KenLM
-    from flashlight.lib.text.dictionary import Dictionary
-
-    path = Path(path)
-    if not path.is_file():
-        raise DecodingError(f"language model {path} does not exist or is not a file")
-    if not os.access(path, os.R_OK):
-        raise DecodingError(f"language model {path} is not readable (permissions)")
-    try:
-        with quiet_stderr():
-            return KenLM(str(path), Dictionary(list(vocab)))
-    except RuntimeError as err:
-        lines = [s.strip() for s in str(err).splitlines() if s.strip()]
-        reason = lines[-1] if lines else "unknown error"
-        raise DecodingError(f"cannot read language model {path}: {reason}") from None
-
-
-class BeamSearchDecoder:
-    """Lexicon-free CTC beam search over a character vocabulary (flashlight-text), optional KenLM n-gram.
-
-    beam_size: hypotheses kept per frame; beam_size_token: tokens tried per frame (default: all, at most 32
-    best); beam_threshold: drop hypotheses this far (natural log) below the best; lm_weight: weight of the LM
-    log-probability (natural log) added per emitted character and at the end of the utterance.
-    """
-
-    def __init__(
-        self,
-        vocab: Sequence[str],
-        beam_size: int = 10,
-        lm_path: Path | None = None,
-        lm_weight: float = 0.0,
-        beam_size_token: int | None = None,
-        beam_threshold: float = 25.0,
-        blank: int = BLANK_ID,
-    ) -> None:
-        from flashlight.lib.text.decoder import (
-            CriterionType,
-            LexiconFreeDecoder,
-            LexiconFreeDecoderOptions,
-            ZeroLM,
-        )
-
-        if beam_size < 1:
-            raise DecodingError(f"beam size must be at least 1, got {beam_size}")
-        if lm_path is None and lm_weight != 0.0:
-            lm_weight = 0.0  # no LM: a weight would only scale zeros
-        self.vocab = list(vocab)
-        self.blank = blank
-        self.lm = load_kenlm(lm_path, self.vocab) if lm_path is not None else ZeroLM()
-        token_beam = min(len(self.vocab), beam_size_token or max(32, beam_size))
-        self.options = LexiconFreeDecoderOptions(
-            beam_size=beam_size,
-            beam_size_token=token_beam,
-            beam_threshold=beam_threshold,
-            lm_weight=lm_weight,
-            sil_score=0.0,  # added at frames emitting the silence token, here the blank: must stay 0
-            log_add=True,
-            criterion_type=CriterionType.CTC,
-        )
-        self._decoder = LexiconFreeDecoder(self.options, self.lm, blank, blank, [])
-
-    def _collapse(self, tokens: Sequence[int]) -> list[int]:
-        out: list[int] = []
-        prev = -1
-        for tok in tokens:
-            if tok != prev and tok != self.blank and tok >= 0:
-                out.append(int(tok))
-            prev = tok
-        return out
-
-    def nbest_one(self, log_probs: np.ndarray, k: int) -> list[tuple[list[int], float]]:
-        """(T, V) float32 log-probabilities of one utterance -> up to `k` distinct hypotheses (label ids and
-        the search's score, natural log, best first)."""
-        emissions = np.ascontiguousarray(log_probs, dtype=np.float32)
-        t, v = emissions.shape
-        if t == 0:
-            return [([], 0.0)]
-        if v != len(self.vocab):
-            raise DecodingError(f"emissions have {v} units but the vocabulary has {len(self.vocab)}")
-        out: list[tuple[list[int], float]] = []
-        seen: set[tuple[int, ...]] = set()
-        for result in self._decoder.decode(emissions.ctypes.data, t, v):
-            ids = self._collapse(list(result.tokens))
-            if tuple(ids) not in seen:  # different paths that spell the same text count once
-                seen.add(tuple(ids))
-                out.append((ids, float(result.score)))
-            if len(out) == k:
-                break
-        return out or [([], 0.0)]
-
-    def decode_one(self, log_probs: np.ndarray) -> list[int]:
-        """(T, V) float32 log-probabilities of one utterance -> label ids of the best hypothesis."""
-        return self.nbest_one(log_probs, 1)[0][0]
-
-    def decode(self, log_probs: Tensor, lengths: Tensor) -> list[list[int]]:
-        """Batch version: log_probs (B, T, V), lengths (B,) -> one list of label ids per item."""
-        lp = log_probs.detach().float().cpu().numpy()
-        return [self.decode_one(lp[b, : int(n)]) for b, n in enumerate(lengths.tolist())]
-
-    def nbest(self, log_probs: Tensor, lengths: Tensor, k: int) -> list[list[tuple[list[int], float]]]:
-        """Batch version of `nbest_one`: (B, T, V), (B,) -> per item up to k (label ids, score)."""
-        lp = log_probs.detach().float().cpu().numpy()
-        return [self.nbest_one(lp[b, : int(n)], k) for b, n in enumerate(lengths.tolist())]
-
-
-def make_decoder(
-    method: str,
-    vocab: Sequence[str],
-    beam_size: int = 10,
-    lm_path: Path | None = None,
-    lm_weight: float = 0.0,
-):
-    """A callable (log_probs (B,T,V), lengths (B,)) -> list[list[int]] for `method` ("greedy" or "beam").
-
-    An LM is only used by beam search; asking greedy for one raises DecodingError.
-    """
-    if method == "greedy":
-        if lm_path is not None:
-            raise DecodingError("an LM needs beam search: pass --method beam with --lm")
-        return greedy_ctc
-    if method == "beam":
-        return BeamSearchDecoder(vocab, beam_size, lm_path, lm_weight).decode
-    raise DecodingError(f"unknown decoding method {method!r}; choose one of {', '.join(METHODS)}")
+from models.engine.diagnostics import ctc_token_spans
+from models.tasks.search import BeamSearchDecoder, DecodingError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Node costs and structure (edge) matrices of padded sequence graphs, for the GM-OT transport problems.
 
 Every function takes padded batches with a boolean validity mask and returns tensors that are exactly 0 at
-padded entries, with zero gradient there, so they can be fed to `models.transport` with marginals from
+padded entries, with zero gradient there, so they can be fed to `models.ot.transport` with marginals from
 `uniform_marginal`.
 """
 

@@ -2,9 +2,9 @@
 
 An experiment starts from a preset (`tiny`, `demo`, `aishell1`), optionally merges a YAML file, then applies
 `key.sub=value` overrides (`--set` on the command line). Every option is documented where it is defined: the
-model options in `models.encoder.ModelConfig`, the GM-OT options in `models.gmot.GMOTConfig`, the training
-options in `TrainConfig` below. The resolved configuration is written to `EXP_DIR/config.yaml` and into every
-checkpoint.
+model options in `models.nn.encoder.ModelConfig`, the GM-OT options in `models.nn.transfer_loss.GMOTConfig`,
+the training options in `TrainConfig` below. The resolved configuration is written to `EXP_DIR/config.yaml`
+and into every checkpoint.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
-from models.encoder import PRESETS as MODEL_PRESETS
-from models.encoder import ModelConfig
-from models.gmot import GMOTConfig
+from models.nn.encoder import PRESETS as MODEL_PRESETS
+from models.nn.encoder import ModelConfig
+from models.nn.transfer_loss import GMOTConfig
 
 
 class ConfigError(ValueError):
@@ -31,7 +31,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Options of the training engine (`models.training`), shared by `gmot pretrain` and `gmot distill`."""
+    """Options of the training engine (`models.engine.training`), shared by `gmot pretrain` and `gmot
+    distill`."""
 
     epochs: int = 30
     """Number of passes over the training split. Raising it and re-running continues a finished run."""
@@ -85,7 +86,8 @@ class TrainConfig:
     `log_interval` steps), at the cost of two partial backward passes on that batch."""
     align_max_utts: int = 100
     """Dev utterances whose transport plans are scored each epoch against the CTC forced alignment
-    (metrics.jsonl `align_lift`, `align_order`, `align_entropy`; models.diagnostics). 0 turns it off."""
+    (metrics.jsonl `align_lift`, `align_order`, `align_entropy`; models.engine.diagnostics). 0 turns it
+    off."""
     plm: str | None = None
     """PLM teacher used online when the prepared folder has no PLM cache (None: the embedded e5-small)."""
     plm_layer: int = -1
@@ -121,9 +123,9 @@ class ExperimentConfig:
     """Everything that defines an experiment; written to config.yaml and into every checkpoint."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Encoder, subsampling, CTC head and adapter (models.encoder.ModelConfig)."""
+    """Encoder, subsampling, CTC head and adapter (models.nn.encoder.ModelConfig)."""
     gmot: GMOTConfig = field(default_factory=GMOTConfig)
-    """Knowledge-transfer loss (models.gmot.GMOTConfig); its mode is `none` for pretrain."""
+    """Knowledge-transfer loss (models.nn.transfer_loss.GMOTConfig); its mode is `none` for pretrain."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimiser, schedule, batching, augmentation, checkpoints (TrainConfig)."""
 

@@ -1,4 +1,5 @@
-"""CTC pieces of the training engine: per-utterance losses and which transcripts CTC can align at all."""
+"""CTC: the blank id, per-utterance losses, best-path (greedy) decoding, and which transcripts CTC can align
+at all."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.encoder import subsampled_lengths
+from models.nn.encoder import subsampled_lengths
+
+BLANK_ID = 0  # the vocabulary's index 0 is the CTC blank
 
 
 def ctc_losses(
@@ -43,3 +46,20 @@ def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]
     (encoder frames < labels + repeated neighbours)."""
     lengths = subsampled_lengths(torch.tensor([int(r["num_frames"]) for r in records] or [0]), subsampling)
     return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(list(r["token_ids"]))]
+
+
+def greedy_ctc(log_probs: Tensor, lengths: Tensor, blank: int = BLANK_ID) -> list[list[int]]:
+    """Best-path CTC decoding of a batch.
+
+    log_probs (B, T, V) (log-)probabilities, lengths (B,) valid frames per item -> for each item the label ids
+    of its best path with repeats collapsed and blanks removed. Frames past an item's length are ignored.
+    """
+    if log_probs.dim() != 3:
+        raise ValueError(f"log_probs must be (B, T, V), got {tuple(log_probs.shape)}")
+    best = log_probs.argmax(dim=-1)  # (B, T)
+    t = best.shape[1]
+    valid = torch.arange(t, device=best.device)[None, :] < lengths.to(best.device)[:, None]
+    prev = torch.nn.functional.pad(best[:, :-1], (1, 0), value=-1)
+    keep = valid & (best != blank) & (best != prev)
+    best, keep = best.cpu(), keep.cpu()
+    return [best[b][keep[b]].tolist() for b in range(best.shape[0])]

@@ -1,15 +1,17 @@
 """The training engine shared by `gmot pretrain` (gmot.mode = none) and `gmot distill` (wd / fgw ...).
 
-loss = ctc + lambda * kt, where kt is `models.gmot.GMOTLoss` between the adapter output and the PLM token
-features of the transcript, read from the prepare cache (computed online only when train.plm names a teacher).
+loss = ctc + lambda * kt, where kt is `models.nn.transfer_loss.GMOTLoss` between the adapter output and the
+PLM token features of the transcript, read from the prepare cache (computed online only when train.plm names a
+teacher).
 
 What a run does, in order: build the model (or resume from the newest checkpoint in EXP_DIR, or initialise
 from `--init-from`), write config.yaml and command.txt, then per epoch: train over duration-bucketed batches
 (AdamW, warm-up + decay, gradient clipping and accumulation, mixed precision), a dev pass with greedy CER and
 the plan diagnostics, a checkpoint with full state; at the end, avg.pt = the mean of the best n epoch
-checkpoints by dev CER. The pieces live beside it: models.distributed (ranks, devices), models.precision
-(autocast and the fp16 scaler), models.schedule (learning rate, kt ramp), models.ctc_loss (CTC and which
-transcripts it can align), models.run_log (metrics.jsonl, the checkpoint index, command lines, progress).
+checkpoints by dev CER. The pieces live beside it: models.engine.distributed (ranks, devices),
+models.engine.precision (autocast and the fp16 scaler), models.engine.schedule (learning rate, kt ramp),
+models.nn.ctc (CTC and which transcripts it can align), models.engine.run_log (metrics.jsonl, the checkpoint
+index, command lines, progress).
 
 Determinism: every batch reseeds torch's RNG from (seed, epoch, the batch's position in the epoch's global
 order), so dropout and SpecAugment draw the same numbers whether a run was interrupted and resumed, and
@@ -18,11 +20,12 @@ whether the batches ran on one process with W-fold accumulation or on W DDP rank
 Faults: train utterances CTC cannot align after the model's subsampling are left out at load time; an
 utterance whose CTC loss is still infinite is left out of its batch's CTC; a NaN loss or gradient skips the
 step and is counted (under fp16, an overflow that the loss scale does not cure counts too,
-models.precision.overflow_is_nan); `train.max_nan_steps` NaN steps in a row stop the run with TrainingError.
-SIGTERM / SIGINT stop the run after the current step with a mid-epoch checkpoint (models.preemption); a
-checkpoint or metrics.jsonl that cannot be written (a full disk) stops it with TrainingError, the checkpoints
-already written untouched. Under DDP the ranks agree on every skip, on each stop, and on the checkpoint a
-restart resumes from; the epoch's sums (losses, skipped utterances) are summed over the ranks.
+models.engine.precision.overflow_is_nan); `train.max_nan_steps` NaN steps in a row stop the run with
+TrainingError. SIGTERM / SIGINT stop the run after the current step with a mid-epoch checkpoint
+(models.engine.preemption); a checkpoint or metrics.jsonl that cannot be written (a full disk) stops it with
+TrainingError, the checkpoints already written untouched. Under DDP the ranks agree on every skip, on each
+stop, and on the checkpoint a restart resumes from; the epoch's sums (losses, skipped utterances) are summed
+over the ranks.
 
 Host synchronisations (a GPU waits for the host to read a value): a step reads its results once, after the
 backward passes and the gradient clipping (flags, loss terms, gradient norm, the ranks' agreement, all in
@@ -60,8 +63,8 @@ from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDa
 from data.scoring import score_pairs
 from data.store import StoreError, read_cmvn, read_frontend, read_plm_info, read_vocab
 from data.teacher_controls import shuffle_sources
-from models.allocator import keep_freed_memory
-from models.checkpoint import (
+from models.engine.allocator import keep_freed_memory
+from models.engine.checkpoint import (
     AVERAGE_NAME,
     CheckpointError,
     average_checkpoints,
@@ -73,11 +76,14 @@ from models.checkpoint import (
     remove_temporaries,
     save_checkpoint,
 )
-from models.config import ExperimentConfig, config_to_dict, dump_config
-from models.ctc_loss import ctc_impossible, ctc_infeasible, ctc_losses
-from models.decoding import greedy_ctc
-from models.diagnostics import AlignmentMeter, alignment_warning, gradient_ratio_tensor, score_batch_plans
-from models.distributed import (
+from models.engine.config import ExperimentConfig, config_to_dict, dump_config
+from models.engine.diagnostics import (
+    AlignmentMeter,
+    alignment_warning,
+    gradient_ratio_tensor,
+    score_batch_plans,
+)
+from models.engine.distributed import (
     DeviceError,
     all_reduce,
     cpu_threads,
@@ -85,11 +91,9 @@ from models.distributed import (
     launch_info,
     pick_device,
 )
-from models.encoder import ConformerCTC
-from models.gmot import GMOTLoss
-from models.precision import autocast_for, choose_precision, grad_scaler, overflow_is_nan
-from models.preemption import Preempted, StopSignals, ignore_stop_signals
-from models.run_log import (
+from models.engine.precision import autocast_for, choose_precision, grad_scaler, overflow_is_nan
+from models.engine.preemption import Preempted, StopSignals, ignore_stop_signals
+from models.engine.run_log import (
     INDEX,
     METRICS,
     MetricsLogger,
@@ -99,7 +103,10 @@ from models.run_log import (
     write_failure,
     write_index,
 )
-from models.schedule import kt_weight_at, lr_at
+from models.engine.schedule import kt_weight_at, lr_at
+from models.nn.ctc import ctc_impossible, ctc_infeasible, ctc_losses, greedy_ctc
+from models.nn.encoder import ConformerCTC
+from models.nn.transfer_loss import GMOTLoss
 
 CONFIG = "config.yaml"
 
@@ -291,7 +298,7 @@ class Trainer:
                     f"{self.data_dir} has none"
                 )
             else:
-                from models.plm import PLMError, load_teacher
+                from models.nn.plm import PLMError, load_teacher
 
                 if self.dd.main:
                     warnings.warn(
@@ -821,7 +828,7 @@ class Trainer:
     def _dev_cer(self) -> tuple[float, float] | None:
         """(dev CER as a fraction, mean dev CTC loss); ranks score disjoint shares and sum the counts.
         With a transfer loss and a dev PLM cache, rank 0 also scores the dev plans against the CTC forced
-        alignment (models.diagnostics) into self.dev_alignment."""
+        alignment (models.engine.diagnostics) into self.dev_alignment."""
         self.dev_alignment: dict[str, float] = {}
         if self.dev_set is None:
             return None

@@ -19,7 +19,7 @@ the previous row potentials into the log kernel and scaling each column's larges
 exponential per step (on the CPU exp2 is several times faster than exp, so the kernel domain keeps its logs in
 bits); it then iterates in the kernel domain on scaling vectors (two batched matrix-vector products per
 iteration, no exponentials; on the CPU the whole projection is two numba-compiled calls and one exponential,
-`models.sinkhorn_cpu`, where torch would spend more time dispatching its small operations than computing).
+`models.ot._sinkhorn_cpu`, where torch would spend more time dispatching its small operations than computing).
 Scalings that under- or overflow leave non-finite potentials, which stay so: after the loop, items that
 failed are solved again in the log domain (logsumexp iterations), which stays finite at epsilon 1e-3. With a
 fixed budget (``tol=None``) nothing inside the loop synchronises with the host; with ``tol`` the per-item
@@ -66,7 +66,7 @@ _DOMAINS = ("auto", "kernel", "log")
 # 1000 iterations). ppa always starts cold: its kernel holds the previous plan.
 STARTS = ("auto", "warm", "cold")
 # How the CPU computes, when no autograd graph is kept, the kernel-domain projections and the products with
-# the squared structures: "compiled" (numba, `models.sinkhorn_cpu`; falls back to "torch" with a warning
+# the squared structures: "compiled" (numba, `models.ot._sinkhorn_cpu`; falls back to "torch" with a warning
 # when numba cannot be imported) or "torch" (batched torch operations, as on a GPU and under
 # grad="unrolled"). The environment variable GMOT_CPU_LOOP sets it at import.
 _CPU_LOOPS = ("compiled", "torch")
@@ -341,12 +341,12 @@ def _project_kernel(
     u0 = 2^-(f - max f), and the item keeps whichever start leaves the smaller row error after the first
     column update. Where f spans more than `_cold_range_bits` that scaling would underflow; such items keep
     the warm start and are reported not ok, so that under domain "auto" the log domain solves them again
-    with both starts exact. On the CPU without autograd the whole projection is `models.sinkhorn_cpu.project`
-    (two compiled calls and one exponential); the same arithmetic otherwise runs as torch operations.
-    Returns plan (B, N, M), new f (B, N), new g (B, M) (bits, 0 at padding, ``plan = 2^(log_k + f + g)``
-    at valid entries) and ok: None, or (B,) False for items so reported. Scalings that under/overflow are
-    not looked for here: they leave non-finite potentials, which stay non-finite through every later step
-    (a non-finite plan makes the next kernel NaN), and `_run` checks the final ones.
+    with both starts exact. On the CPU without autograd the whole projection is
+    `models.ot._sinkhorn_cpu.project` (two compiled calls and one exponential); the same arithmetic otherwise
+    runs as torch operations. Returns plan (B, N, M), new f (B, N), new g (B, M) (bits, 0 at padding, ``plan =
+    2^(log_k + f + g)`` at valid entries) and ok: None, or (B,) False for items so reported. Scalings that
+    under/overflow are not looked for here: they leave non-finite potentials, which stay non-finite through
+    every later step (a non-finite plan makes the next kernel NaN), and `_run` checks the final ones.
     """
     # without autograd the kernel and then the plan are made in one buffer (allocations of fresh pages cost
     # as much as the passes themselves on the CPU)
@@ -406,11 +406,11 @@ def _project_kernel(
 
 
 def _compiled_loop_for(kernel: Tensor) -> bool:
-    """Whether the projections and square products of ``kernel``'s problem run in `models.sinkhorn_cpu` (CPU,
-    float32/64, numba importable, `CPU_LOOP` "compiled") rather than as torch operations."""
+    """Whether the projections and square products of ``kernel``'s problem run in `models.ot._sinkhorn_cpu`
+    (CPU, float32/64, numba importable, `CPU_LOOP` "compiled") rather than as torch operations."""
     if CPU_LOOP not in _CPU_LOOPS:
         raise ValueError(
-            f"GMOT_CPU_LOOP / models.transport.CPU_LOOP: must be one of {_CPU_LOOPS}, got {CPU_LOOP!r}"
+            f"GMOT_CPU_LOOP / models.ot.transport.CPU_LOOP: must be one of {_CPU_LOOPS}, got {CPU_LOOP!r}"
         )
     if CPU_LOOP != "compiled" or kernel.device.type != "cpu":
         return False
@@ -419,9 +419,9 @@ def _compiled_loop_for(kernel: Tensor) -> bool:
 
 @functools.cache
 def _sinkhorn_cpu() -> types.ModuleType | None:
-    """models.sinkhorn_cpu, or None (with a warning, once) where numba cannot be imported."""
+    """models.ot._sinkhorn_cpu, or None (with a warning, once) where numba cannot be imported."""
     try:
-        from models import sinkhorn_cpu
+        from models.ot import _sinkhorn_cpu as sinkhorn_cpu
     except ImportError as err:
         warnings.warn(
             f"numba is not importable ({err}); the CPU Sinkhorn projections run as torch operations, "
@@ -835,8 +835,9 @@ def sinkhorn(
             fallback), or "log" (logsumexp iterations throughout).
         validate: check the inputs' values (finite costs and structures, non-negative marginals summing to 1:
             host synchronisations on a GPU) and look for padding; False trusts them (a caller that built
-            them, such as models.gmot), so that with ``tol`` None and ``domain`` "kernel" or "log" nothing
-            synchronises; "auto" still checks once, after the iterations, whether an item needs the rerun.
+            them, such as models.nn.transfer_loss), so that with ``tol`` None and ``domain`` "kernel" or "log"
+            nothing synchronises; "auto" still checks once, after the iterations, whether an item needs the
+            rerun.
         check_convergence: warn (once per function, naming the items) when an item's marginal error is
             above CONVERGENCE_TOL; None checks on the CPU when ``validate`` (free there) and never on a GPU,
             where it would synchronise; True / False always / never. The error is in the result either way.

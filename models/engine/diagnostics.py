@@ -9,7 +9,8 @@ Plan alignment, per utterance with plan T (N frames x M PLM tokens):
   averaged over the tokens that have a span;
 - `uniform_share`: the same for the uniform plan, |span_j| / N (what a plan that aligns nothing scores);
 - `lift`: mass_in_span / uniform_share, 1 for a plan that aligns nothing, N / |span| for a perfect one;
-- `entropy`: the plan's entropy over the uniform plan's (models.gmot.plan_entropy_ratio), 1 = uniform;
+- `entropy`: the plan's entropy over the uniform plan's (models.nn.transfer_loss.plan_entropy_ratio), 1 =
+uniform;
 - `order`: Spearman correlation of a token's index with its plan-weighted mean frame: near +1 for plans that
   follow the sentence, near -1 for plans that run backwards (the Gromov term alone cannot tell a sequence
   from its reverse), near 0 for plans that ignore order.

@@ -4,7 +4,7 @@ features towards the PLM's.
 
 For one utterance with adapted acoustic frames h_1..h_N and PLM token features z_1..z_M (standardised):
 - node cost C_ij = 1 - cos(h_i, z_j) (+ tot_weight * |(i + 1/2)/N - (j + 1/2)/M|, the temporal-order prior);
-- structures D^A (N x N) over h and D^L (M x M) over z: cosine, temporal or hybrid (models.graphs);
+- structures D^A (N x N) over h and D^L (M x M) over z: cosine, temporal or hybrid (models.ot.graphs);
 - plan T from the entropic FGW solver (mode fgw) or Sinkhorn (mode wd, alpha = 0) with uniform marginals;
 - kt_ot: the transport objective at T (envelope gradients flow into C, D^A, D^L and so into h);
 - kt_align: an alignment loss between z_j and the transported acoustic features h~_j = sum_i T_ij h_i / b_j.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import graphs, transport
+from models.ot import graphs, transport
 
 
 @dataclass
@@ -57,7 +57,7 @@ class GMOTConfig:
     detached plan) or "unrolled" (backpropagate through the iterations; for checking, slow)."""
     structure: Literal["cosine", "temporal", "hybrid"] = "cosine"
     """Edges of both graphs: "cosine" D_ik = 1 - cos(x_i, x_k); "temporal" D_ik = |t_i - t_k| with positions
-    normalised to [0, 1] by the sequence length; "hybrid" a convex mix of the two (models.graphs)."""
+    normalised to [0, 1] by the sequence length; "hybrid" a convex mix of the two (models.ot.graphs)."""
     hybrid_mix: float = 0.5
     """Weight of the cosine part in the "hybrid" structure."""
     detach_structure: bool = False

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.checkpoint import LoadedModel
+from models.engine.checkpoint import LoadedModel
 
 SHERPA_MODEL_TYPE = "zipformer2_ctc"
 """The sherpa-onnx offline CTC model type the export is loaded as: its front end defaults (no snip edges,
@@ -130,7 +130,7 @@ def tokens_text(vocab: list[str]) -> str:
 
 def export_metadata(loaded: LoadedModel) -> dict[str, str]:
     """The key/value metadata stored in model.onnx (all values strings, as ONNX keeps them)."""
-    from gmot_cli import __version__
+    from models import __version__
 
     cfg = loaded.model.cfg
     return {
@@ -287,7 +287,9 @@ def compare_with_sherpa(
 
     import soundfile
 
-    from models.decoding import greedy_ctc, quiet_stderr, transcribe, wav_utterances
+    from models.nn.ctc import greedy_ctc
+    from models.tasks.decoding import transcribe, wav_utterances
+    from models.tasks.search import quiet_stderr
 
     try:
         import sherpa_onnx

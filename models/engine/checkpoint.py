@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from data.features import feature_width_mismatch, frontend
-from models.encoder import ConformerCTC, ModelConfig
+from models.nn.encoder import ConformerCTC, ModelConfig
 
 FORMAT = "gmot-checkpoint"
 FORMAT_VERSION = 1
