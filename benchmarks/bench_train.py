@@ -11,11 +11,22 @@ mode, their ratio, and the median of the per-batch ratios ("paired"); the target
 pretrain on a CPU and <= 1.05x on a GPU. On a GPU the batches are the presets' real frame budgets (40,000
 frames at aishell1), also with --quick (fewer of them): smaller ones would time kernel launches, not the
 work; the peak GPU memory is reported too. Exit status 1 when a preset's ratio misses the target.
+
+What the step costs the machine (a second table, per preset and mode): the system CPU share of the timed
+steps (time the kernel spent, mostly zeroing freshly mapped pages, against user + system), minor page
+faults per step (`getrusage`), the step's floating-point work (torch's FlopCounterMode over one forward +
+backward: matrix products and convolutions; the transport's numba kernels are not counted, so distill's
+figure is a lower bound) and the achieved GFLOP/s against this machine's own matrix-product peak, measured
+first (a square `torch.mm` at 1 and 2 threads, in fp32 and, where the step autocasts, in its dtype).
+`--profile` adds torch.profiler's top operators of a few steps of each mode and the forward time of each of
+the model's blocks.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import statistics
 import sys
 import time
@@ -115,6 +126,136 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@dataclass
+class MachineCost:
+    """CPU time and page faults summed over timed steps (getrusage deltas of this process)."""
+
+    user_s: float = 0.0
+    system_s: float = 0.0
+    minor_faults: int = 0
+    steps: int = 0
+
+    def add(self, before: resource.struct_rusage, after: resource.struct_rusage) -> None:
+        """Add one step's deltas."""
+        self.user_s += after.ru_utime - before.ru_utime
+        self.system_s += after.ru_stime - before.ru_stime
+        self.minor_faults += after.ru_minflt - before.ru_minflt
+        self.steps += 1
+
+    def summary(self, flops: float, step_s: float) -> dict[str, float]:
+        """{"system_share": system / (user + system), "faults_per_step", "gflop_per_step", "gflops"} for a
+        step of `flops` floating-point operations taking `step_s` seconds."""
+        cpu = self.user_s + self.system_s
+        return {
+            "system_share": self.system_s / cpu if cpu > 0 else 0.0,
+            "faults_per_step": self.minor_faults / max(self.steps, 1),
+            "gflop_per_step": flops / 1e9,
+            "gflops": flops / 1e9 / step_s if step_s > 0 else 0.0,
+        }
+
+
+def step_flops(
+    model: ConformerCTC,
+    opt: torch.optim.Optimizer,
+    batches: list[dict[str, torch.Tensor]],
+    kt_loss: GMOTLoss | None,
+    device: torch.device,
+    precision: str,
+) -> float:
+    """Mean floating-point operations of one training step over `batches` (torch's FlopCounterMode: the
+    matrix products and convolutions of forward and backward; work outside torch operators is not seen)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            train_step(model, opt, batch, kt_loss, device, precision=precision)
+        total += counter.get_total_flops()
+    return total / len(batches)
+
+
+def matmul_peak(threads: int, dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """GFLOP/s of the best of `repeats` square (n x n) @ (n x n) products in `dtype` with `threads` torch
+    threads: the machine's own ceiling for the dense work of a step. The thread count is restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up: packing buffers, thread pool
+        best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(saved)
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def hook_blocks(model: torch.nn.Module, record_function: Any) -> list[Any]:
+    """Wrap the forward of each child of `model` (each element of a ModuleList child, as "name.i") in a
+    profiler scope "module::name"; returns the hook handles (call .remove() on each)."""
+    scopes: dict[str, Any] = {}
+
+    def enter(label: str) -> None:
+        scopes[label] = record_function(f"module::{label}")
+        scopes[label].__enter__()
+
+    def leave(label: str) -> None:
+        scopes.pop(label).__exit__(None, None, None)
+
+    blocks = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            blocks += [(f"{name}.{i}", sub) for i, sub in enumerate(child)]
+        else:
+            blocks.append((name, child))
+    handles = []
+    for label, block in blocks:
+        handles.append(block.register_forward_pre_hook(lambda _m, _a, n=label: enter(n)))
+        handles.append(block.register_forward_hook(lambda _m, _a, _o, n=label: leave(n)))
+    return handles
+
+
+def profile_steps(
+    name: str, frames_budget: int, device: torch.device, gmot: GMOTConfig, precision: str, console: Console
+) -> None:
+    """Print torch.profiler's top operators (self CPU time) of three steps of each mode of preset `name`,
+    and each top-level block's forward time (record_function around every child module of the model)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    shape, cfg = SHAPES[name], PRESETS[name]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(shape, frames_budget, 3, 1)]
+    for mode in ("pretrain", "distill"):
+        torch.manual_seed(0)
+        model = ConformerCTC(cfg, shape.vocab, shape.plm_width if mode == "distill" else None).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        kt = (
+            GMOTLoss(gmot, torch.zeros(shape.plm_width), torch.ones(shape.plm_width)).to(device)
+            if mode == "distill"
+            else None
+        )
+        train_step(model, opt, batches[0], kt, device, precision=precision)  # warm-up
+        handles = hook_blocks(model, record_function)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for batch in batches:
+                train_step(model, opt, batch, kt, device, precision=precision)
+        for handle in handles:
+            handle.remove()
+        events = prof.key_averages()
+        console.print(f"[bold]{name} {mode}[/]: top operators by self CPU time over {len(batches)} steps")
+        console.print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
+        blocks = sorted((e for e in events if e.key.startswith("module::")), key=lambda e: -e.cpu_time_total)
+        total = sum(e.cpu_time_total for e in blocks)
+        shares = [
+            f"{e.key[8:]} {e.cpu_time_total / 1e3:.0f} ms ({e.cpu_time_total / total:.0%})" for e in blocks
+        ]
+        console.print("forward time by block: " + ", ".join(shares), highlight=False)
+
+
 def bench_preset(
     name: str,
     frames_budget: int,
@@ -149,17 +290,24 @@ def bench_preset(
     train_step(pre, opt_pre, batches[0], None, device, precision=precision)
     train_step(dis, opt_dis, batches[0], kt, device, precision=precision)
     best: dict[str, list[float]] = {"pretrain": [], "distill": []}
+    cost = {mode: MachineCost() for mode in best}
     for batch in batches:
         per: dict[str, list[float]] = {"pretrain": [], "distill": []}
         for _ in range(repeats):
             for mode, model, opt, loss in (("pretrain", pre, opt_pre, None), ("distill", dis, opt_dis, kt)):
                 _sync(device)
+                before = resource.getrusage(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 train_step(model, opt, batch, loss, device, precision=precision)
                 _sync(device)
                 per[mode].append(time.perf_counter() - t0)
+                cost[mode].add(before, resource.getrusage(resource.RUSAGE_SELF))
         for mode in per:
             best[mode].append(min(per[mode]))
+    flops = {
+        "pretrain": step_flops(pre, opt_pre, batches, None, device, precision),
+        "distill": step_flops(dis, opt_dis, batches, kt, device, precision),
+    }
     # the GM-OT loss alone (forward + backward), for the record
     batch = batches[0]
     with torch.no_grad():
@@ -180,8 +328,27 @@ def bench_preset(
         "distill": statistics.mean(best["distill"]),
         "paired": statistics.median(d / p for d, p in zip(best["distill"], best["pretrain"], strict=True)),
         "kt_only": min(ot_times),
+        "cost": {mode: cost[mode].summary(flops[mode], statistics.mean(best[mode])) for mode in best},
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
+
+
+def machine_peaks(device: torch.device, step_dtype: str) -> dict[str, Any]:
+    """This machine's matrix-product ceilings (GFLOP/s): fp32 at 1 and 2 threads, and the step's own dtype
+    (bf16 where training autocasts to it) at the step's thread count; "step" is the one a step is held
+    against, "line" a sentence saying all of it. On a GPU nothing is measured (the table shows "-")."""
+    if device.type != "cpu":
+        return {"step": None, "line": "matrix-product peak: not measured on a GPU"}
+    threads = torch.get_num_threads()
+    fp32 = {n: matmul_peak(n, torch.float32) for n in sorted({1, min(2, os.cpu_count() or 1)})}
+    step = fp32.get(threads) or matmul_peak(threads, torch.float32)
+    line = "matrix-product peak (1024^3 torch.mm): " + ", ".join(
+        f"fp32 {n} thread{'s' if n > 1 else ''} {g:.0f} GFLOP/s" for n, g in fp32.items()
+    )
+    if step_dtype == "bf16":
+        step = matmul_peak(threads, torch.bfloat16)
+        line += f", bf16 {threads} thread{'s' if threads > 1 else ''} {step:.0f} GFLOP/s"
+    return {"step": step, "line": line + f"; a step is held against {step:.0f} GFLOP/s ({step_dtype})"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "bf16", "fp16", "fp32"],
         help="autocast of the forward pass (auto: what training picks on this device, "
         "models/engine/precision.py)",
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's top operators and block times"
     )
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -238,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     for col in cols:
         table.add_column(col, justify="left" if col in ("preset", "batch") else "right")
     verdicts, missed = [], False
+    step_dtype = choose_precision(device, True) if args.precision == "auto" else args.precision
+    peaks = machine_peaks(device, step_dtype)
+    costs = Table(
+        title="what a step costs the machine (CPU time, faults of the timed steps; work: FlopCounterMode)"
+    )
+    for col in ("preset", "mode", "step ms", "system CPU", "faults/step", "GFLOP/step", "GFLOP/s", "of peak"):
+        costs.add_column(col, justify="left" if col in ("preset", "mode") else "right")
     for name in args.presets.split(","):
         console.print(f"timing {name} ...")
         r = bench_preset(name, budgets[name], n_batches, repeats, device, gmot, args.precision)
@@ -256,12 +433,28 @@ def main(argv: list[str] | None = None) -> int:
             f"<= {target:.2f}x",
             *peak,
         )
+        for mode in ("pretrain", "distill"):
+            c = r["cost"][mode]
+            costs.add_row(
+                name,
+                mode,
+                f"{1000 * r[mode]:.0f}",
+                f"{100 * c['system_share']:.1f} %",
+                f"{c['faults_per_step']:,.0f}",
+                f"{c['gflop_per_step']:.2f}",
+                f"{c['gflops']:.1f}",
+                f"{c['gflops'] / peaks['step']:.0%}" if peaks.get("step") else "-",
+            )
+        if args.profile:
+            profile_steps(name, budgets[name], device, gmot, args.precision, console)
         verdicts.append(
             f"{name}: {budgets[name]:,} frames, pretrain {1000 * r['pretrain']:.0f} ms, distill "
             f"{1000 * r['distill']:.0f} ms, {ratio:.3f}x (target <= {target:.2f}x: "
             f"{'met' if ratio <= target else 'MISSED'})" + (f", peak {peak[0]} GiB" if peak else "")
         )
     console.print(table)
+    console.print(costs)
+    console.print(peaks["line"], highlight=False)
     for line in verdicts:
         print(line)
     return 1 if missed else 0

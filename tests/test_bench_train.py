@@ -19,10 +19,13 @@ def _fake_timings(monkeypatch: pytest.MonkeyPatch, ratio: float) -> list[tuple[s
     def timed(name: str, frames: int, n_batches: int, repeats: int, device: torch.device, *_: Any) -> dict:
         calls.append((name, frames, device.type))
         peak = 3.0 if device.type == "cuda" else None
+        cost = {"system_share": 0.02, "faults_per_step": 1234.0, "gflop_per_step": 5.0, "gflops": 50.0}
         return {"params": 1e6, "batch": "8x500 (B x frames)", "pretrain": 0.1, "distill": 0.1 * ratio,
-                "paired": ratio, "kt_only": 0.01, "peak_gib": peak}  # fmt: skip
+                "paired": ratio, "kt_only": 0.01, "peak_gib": peak,
+                "cost": {"pretrain": cost, "distill": cost}}  # fmt: skip
 
     monkeypatch.setattr(bench_train, "bench_preset", timed)
+    monkeypatch.setattr(bench_train, "matmul_peak", lambda threads, dtype, **_: 100.0 * threads)
     return calls
 
 
@@ -54,3 +57,36 @@ def test_cuda_without_a_gpu_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(SystemExit) as stop:
         bench_train.main(["--quick", "--device", "cuda"])
     assert stop.value.code == 2
+
+
+def test_the_cost_table_holds_each_step_against_the_measured_peak(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_timings(monkeypatch, 1.0)
+    monkeypatch.setattr(bench_train, "choose_precision", lambda device, mixed: "fp32")
+    assert bench_train.main(["--quick", "--presets", "demo", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 1 thread 100 GFLOP/s" in out and "a step is held against 100 GFLOP/s (fp32)" in out
+    rows = [line for line in out.splitlines() if line.startswith("│ demo") and "%" in line]
+    assert len(rows) == 2  # pretrain and distill: 2.0 % system, 1,234 faults, 50 GFLOP/s = 50 % of 100
+    assert all("2.0 %" in r and "1,234" in r and "50%" in r for r in rows)
+
+
+def test_machine_cost_sums_rusage_deltas_and_flops_count_the_step() -> None:
+    import resource
+
+    cost = bench_train.MachineCost()
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    junk = [bytearray(1 << 20) for _ in range(16)]  # touch 16 MiB: faults, some CPU
+    cost.add(before, resource.getrusage(resource.RUSAGE_SELF))
+    del junk
+    summary = cost.summary(flops=4e9, step_s=2.0)
+    assert summary["gflop_per_step"] == 4.0 and summary["gflops"] == 2.0
+    assert 0.0 <= summary["system_share"] <= 1.0 and summary["faults_per_step"] >= 0
+    # FlopCounterMode sees a linear layer's forward (2 m n k) and backward (input and weight gradients)
+    model = torch.nn.Linear(64, 32, bias=False)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(8, 64, requires_grad=True)).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 8 * 64 * 32
