@@ -1,4 +1,4 @@
-"""Paired benchmark: models/ot/transport.py as it is now against the same file at another git revision.
+"""Paired benchmark: the FGW solver of models/ot/ as it is now against the same at another git revision.
 
 Usage: python benchmarks/bench_transport_ab.py --against REV [--threads T] [--epsilon E] [--ragged]
        [--rounds R] [--shape B N M] [--solvers pgd ppa]
@@ -8,14 +8,17 @@ Both versions solve the problems of benchmarks/bench_transport.py (same shapes, 
 rounds) in alternation, one run of each per round, so that a shared machine's load falls on both alike.
 Reported per shape and solver: the median ms of each version and the median of the per-round ratios
 now / REV (below 1: faster now), which is steadier than the ratio of medians when the machine's speed
-drifts. The revision's file is read with ``git show`` and imported on its own, so it must depend on torch
-only (models/ot/transport.py always has), and so is its models/ot/_sinkhorn_cpu.py where it has one (numba
-then compiles that copy afresh: the first round of a run includes no compile, `timed_runs` warms up first).
+drifts. The revision's models/ot/ folder is read with ``git show`` and imported as a package of its own
+(its modules import each other relatively); revisions whose transport.py stands alone (up to 47bc248:
+models/ot/transport.py, or models/transport.py before the rooms of models/) are imported the same way with
+their copy of the compiled CPU loop (_sinkhorn_cpu.py, or models/sinkhorn_cpu.py) put in its place. Numba
+compiles that copy afresh: the first round of a run includes no compile, `timed_runs` warms up first.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import statistics
 import subprocess
@@ -35,13 +38,16 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_module(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
+def load_package(folder: Path, name: str) -> ModuleType:
+    """The package whose modules are the .py files in ``folder``, imported under ``name``."""
+    spec = importlib.util.spec_from_file_location(
+        name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
     assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package  # its modules' relative imports (and dataclasses) look it up there
+    spec.loader.exec_module(package)
+    return package
 
 
 def file_at(rev: str, path: str) -> tuple[str | None, str]:
@@ -50,25 +56,38 @@ def file_at(rev: str, path: str) -> tuple[str | None, str]:
     return (out.stdout if out.returncode == 0 else None), out.stderr.strip()
 
 
+def files_at(rev: str, folder: str) -> list[str]:
+    """The paths of the .py files directly in ``folder`` at git revision ``rev`` (none where it has none)."""
+    out = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{folder}"],
+                         capture_output=True, text=True)  # fmt: skip
+    names = out.stdout.split() if out.returncode == 0 else []
+    return [f"{folder}/{name}" for name in names if name.endswith(".py")]
+
+
 def revision_module(rev: str, folder: Path) -> ModuleType:
-    """models/ot/transport.py at git revision ``rev``, imported as its own module; where the revision has
-    models/ot/_sinkhorn_cpu.py (the compiled CPU loop), the module uses that revision's copy of it too."""
-    text, error = file_at(rev, "models/ot/transport.py")
-    if text is None:  # revisions before the rooms of models/ (docs/design.md, section 0)
-        text, error = file_at(rev, "models/transport.py")
-    if text is None:
-        print(f"--against {rev}: git show failed: {error}", file=sys.stderr)
-        raise SystemExit(2)
-    path = folder / "transport_at_revision.py"
-    path.write_text(text)
-    module = load_module(path, "transport_at_revision")
-    loop, _ = file_at(rev, "models/ot/_sinkhorn_cpu.py")
-    if loop is None:
-        loop, _ = file_at(rev, "models/sinkhorn_cpu.py")
-    if loop is not None and hasattr(module, "_sinkhorn_cpu"):
-        (folder / "sinkhorn_cpu_at_revision.py").write_text(loop)
-        compiled = load_module(folder / "sinkhorn_cpu_at_revision.py", "sinkhorn_cpu_at_revision")
-        module._sinkhorn_cpu = lambda: compiled  # the revision imports models.ot._sinkhorn_cpu through this
+    """The transport module of git revision ``rev``, imported from a copy of its models/ot/ (or, before the
+    rooms of models/, of its models/transport.py and models/sinkhorn_cpu.py) as the package
+    ``ot_at_revision``."""
+    paths = {Path(path).name: path for path in files_at(rev, "models/ot")}
+    if not paths:  # revisions before the rooms of models/ (docs/design.md, section 0)
+        paths = {"transport.py": "models/transport.py", "_sinkhorn_cpu.py": "models/sinkhorn_cpu.py"}
+    package = folder / "ot_at_revision"
+    package.mkdir()
+    for name, path in paths.items():
+        text, error = file_at(rev, path)
+        if text is None and name == "transport.py":
+            print(f"--against {rev}: git show failed: {error}", file=sys.stderr)
+            raise SystemExit(2)
+        if text is not None and name != "__init__.py":  # the package's own stays empty: nothing to import
+            (package / name).write_text(text)
+    (package / "__init__.py").write_text("")
+    load_package(package, "ot_at_revision")
+    module = importlib.import_module("ot_at_revision.transport")
+    if callable(getattr(module, "_sinkhorn_cpu", None)) and (package / "_sinkhorn_cpu.py").exists():
+        # a transport.py that stands alone imports models.ot._sinkhorn_cpu (of the working tree) through
+        # this function: give it the revision's copy
+        compiled = importlib.import_module("ot_at_revision._sinkhorn_cpu")
+        module._sinkhorn_cpu = lambda: compiled
     return module
 
 
@@ -84,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     bt.EPSILON = args.epsilon
     torch.set_num_threads(args.threads)
-    now = load_module(ROOT / "models" / "ot" / "transport.py", "transport_now")
+    now = importlib.import_module("models.ot.transport")  # of the working tree (bench_transport's path)
     shapes = [tuple(args.shape)] if args.shape else bt.FULL
     console = Console(width=130)
     table = Table(

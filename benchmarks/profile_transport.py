@@ -1,13 +1,14 @@
-"""Where the time of one FGW call goes: wall time inside each stage of models.ot.transport, per call.
+"""Where the time of one FGW call goes: wall time inside each stage of models.ot's solver, per call.
 
 Usage: python benchmarks/profile_transport.py [--shape B N M] [--epsilon E] [--threads T] [--calls C]
        [--solver pgd|ppa]
 
 Runs bench_transport's problem and call (float32, alpha 0.5, 10 outer x 20 inner, forward + backward of the
-value) ``--calls`` times after a warm-up, with each stage of models.ot.transport and models.ot._sinkhorn_cpu
-wrapped in a timer, and prints the total and each stage's ms per call. Stages nest (a projection includes its
-compiled calls; "backward" is the rest of the call after the objective); the timers add about a microsecond
-per stage call. Times on a shared machine drift: compare stages within one run, not across runs.
+value) ``--calls`` times after a warm-up, with each stage of models.ot.transport (the functions it calls,
+wrapped where it looks them up) and models.ot._sinkhorn_cpu wrapped in a timer, and prints the total and
+each stage's ms per call. Stages nest (a projection includes its compiled calls; "backward" is the rest of
+the call after the objective); the timers add about a microsecond per stage call. Times on a shared
+machine drift: compare stages within one run, not across runs.
 """
 
 from __future__ import annotations
@@ -32,16 +33,17 @@ from rich.table import Table
 from models.ot import _sinkhorn_cpu as sinkhorn_cpu
 from models.ot import transport
 
+# (module, name, label): the stage is the function ``name`` as ``module`` looks it up when it calls it
 STAGES: list[tuple[ModuleType, str, str]] = [
-    (transport, "_validate", "input checks"),
+    (transport, "build_problem", "input checks"),
     (transport, "_quadratic_parts", "constant term of the cost"),
     (transport, "_linearised_at_product", "first linearisation (rank one)"),
     (transport, "_linearised", "linearisations"),
-    (transport, "_project_kernel", "projections"),
+    (transport, "project_kernel", "projections"),
     (sinkhorn_cpu, "_absorb", "  absorb potentials, column maxima (compiled)"),
     (sinkhorn_cpu, "_iterate", "  iterations, plan, potentials (compiled)"),
     (transport, "_run", "solve (all outer steps)"),
-    (transport, "_objective", "objective"),
+    (transport, "objective", "objective"),
 ]
 
 

@@ -26,7 +26,7 @@ from models.engine.config import resolve_config
 from models.engine.precision import choose_precision, cpu_has_native_bf16
 from models.engine.training import train
 from models.nn.transfer_loss import GMOTConfig, GMOTLoss
-from models.ot import transport
+from models.ot import transport, unbalanced
 
 pytestmark = pytest.mark.parametrize(
     "device",
@@ -74,8 +74,8 @@ def test_fgw_on_the_device_matches_the_cpu(device: str) -> None:
 
 def test_unbalanced_on_the_device_matches_the_cpu(device: str) -> None:
     cost, _, _, a = _problem("cpu")
-    ref = transport.unbalanced_fused_gromov_wasserstein(cost, None, None, a, None, 0.0, 0.1, tau_a=0.5)
-    got = transport.unbalanced_fused_gromov_wasserstein(
+    ref = unbalanced.unbalanced_fused_gromov_wasserstein(cost, None, None, a, None, 0.0, 0.1, tau_a=0.5)
+    got = unbalanced.unbalanced_fused_gromov_wasserstein(
         cost.to(device), None, None, a.to(device), None, 0.0, 0.1, tau_a=0.5
     )
     torch.testing.assert_close(got.plan.cpu(), ref.plan, atol=1e-10, rtol=0)

@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
-import models
+import models.ot
 from models.ot import _sinkhorn_cpu as sinkhorn_cpu
-from models.ot import transport
+from models.ot import backend, problem, transport, unbalanced
 from models.ot.transport import fused_gromov_wasserstein, sinkhorn
 from tests.test_transport import ragged_problem
 
@@ -25,7 +25,7 @@ def solve_both(monkeypatch: pytest.MonkeyPatch, solve):
     """Results of ``solve()`` with the torch loop and with the compiled one."""
     out = {}
     for loop in ("torch", "compiled"):
-        monkeypatch.setattr(transport, "CPU_LOOP", loop)
+        monkeypatch.setattr(backend, "CPU_LOOP", loop)
         out[loop] = solve()
     return out["torch"], out["compiled"]
 
@@ -44,7 +44,7 @@ def test_compiled_loop_gives_the_torch_loop_result(monkeypatch, dtype, kind):
         if kind == "sinkhorn":
             return sinkhorn(cost, a, b, epsilon=0.05, max_iter=30, check_convergence=False)
         if kind == "unbalanced":
-            return transport.unbalanced_fused_gromov_wasserstein(
+            return unbalanced.unbalanced_fused_gromov_wasserstein(
                 cost, sa, sb, a, b, epsilon=0.05, tau_a=1.0, outer_iter=5, inner_iter=15
             )
         return fused_gromov_wasserstein(
@@ -62,7 +62,7 @@ def test_compiled_loop_gives_the_torch_loop_result(monkeypatch, dtype, kind):
             check_convergence=False,
         )
 
-    assert transport._compiled_loop_for(cost)  # the compiled loop is what "compiled" runs here
+    assert backend.compiled_loop_for(cost)  # the compiled loop is what "compiled" runs here
     ref, got = solve_both(monkeypatch, solve)
     # the same arithmetic, summed in another order: round-off apart
     tol = 1e-11 if dtype == F64 else 2e-5
@@ -154,8 +154,8 @@ def test_without_numba_the_torch_loop_runs_with_a_warning(monkeypatch):
     want = fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.05, outer_iter=3, inner_iter=10)
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
     monkeypatch.delitem(sys.modules, "models.ot._sinkhorn_cpu")
-    monkeypatch.delattr(models, "sinkhorn_cpu")
-    transport._sinkhorn_cpu.cache_clear()
+    monkeypatch.delattr(models.ot, "_sinkhorn_cpu")  # or `from . import _sinkhorn_cpu` would find it there
+    backend.compiled_kernels.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -163,12 +163,12 @@ def test_without_numba_the_torch_loop_runs_with_a_warning(monkeypatch):
         assert any("numba is not importable" in str(w.message) for w in caught)
         assert torch.allclose(got.plan, want.plan, rtol=1e-11, atol=1e-15)
     finally:
-        transport._sinkhorn_cpu.cache_clear()
+        backend.compiled_kernels.cache_clear()
 
 
 def test_an_unknown_cpu_loop_is_refused_by_name(monkeypatch):
     cost, sa, sb, a, b = ragged_problem(seed=2)
-    monkeypatch.setattr(transport, "CPU_LOOP", "fast")
+    monkeypatch.setattr(backend, "CPU_LOOP", "fast")
     with pytest.raises(ValueError, match=r"GMOT_CPU_LOOP.*'fast'"):
         fused_gromov_wasserstein(cost, sa, sb, a, b, epsilon=0.05, outer_iter=2, inner_iter=5)
 
@@ -176,8 +176,8 @@ def test_an_unknown_cpu_loop_is_refused_by_name(monkeypatch):
 @pytest.mark.parametrize("value", ["torch", "compiled"])
 def test_the_environment_variable_chooses_the_loop_at_import(value):
     code = (
-        "import torch; from models import transport as t; "
-        "print(t.CPU_LOOP, t._compiled_loop_for(torch.zeros(1)))"
+        "import torch; from models.ot import backend as t; "
+        "print(t.CPU_LOOP, t.compiled_loop_for(torch.zeros(1)))"
     )
     env = {**os.environ, "GMOT_CPU_LOOP": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -199,8 +199,8 @@ def test_compiled_fgw_makes_no_squared_structures(monkeypatch):
     # squares are allocated (the torch loop still builds them once per call)
     cost, sa, sb, a, b = ragged_problem(seed=4)
     made = []
-    squares = transport._Problem.squares
-    monkeypatch.setattr(transport._Problem, "squares", lambda self: made.append(1) or squares(self))
+    squares = problem.Problem.squares
+    monkeypatch.setattr(problem.Problem, "squares", lambda self: made.append(1) or squares(self))
     ref, got = solve_both(
         monkeypatch,
         lambda: fused_gromov_wasserstein(

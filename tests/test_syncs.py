@@ -15,7 +15,7 @@ import models.engine.training as training
 from models.engine.config import resolve_config
 from models.nn.ctc import ctc_impossible, ctc_losses
 from models.nn.transfer_loss import GMOTConfig, GMOTLoss
-from models.ot import transport
+from models.ot import transport, unbalanced
 
 SYNCING = ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero")
 
@@ -80,7 +80,7 @@ def test_trusted_solver_calls_do_not_synchronise() -> None:
                 cost, sa, sb, a, None, 0.5, 0.1, domain=domain, symmetric=True, validate=False
             )
             transport.sinkhorn(cost, a, None, 0.1, max_iter=50, domain=domain, validate=False)
-            transport.unbalanced_fused_gromov_wasserstein(cost, sa, sb, a, None, 0.5, 0.1, validate=False)
+            unbalanced.unbalanced_fused_gromov_wasserstein(cost, sa, sb, a, None, 0.5, 0.1, validate=False)
         assert c["n"] == 0, domain
     with count_syncs() as c:  # the checked call does synchronise: the count above could be non-zero
         transport.fused_gromov_wasserstein(cost, sa, sb, a, None, 0.5, 0.1, domain="kernel", symmetric=True)

@@ -18,8 +18,9 @@ from models.engine.config import TrainConfig, resolve_config
 from models.engine.schedule import kt_weight_at
 from models.engine.training import train
 from models.nn.encoder import ConformerCTC, ModelConfig
-from models.nn.transfer_loss import GMOTConfig, GMOTLoss, cost_spread, plan_entropy_ratio
-from models.ot import transport
+from models.nn.transfer_loss import GMOTConfig, GMOTLoss, plan_entropy_ratio
+from models.ot import transport, unbalanced
+from models.ot.problem import cost_spread
 
 
 def _marginal(rng: torch.Generator, *shape: int) -> torch.Tensor:
@@ -33,7 +34,7 @@ def test_unbalanced_sinkhorn_matches_pot(taus: tuple[float, float | None]) -> No
     cost = torch.rand(3, 7, 5, generator=rng, dtype=torch.float64)
     a, b = _marginal(rng, 3, 7), _marginal(rng, 3, 5)
     tau_a, tau_b = taus
-    res = transport.unbalanced_fused_gromov_wasserstein(
+    res = unbalanced.unbalanced_fused_gromov_wasserstein(
         cost, None, None, a, b, 0.0, 0.1, tau_a=tau_a, tau_b=tau_b, outer_iter=50, inner_iter=40
     )
     for i in range(3):
@@ -54,7 +55,7 @@ def test_unbalanced_with_a_huge_tau_is_the_balanced_fgw() -> None:
     sb = torch.rand(2, 4, 4, generator=rng, dtype=torch.float64)
     sa, sb = sa + sa.mT, sb + sb.mT
     a, b = _marginal(rng, 2, 6), _marginal(rng, 2, 4)
-    relaxed = transport.unbalanced_fused_gromov_wasserstein(
+    relaxed = unbalanced.unbalanced_fused_gromov_wasserstein(
         cost, sa, sb, a, b, 0.5, 0.1, tau_a=1e8, outer_iter=10, inner_iter=60
     )
     exact = transport.fused_gromov_wasserstein(cost, sa, sb, a, b, 0.5, 0.1, outer_iter=10, inner_iter=60)
@@ -69,11 +70,11 @@ def test_unbalanced_padding_is_exactly_zero_with_zero_gradient() -> None:
     a[0, :4], a[1] = 0.25, 1 / 6
     b = torch.zeros(2, 5, dtype=torch.float64)
     b[0, :3], b[1] = 1 / 3, 0.2
-    res = transport.unbalanced_fused_gromov_wasserstein(cost, None, None, a, b, 0.0, 0.1, tau_a=0.5)
+    res = unbalanced.unbalanced_fused_gromov_wasserstein(cost, None, None, a, b, 0.0, 0.1, tau_a=0.5)
     assert float(res.plan[0, 4:].abs().max()) == 0.0 and float(res.plan[0, :, 3:].abs().max()) == 0.0
     res.value.sum().backward()
     assert float(cost.grad[0, 4:].abs().max()) == 0.0 and float(cost.grad[0, :, 3:].abs().max()) == 0.0
-    alone = transport.unbalanced_fused_gromov_wasserstein(
+    alone = unbalanced.unbalanced_fused_gromov_wasserstein(
         cost[:1, :4, :3].detach(), None, None, a[:1, :4], b[:1, :3], 0.0, 0.1, tau_a=0.5
     )
     torch.testing.assert_close(res.plan[0, :4, :3], alone.plan[0])
@@ -81,7 +82,7 @@ def test_unbalanced_padding_is_exactly_zero_with_zero_gradient() -> None:
 
 def test_unbalanced_rejects_bad_tau() -> None:
     with pytest.raises(ValueError, match="tau_a"):
-        transport.unbalanced_fused_gromov_wasserstein(torch.rand(1, 3, 2), None, None, tau_a=-1.0)
+        unbalanced.unbalanced_fused_gromov_wasserstein(torch.rand(1, 3, 2), None, None, tau_a=-1.0)
 
 
 def _batch(seed: int = 0, b: int = 3, n: int = 12, m: int = 5, d: int = 8):

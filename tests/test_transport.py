@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from models.ot import transport
+from models.ot.problem import cost_spread
 from models.ot.transport import fused_gromov_wasserstein, sinkhorn
 
 torch.set_num_threads(1)
@@ -300,6 +301,7 @@ def _bad(**changes):
         ({"domain": "fourier"}, "domain"),
         ({"outer_iter": 0}, "outer_iter"),
         ({"tol": -1.0}, "tol"),
+        ({"scale_cost": "max"}, "scale_cost"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(changes, name):
@@ -397,3 +399,32 @@ def test_cold_start_beyond_float32_range_is_solved_in_the_log_domain():
     in64 = fused_gromov_wasserstein(cost, sa, sb, domain="kernel", **kw)
     log64 = fused_gromov_wasserstein(cost, sa, sb, domain="log", **kw)
     assert torch.allclose(in64.plan, log64.plan, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "pgd", "ppa"])
+def test_scale_cost_std_is_the_given_problem_at_epsilon_times_the_spread(solver):
+    # each item alone at epsilon * s_k, s_k its cost's spread over the valid entries (the padding's garbage
+    # left out): the same plan, value, transport cost and gradients, in the given cost's units
+    cost, sa, sb, a, b = ragged_problem(15)
+    cost = 3.0 * cost
+    spread = cost_spread(cost, (a > 0)[:, :, None] & (b > 0)[:, None, :])
+
+    def solve(c, s_a, s_b, a_, b_, epsilon, **kw):
+        c = c.clone().requires_grad_(True)
+        if solver == "sinkhorn":
+            res = sinkhorn(c, a_, b_, epsilon, max_iter=40, check_convergence=False, **kw)
+        else:
+            res = fused_gromov_wasserstein(c, s_a, s_b, a_, b_, 0.5, epsilon, outer_iter=5, inner_iter=20,
+                                           solver=solver, check_convergence=False, **kw)  # fmt: skip
+        res.value.sum().backward()
+        return res, c.grad
+
+    scaled, grad = solve(cost, sa, sb, a, b, 0.1, scale_cost="std")
+    assert float((spread - 1).abs().min()) > 0.05  # far enough from 1 for the scaling to matter
+    for i, (n, m) in enumerate(zip(N_LENS, M_LENS, strict=True)):
+        one, one_grad = solve(cost[i : i + 1, :n, :m], sa[i : i + 1, :n, :n], sb[i : i + 1, :m, :m],
+                              a[i : i + 1, :n], b[i : i + 1, :m], 0.1 * float(spread[i]))  # fmt: skip
+        torch.testing.assert_close(valid_block(scaled.plan, i), one.plan[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(valid_block(grad, i), one_grad[0], rtol=1e-9, atol=1e-12)
+        for field in ("value", "transport_cost"):
+            torch.testing.assert_close(getattr(scaled, field)[i], getattr(one, field)[0], rtol=1e-9, atol=0)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.ot import graphs, transport
+from models.ot import graphs, transport, unbalanced
 
 
 @dataclass
@@ -84,7 +84,8 @@ class GMOTConfig:
     transfer study; checkpoints made before the option existed load with it off."""
     epsilon_scale: Literal["absolute", "cost_std"] = "absolute"
     """"absolute": epsilon as given; "cost_std": epsilon times each utterance's standard deviation of the
-    node cost (detached), so the plan's sharpness does not depend on how far apart the features are."""
+    node cost (detached), so the plan's sharpness does not depend on how far apart the features are (the
+    solvers' ``scale_cost="std"``, models.ot.problem.cost_spread)."""
     reduction: Literal["mean", "sum"] = "mean"
     """Per-utterance reduction of kt: "mean" over its tokens (a plan of mass 1), or "sum" over its tokens
     (transport value and alignment loss times the number of tokens), as CTC is a sum over the utterance, so
@@ -292,12 +293,8 @@ class GMOTLoss(nn.Module):
             a = self.acoustic_weights(a_mask, blank_prob)
             bm = graphs.uniform_marginal(b_mask, check=False)
             valid = a_mask[:, :, None] & b_mask[:, None, :]
-            # epsilon_scale "cost_std": solving on cost / s (structures / sqrt(s), the Gromov term being
-            # quadratic in them) at epsilon is solving at epsilon * s; the value is scaled back by s
-            scale = cost_spread(cost.detach(), valid) if cfg.epsilon_scale == "cost_std" else None
-            res = self._solve(cost, h, z, a_mask, b_mask, a, bm, scale)
-            kt_ot_per = res.transport_cost if scale is None else res.transport_cost * scale
-            plan = res.plan
+            res = self._solve(cost, h, z, a_mask, b_mask, a, bm)
+            kt_ot_per, plan = res.transport_cost, res.plan
             # transported acoustic features per token: h~_j = sum_i T_ij h_i / b_j
             h_tilde = plan.transpose(1, 2) @ h / bm.clamp(min=1e-12)[:, :, None]
             if cfg.align_loss == "cosine":
@@ -326,38 +323,38 @@ class GMOTLoss(nn.Module):
         }
 
     def _solve(
-        self, cost: Tensor, h: Tensor, z: Tensor, a_mask: Tensor, b_mask: Tensor, a: Tensor, bm: Tensor,
-        scale: Tensor | None,
-    ) -> transport.TransportResult:  # fmt: skip
-        """The transport of the configured mode (shapes as in forward); `scale` (B,) divides the problem."""
+        self, cost: Tensor, h: Tensor, z: Tensor, a_mask: Tensor, b_mask: Tensor, a: Tensor, bm: Tensor
+    ) -> transport.TransportResult:
+        """The transport of the configured mode: node cost (B, N, M), features h (B, N, D) and z (B, M, D)
+        with their masks, marginals a (B, N) and bm (B, M) -> the solver's result (values in the cost's
+        units; epsilon_scale "cost_std" is the solvers' scale_cost "std")."""
         cfg = self.cfg
+        settings: dict[str, Any] = {
+            "epsilon": cfg.epsilon,
+            "grad": cfg.grad,
+            "validate": False,  # built here: nothing to check, and nothing synchronises
+            "scale_cost": "std" if cfg.epsilon_scale == "cost_std" else None,
+        }
         d_a = d_l = None
         if cfg.mode == "fgw":
             h_struct = h.detach() if cfg.detach_structure else h
             d_a = graphs.structure_matrix(h_struct, a_mask, cfg.structure, cfg.hybrid_mix)
             d_l = graphs.structure_matrix(z, b_mask, cfg.structure, cfg.hybrid_mix)
-        if scale is not None:
-            cost = cost / scale[:, None, None]
-            if d_a is not None and d_l is not None:
-                root = scale.sqrt()[:, None, None]
-                d_a, d_l = d_a / root, d_l / root
         if cfg.unbalanced_tau > 0:
-            return transport.unbalanced_fused_gromov_wasserstein(
-                cost, d_a, d_l, a, bm, alpha=cfg.effective_alpha, epsilon=cfg.epsilon,
-                tau_a=cfg.unbalanced_tau, tau_b=None, outer_iter=cfg.outer_iter, inner_iter=cfg.inner_iter,
-                grad=cfg.grad, validate=False,
+            return unbalanced.unbalanced_fused_gromov_wasserstein(
+                cost, d_a, d_l, a, bm, alpha=cfg.effective_alpha, tau_a=cfg.unbalanced_tau, tau_b=None,
+                outer_iter=cfg.outer_iter, inner_iter=cfg.inner_iter, **settings,
             )  # fmt: skip
         if cfg.mode == "wd":
             # the same iterates as fgw with alpha 0 and pgd (see transport.fused_gromov_wasserstein)
             return transport.sinkhorn(
-                cost, a, bm, cfg.epsilon, max_iter=cfg.outer_iter * cfg.inner_iter, tol=cfg.tol,
-                check_every=cfg.inner_iter, grad=cfg.grad, validate=False,
+                cost, a, bm, max_iter=cfg.outer_iter * cfg.inner_iter, check_every=cfg.inner_iter,
+                tol=cfg.tol, **settings,
             )  # fmt: skip
         assert d_a is not None and d_l is not None
         return transport.fused_gromov_wasserstein(
-            cost, d_a, d_l, a, bm, alpha=cfg.alpha, epsilon=cfg.epsilon, outer_iter=cfg.outer_iter,
-            inner_iter=cfg.inner_iter, solver=cfg.solver, tol=cfg.tol, grad=cfg.grad, symmetric=True,
-            validate=False, start=cfg.start,
+            cost, d_a, d_l, a, bm, alpha=cfg.alpha, outer_iter=cfg.outer_iter, inner_iter=cfg.inner_iter,
+            solver=cfg.solver, tol=cfg.tol, symmetric=True, start=cfg.start, **settings,
         )  # fmt: skip
 
 
@@ -365,15 +362,6 @@ def _usable_mean(values: Tensor, usable: Tensor) -> Tensor:
     """Mean of (B,) `values` over the items where (B,) bool `usable` holds, the others weighing 0 (gradient
     included); 0 when none does. With every item usable it is exactly `values.mean()`."""
     return torch.where(usable, values, 0.0).mean() * (usable.numel() / usable.sum().clamp(min=1))
-
-
-def cost_spread(cost: Tensor, valid: Tensor) -> Tensor:
-    """Standard deviation of each item's cost over its valid entries: (B, N, M), (B, N, M) bool -> (B,),
-    floored at 1e-3 (a constant cost has no spread to scale epsilon by)."""
-    count = valid.sum(dim=(1, 2)).clamp(min=1)
-    mean = (cost * valid).sum(dim=(1, 2)) / count
-    var = (((cost - mean[:, None, None]) * valid) ** 2).sum(dim=(1, 2)) / count
-    return var.sqrt().clamp(min=1e-3)
 
 
 def plan_entropy_ratio(plan: Tensor, valid: Tensor) -> Tensor:

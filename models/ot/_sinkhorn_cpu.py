@@ -1,4 +1,4 @@
-"""The kernel-domain Sinkhorn projection of `models.ot.transport`, compiled for the CPU with numba.
+"""The kernel-domain Sinkhorn projection of `models.ot.projection`, compiled for the CPU with numba.
 
 On the CPU a call of the FGW solver at the sizes of our batches (N ~ 128 frames, M ~ 24 tokens, B ~ 32) was
 made of ~1,300 small torch operations (572 now), and the inner iterations (two batched matrix-vector
@@ -237,7 +237,7 @@ def project(
     n: int,
     rows_last: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """One kernel-domain Sinkhorn projection of 2^log_k as `models.ot.transport._project_kernel` makes it, in
+    """One kernel-domain Sinkhorn projection of 2^log_k as `models.ot.projection.project_kernel` makes it, in
     three steps over the batch: the previous row potentials f are absorbed into the exponent, shifted so that
     each column's largest entry is 0 (compiled); one exponential (torch, vectorised); then the iterations
     and the plan and potentials from their scalings (compiled, `_iterate`).
