@@ -2,57 +2,48 @@
 PLM cache and reports (the folder format is in data/store.py and docs/design.md section 4.1).
 
 Steps, per split:
-1. normalise transcripts (empty -> skipped), probe durations from audio headers (missing / unreadable files
-   and audio longer than `max_duration` are skipped before any decoding);
-2. cut the records into shards of at most `shard_frames` frames; each shard is one task, run inline or in a
-   pool of worker processes (`jobs`); a task reads, resamples and featurises its utterances, skips bad ones
-   and writes `feats/shard-N.npy` then `parts/feats-N.json` (kept utterances, skips, CMVN sums), both atomic;
-3. a shard whose part file exists with the same fingerprint (ids, audio, text, settings) is not redone, so an
-   interrupted run resumes where it stopped (unless the shard file is missing, truncated or holds other than
-   the part's rows: then it is redone);
-4. the vocabulary and global CMVN come from the train split (or from an existing lang folder);
-5. optionally the PLM teacher (any object with name, source, width, layer and `encode(texts)`) runs in this
-   process over each shard's transcripts -> `plm/shard-N.npy` + `parts/plm-N.json`, resumable likewise;
-   the per-dimension mean/std over train tokens goes to lang/plm.json;
+1-3. screen the records, cut them into shards and featurise each shard, inline or in worker processes,
+   resumable shard by shard (data/feature_shards.py);
+4. the vocabulary, global CMVN and character LM come from the train split (or from an existing lang folder);
+5. optionally the PLM cache: the teacher's token features of each shard's transcripts and their train
+   statistics in lang/plm.json (data/plm_cache.py);
 6. manifest.jsonl and prepare_report.json per split.
+
+This module holds the pipeline's interface (options, inputs, results, errors), checks a run before it starts,
+runs the stages in order and does steps 4 and 6 itself.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import hashlib
-import json
-import multiprocessing
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
-import numpy as np
-import soundfile
-
-from data import corpora
 from data.corpora import Skip, UtteranceRecord
+from data.feature_shards import (
+    PARTS_DIR,
+    feature_key,
+    fingerprint,
+    plan_shards,
+    read_part,
+    remove_stale_shards,
+    run_tasks,
+    screen,
+    speed_perturbed,
+)
 from data.features import (
     DEFAULT_FRONTEND,
     FRAME_SHIFT_S,
-    LEGACY_FRONTEND,
-    SAMPLE_RATE,
-    AudioError,
     CMVNStats,
-    compute_features,
-    duration_to_frames,
     feature_dim,
     frontend,
     has_pitch,
-    load_audio,
-    speed_perturb,
-    speed_prefix,
 )
 from data.ngram import LM_FILE_GLOB, lm_file_name, train_char_lm
+from data.plm_cache import Teacher, build_plm_cache, write_teacher_stats
+from data.progress import NullProgress, ProgressSink
 from data.store import (
     FEATS_DIR,
     MANIFEST,
@@ -67,31 +58,15 @@ from data.store import (
     write_cmvn,
     write_json_atomic,
     write_manifest,
-    write_plm_info,
-    write_shard,
 )
-from data.vocab import Vocabulary, normalize_mandarin
+from data.vocab import Vocabulary
 
-PARTS_DIR = "parts"
-_FEATURE_VERSION = 1  # bump when the feature computation changes, so old shards are redone
 DEFAULT_SHARD_FRAMES = 200_000  # 2,000 s of audio, 32 MB of float16 per shard
 DEFAULT_MAX_DURATION = 30.0
-SUBSAMPLING = 4
 
 
 class PrepareError(Exception):
     """A run that cannot go on (no train split and no --lang, inconsistent lang folder); names the cause."""
-
-
-class Teacher(Protocol):
-    """What the pipeline needs of a PLM teacher (models.nn.plm.PLMTeacher satisfies it)."""
-
-    name: str
-    source: str
-    width: int
-    layer: int
-
-    def encode(self, texts: list[str]) -> list[tuple[list[str], np.ndarray]]: ...
 
 
 @dataclass
@@ -186,236 +161,6 @@ class PrepareResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# progress
-
-
-class ProgressSink(Protocol):
-    """Minimal progress interface (rich.progress.Progress fits: add_task / update(advance=))."""
-
-    def add_task(self, description: str, total: float | None = ..., **kwargs: Any) -> Any: ...
-
-    def update(self, task_id: Any, **kwargs: Any) -> None: ...
-
-
-class _NullProgress:
-    def add_task(self, description: str, total: float | None = None, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, task_id: Any, **kwargs: Any) -> None:
-        return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# step 1: normalise and probe
-
-
-def _probe(rec: UtteranceRecord) -> tuple[float | None, Skip | None]:
-    """Duration of a record in seconds from its audio header (or the record), or a Skip."""
-    path = Path(rec.audio)
-    if not path.is_file():
-        return None, Skip(rec.id, corpora.MISSING_AUDIO, f"audio file not found: {path}")
-    if rec.duration is not None:
-        return rec.duration, None
-    try:
-        info = soundfile.info(str(path))
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
-        return None, Skip(rec.id, corpora.UNREADABLE_AUDIO, f"cannot read audio header of {path}: {exc}")
-    total = info.frames / info.samplerate if info.samplerate else 0.0
-    start = rec.start or 0.0
-    end = rec.end if rec.end is not None and rec.end > 0 else total
-    return max(min(end, total) - start, 0.0), None
-
-
-def _screen(split: SplitInput, options: PrepareOptions) -> tuple[list[dict], list[Skip]]:
-    """Normalise transcripts and probe durations -> (work items, skips). A work item is a plain dict."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    skips = list(split.skips)
-    pending: list[tuple[UtteranceRecord, str]] = []
-    for rec in split.records:
-        text = normalize_mandarin(rec.text)
-        if not text:
-            what = "empty" if not rec.text.strip() else f"only punctuation/spaces ({rec.text.strip()[:40]!r})"
-            skips.append(Skip(rec.id, corpora.EMPTY_TRANSCRIPT, f"transcript is {what}"))
-            continue
-        pending.append((rec, text))
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        probed = list(pool.map(lambda item: _probe(item[0]), pending))
-    items = []
-    for (rec, text), (duration, skip) in zip(pending, probed, strict=True):
-        if skip is not None:
-            skips.append(skip)
-            continue
-        assert duration is not None
-        if options.max_duration is not None and duration > options.max_duration:
-            skips.append(
-                Skip(rec.id, corpora.TOO_LONG, f"{duration:.2f} s > --max-duration {options.max_duration}")
-            )
-            continue
-        items.append(
-            {
-                "id": rec.id,
-                "audio": rec.audio,
-                "start": rec.start,
-                "end": rec.end,
-                "text": text,
-                "speaker": rec.speaker,
-                "est_frames": duration_to_frames(duration, options.frontend),
-            }
-        )
-    return items, skips
-
-
-def speed_perturbed(items: list[dict], factors: Sequence[float]) -> list[dict]:
-    """The screened train items with one copy per speed factor (see PrepareOptions.speed_perturb), grouped
-    by factor in the order given; a copy's estimated length is the original's over the factor."""
-    out: list[dict] = []
-    for factor in factors:
-        if factor == 1.0:
-            out.extend(items)
-            continue
-        prefix = speed_prefix(factor)
-        for it in items:
-            copy = {**it, "id": prefix + it["id"], "speed": float(factor)}
-            copy["speaker"] = None if it["speaker"] is None else prefix + it["speaker"]
-            copy["est_frames"] = max(1, round(it["est_frames"] / factor))
-            out.append(copy)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# step 2/3: shards
-
-
-def _plan_shards(items: list[dict], shard_frames: int) -> list[list[dict]]:
-    """Cut items (in order) into consecutive groups of at most `shard_frames` estimated frames (>= 1 item)."""
-    shards: list[list[dict]] = []
-    frames = 0
-    for item in items:
-        if not shards or (shards[-1] and frames + item["est_frames"] > shard_frames):
-            shards.append([])
-            frames = 0
-        shards[-1].append(item)
-        frames += item["est_frames"]
-    return shards
-
-
-def _feature_key(options: PrepareOptions) -> str:
-    """The feature settings a shard depends on, as a string for `_fingerprint` (the legacy front end adds
-    nothing, so that shards prepared before front ends were named stay valid)."""
-    key = "pitch" if options.pitch else ""
-    if options.frontend != LEGACY_FRONTEND:
-        key += f"|frontend={options.frontend}"
-    return key
-
-
-def _fingerprint(items: list[dict], max_duration: float | None, extra: str = "") -> str:
-    """Hash of what a shard's content depends on (its utterances and the settings)."""
-    h = hashlib.sha1()
-    h.update(json.dumps([_FEATURE_VERSION, max_duration, extra], sort_keys=True).encode())
-    for it in items:
-        key = [it["id"], it["audio"], it["start"], it["end"], it["text"], it["speaker"]]
-        if it.get("speed", 1.0) != 1.0:  # (so that shards prepared before speed perturbation stay valid)
-            key.append(it["speed"])
-        h.update(json.dumps(key, ensure_ascii=False).encode())
-    return h.hexdigest()
-
-
-def _read_part(path: Path, fingerprint: str) -> dict | None:
-    """A part file if it exists, parses and matches `fingerprint`; else None."""
-    if not path.is_file():
-        return None
-    try:
-        part = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return part if part.get("fingerprint") == fingerprint else None
-
-
-def min_frames_for_text(num_chars: int) -> int:
-    """Fewest fbank frames whose x4-subsampled length ((T - 1) // 2 - 1) // 2 is >= num_chars."""
-    return 4 * num_chars + 3
-
-
-def _featurise_shard(task: dict) -> dict:
-    """Worker: featurise one shard's items, write the shard .npy and its part file; return the part.
-
-    task: {"split_dir", "index", "items", "fingerprint", "max_duration", "pitch", "frontend"}. Part:
-    {"fingerprint", "index", "kept": [{"id", "text", "speaker", "duration", "num_frames", "offset"}],
-    "skips": [...], "cmvn": {...}}.
-    """
-    split_dir = Path(task["split_dir"])
-    index = task["index"]
-    max_duration = task["max_duration"]
-    arrays: list[np.ndarray] = []
-    kept: list[dict] = []
-    skips: list[dict] = []
-    pitch = bool(task["pitch"])
-    stats = CMVNStats(feature_dim(pitch))
-    for it in task["items"]:
-        uid = it["id"]
-        try:
-            wave = speed_perturb(load_audio(it["audio"], it["start"], it["end"]), it.get("speed", 1.0))
-        except AudioError as exc:
-            reason = corpora.MISSING_AUDIO if "not found" in str(exc) else corpora.UNREADABLE_AUDIO
-            skips.append(Skip(uid, reason, str(exc)).to_dict())
-            continue
-        duration = wave.shape[0] / SAMPLE_RATE
-        if wave.shape[0] == 0:
-            skips.append(Skip(uid, corpora.EMPTY_AUDIO, f"{it['audio']} has no samples").to_dict())
-            continue
-        if max_duration is not None and duration > max_duration:
-            detail = f"{duration:.2f} s > --max-duration {max_duration}"
-            skips.append(Skip(uid, corpora.TOO_LONG, detail).to_dict())
-            continue
-        if not np.isfinite(wave).all():
-            skips.append(Skip(uid, corpora.UNREADABLE_AUDIO, f"{it['audio']} has NaN/inf samples").to_dict())
-            continue
-        feats = compute_features(wave, pitch, task["frontend"])
-        if feats.shape[0] == 0:
-            detail = f"{it['audio']}: {duration * 1000:.1f} ms is shorter than one 25 ms frame"
-            skips.append(Skip(uid, corpora.EMPTY_AUDIO, detail).to_dict())
-            continue
-        need = min_frames_for_text(len(it["text"]))
-        if feats.shape[0] < need:
-            detail = (
-                f"{feats.shape[0]} frames ({duration:.2f} s) give {((feats.shape[0] - 1) // 2 - 1) // 2} "
-                f"frames after x{SUBSAMPLING} subsampling, fewer than the {len(it['text'])} characters"
-            )
-            skips.append(Skip(uid, corpora.TOO_SHORT_FOR_TEXT, detail).to_dict())
-            continue
-        stats.update(feats)
-        arrays.append(feats)
-        kept.append(
-            {
-                "id": uid,
-                "text": it["text"],
-                "speaker": it["speaker"],
-                "duration": round(duration, 4),
-                "num_frames": int(feats.shape[0]),
-            }
-        )
-    offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), arrays, feature_dim(pitch))
-    for k, off in zip(kept, offsets, strict=True):
-        k["offset"] = off
-    part = {
-        "fingerprint": task["fingerprint"],
-        "index": index,
-        "kept": kept,
-        "skips": skips,
-        "cmvn": stats.to_dict(),
-    }
-    write_json_atomic(split_dir / PARTS_DIR / f"feats-{index:05d}.json", part)
-    return part
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # the pipeline
 
 
@@ -436,7 +181,7 @@ def prepare(
     that ends empty gives a result with `error` set (every split's report is still written).
     """
     options = options or PrepareOptions()
-    progress = progress or _NullProgress()
+    progress = progress or NullProgress()
     out_dir = Path(out_dir)
     names = [s.name for s in splits]
     if len(set(names)) != len(names):
@@ -490,16 +235,16 @@ def prepare(
     tasks: list[dict] = []
     parts: dict[tuple[str, int], dict] = {}
     for split in splits:
-        items, skips = _screen(split, options)
+        items, skips = screen(split.records, split.skips, options.max_duration, options.frontend)
         if split.name == "train" and options.speed_perturb:
             items = speed_perturbed(items, options.speed_perturb)
-        shards = _plan_shards(items, options.shard_frames)
+        shards = plan_shards(items, options.shard_frames)
         split_dir = out_dir / split.name
         fps = []
         for index, group in enumerate(shards):
-            fp = _fingerprint(group, options.max_duration, _feature_key(options))
+            fp = fingerprint(group, options.max_duration, feature_key(options.pitch, options.frontend))
             fps.append(fp)
-            done = _read_part(split_dir / PARTS_DIR / f"feats-{index:05d}.json", fp)
+            done = read_part(split_dir / PARTS_DIR / f"feats-{index:05d}.json", fp)
             rows = sum(k["num_frames"] for k in done["kept"]) if done is not None else None
             if rows is not None and shard_rows(split_dir / FEATS_DIR / shard_name(index)) == rows:
                 parts[(split.name, index)] = done
@@ -516,12 +261,12 @@ def prepare(
                     "frontend": options.frontend,
                 }
             )
-        _remove_stale_shards(split_dir, len(shards))
+        remove_stale_shards(split_dir, len(shards))
         screened[split.name] = (shards, skips, fps)
 
     total_frames = sum(it["est_frames"] for t in tasks for it in t["items"])
     task_id = progress.add_task("fbank", total=total_frames * FRAME_SHIFT_S)
-    for part, task in _run_tasks(tasks, options.jobs):
+    for part, task in run_tasks(tasks, options.jobs):
         parts[(task["split"], task["index"])] = part
         progress.update(task_id, advance=sum(it["est_frames"] for it in task["items"]) * FRAME_SHIFT_S)
 
@@ -570,22 +315,13 @@ def prepare(
     plm_parts: dict[str, list[dict]] = {}
     plm_info = None
     if teacher is not None and vocab is not None:
-        plm_parts = _build_plm_cache(out_dir, splits, screened, gathered, teacher, options, progress)
+        fingerprints = {name: screened[name][2] for name in names}
+        kept_by_split = {name: gathered[name][0] for name in names}
+        plm_parts = build_plm_cache(
+            out_dir, fingerprints, kept_by_split, teacher, options.plm_batch_size, progress
+        )
         if has_train:
-            stats = CMVNStats(teacher.width)
-            for part in plm_parts["train"]:
-                stats.merge(CMVNStats.from_dict(part["stats"]))
-            if stats.frames:
-                mean, std = stats.mean_std()
-                write_plm_info(
-                    out_lang,
-                    name=teacher.name,
-                    source=teacher.source,
-                    width=teacher.width,
-                    layer=teacher.layer,
-                    mean=mean,
-                    std=std,
-                )
+            write_teacher_stats(out_lang, teacher, plm_parts["train"])
         plm_info = read_plm_info(out_lang)
     elif has_train and vocab is not None and (out_lang / "plm.json").exists():
         (out_lang / "plm.json").unlink()  # a stale teacher description from an earlier run with a PLM
@@ -652,124 +388,3 @@ def _remove_lms(lang_dir: Path) -> None:
     """Delete the character LMs of an earlier run from `lang_dir` (a new train split replaces them)."""
     for old in lang_dir.glob(LM_FILE_GLOB):
         old.unlink()
-
-
-def _run_tasks(tasks: list[dict], jobs: int):
-    """Yield (part, task) as feature tasks finish: inline for jobs <= 1, else a pool of `jobs` processes."""
-    if not tasks:
-        return
-    if jobs <= 1 or len(tasks) == 1:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            for task in tasks:
-                yield _featurise_shard(task), task
-        finally:
-            torch.set_num_threads(threads)
-        return
-    # forkserver: one clean server process imports torch once, then forks the workers (fast start, and no
-    # fork of a parent whose torch thread pools may be in use); spawn where forkserver does not exist
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["data.preparation", "torch", "torchaudio.compliance.kaldi"])
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=min(jobs, len(tasks)), mp_context=ctx, initializer=_init_worker
-    ) as pool:
-        futures = {pool.submit(_featurise_shard, task): task for task in tasks}
-        for fut in as_completed(futures):
-            yield fut.result(), futures[fut]
-
-
-def _remove_stale_shards(split_dir: Path, num_shards: int) -> None:
-    """Delete shard / part files with an index >= num_shards left by an earlier, larger run."""
-    for sub, pattern in ((FEATS_DIR, "shard-*.npy"), (PLM_DIR, "shard-*.npy"), (PARTS_DIR, "*.json")):
-        folder = split_dir / sub
-        if not folder.is_dir():
-            continue
-        for path in folder.glob(pattern):
-            try:
-                index = int(path.stem.rsplit("-", 1)[1])
-            except (IndexError, ValueError):
-                continue
-            if index >= num_shards:
-                path.unlink()
-
-
-def _build_plm_cache(
-    out_dir: Path,
-    splits: Sequence[SplitInput],
-    screened: dict,
-    gathered: dict,
-    teacher: Teacher,
-    options: PrepareOptions,
-    progress: ProgressSink,
-) -> dict[str, list[dict]]:
-    """Run the teacher over every shard's kept transcripts (in this process); write plm shards + parts.
-
-    Part: {"fingerprint", "index", "entries": [{"id", "offset", "num_tokens", "tokens"}], "stats": sums}.
-    """
-    teacher_key = json.dumps([teacher.name, teacher.source, teacher.width, teacher.layer])
-    todo = []
-    out: dict[str, list[dict]] = {}
-    for split in splits:
-        shards, _, fps = screened[split.name]
-        kept = gathered[split.name][0]
-        by_shard: dict[int, list[dict]] = {}
-        for k in kept:
-            by_shard.setdefault(k["shard"], []).append(k)
-        out[split.name] = []
-        for index in range(len(shards)):
-            entries = by_shard.get(index, [])
-            fp = hashlib.sha1(
-                (fps[index] + teacher_key + "".join(e["id"] for e in entries)).encode()
-            ).hexdigest()
-            split_dir = out_dir / split.name
-            part = _read_part(split_dir / PARTS_DIR / f"plm-{index:05d}.json", fp)
-            rows = sum(e["num_tokens"] for e in part["entries"]) if part is not None else None
-            if rows is not None and shard_rows(split_dir / PLM_DIR / shard_name(index)) == rows:
-                out[split.name].append(part)
-            else:
-                todo.append((split.name, index, entries, fp))
-    task_id = progress.add_task("PLM cache", total=sum(len(e) for _, _, e, _ in todo))
-    for split_name, index, entries, fp in todo:
-        split_dir = out_dir / split_name
-        arrays: list[np.ndarray] = []
-        tokens: list[list[str]] = []
-        texts = [e["text"] for e in entries]
-        counts = collections.Counter(texts)
-        unique = list(counts)  # speed-perturbed copies share their transcript: encode it once
-        encoded: dict[str, tuple[list[str], np.ndarray]] = {}
-        for start in range(0, len(unique), options.plm_batch_size):
-            batch = unique[start : start + options.plm_batch_size]
-            for text, (toks, feats) in zip(batch, teacher.encode(batch), strict=True):
-                matrix = np.asarray(feats, dtype=np.float32).reshape(len(toks), teacher.width)
-                encoded[text] = (list(toks), matrix)
-            progress.update(task_id, advance=sum(counts[t] for t in batch))
-        for text in texts:
-            toks, feats = encoded[text]
-            arrays.append(feats)
-            tokens.append(toks)
-        if len(arrays) != len(entries):
-            raise PrepareError(f"the PLM teacher returned {len(arrays)} results for {len(entries)} texts")
-        offsets = write_shard(split_dir / PLM_DIR / shard_name(index), arrays, teacher.width)
-        stats = CMVNStats(teacher.width)
-        for a in arrays:
-            stats.update(a.astype(np.float16))  # statistics of what is stored
-        part = {
-            "fingerprint": fp,
-            "index": index,
-            "entries": [
-                {"id": e["id"], "offset": off, "num_tokens": len(t), "tokens": t}
-                for e, off, t in zip(entries, offsets, tokens, strict=True)
-            ],
-            "stats": stats.to_dict(),
-        }
-        write_json_atomic(split_dir / PARTS_DIR / f"plm-{index:05d}.json", part)
-        out[split_name].append(part)
-    for parts in out.values():
-        parts.sort(key=lambda p: p["index"])
-    return out

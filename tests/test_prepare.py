@@ -11,7 +11,7 @@ import soundfile
 from prepare_helpers import GOOD_TEXTS, good_kaldi_dir, write_kaldi_dir, write_wav
 from typer.testing import CliRunner
 
-from data import preparation
+from data import feature_shards
 from data.corpora import read_kaldi_dir
 from data.features import compute_fbank, load_audio
 from data.preparation import PrepareError, PrepareOptions, SplitInput, prepare
@@ -361,13 +361,13 @@ def _split_input(data_dir: Path, name: str = "train") -> SplitInput:
 def _count_featurised_shards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that collects the index of every shard `prepare` featurises from now on."""
     calls: list[int] = []
-    real = preparation._featurise_shard
+    real = feature_shards.featurise_shard
 
     def counting(task: dict) -> dict:
         calls.append(task["index"])
         return real(task)
 
-    monkeypatch.setattr(preparation, "_featurise_shard", counting)
+    monkeypatch.setattr(feature_shards, "featurise_shard", counting)
     return calls
 
 
