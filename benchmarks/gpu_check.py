@@ -46,6 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 
+import models.engine.run_state as run_state  # noqa: E402
 import models.engine.training as training  # noqa: E402
 from models.engine.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from models.engine.config import resolve_config  # noqa: E402
@@ -154,11 +155,11 @@ def fp16_run(data: Path, exp: Path, device: str) -> Fp16Run:
     cfg = resolve_config("tiny", overrides=["gmot.mode=fgw", "train.max_utts=1", "train.epochs=2"])
     on_cuda = torch.device(device).type == "cuda"
     scaler = (
-        training.grad_scaler if on_cuda else lambda precision: torch.amp.GradScaler("cuda", enabled=False)
+        run_state.grad_scaler if on_cuda else lambda precision: torch.amp.GradScaler("cuda", enabled=False)
     )
     with (
-        mock.patch.object(training, "choose_precision", lambda device, mixed: "fp16"),
-        mock.patch.object(training, "grad_scaler", scaler),
+        mock.patch.object(run_state, "choose_precision", lambda device, mixed: "fp16"),
+        mock.patch.object(run_state, "grad_scaler", scaler),
     ):
         trainer = training.Trainer(data, exp, cfg, device=device, progress=False)
         out = trainer.run()

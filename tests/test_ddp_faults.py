@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import models.engine.train_data as train_data
 import models.engine.training as training
 from models.engine.checkpoint import list_checkpoints, load_checkpoint
 from models.engine.config import resolve_config
@@ -51,7 +52,7 @@ def _with_unalignable_utterances(src: Path, dst: Path) -> Path:
 
 def _let_unalignable_through() -> None:
     """Keep the unalignable utterances in (their CTC is infinite in training, and counted)."""
-    training.ctc_infeasible = lambda records, subsampling: []
+    train_data.ctc_infeasible = lambda records, subsampling: []
 
 
 def _rank(rank: int, world: int, port: int, data: str, tmp: str) -> None:

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import models.engine.run_state as run_state
 import models.engine.training as training
 from models.engine.checkpoint import list_checkpoints, load_checkpoint
 from models.engine.config import resolve_config
+from models.engine.distributed import unwrap
 from models.engine.precision import MAX_OVERFLOW_STREAK, SCALE_FLOOR, overflow_is_nan
 from models.engine.training import TrainingError, train
 
@@ -28,7 +30,7 @@ def _fp16_with_nan_gradients(monkeypatch: pytest.MonkeyPatch, nan_steps: set[int
     """A CPU GradScaler starting at scale 8, and NaN gradients in the CTC head on the given (1-based)
     backward passes (all of them for None)."""
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-    monkeypatch.setattr(training, "grad_scaler", lambda precision: scaler)
+    monkeypatch.setattr(run_state, "grad_scaler", lambda precision: scaler)
     original = training.Trainer._build
     seen = {"n": 0}
 
@@ -38,7 +40,7 @@ def _fp16_with_nan_gradients(monkeypatch: pytest.MonkeyPatch, nan_steps: set[int
 
     def build(self) -> None:
         original(self)
-        training._unwrap(self.model).ctc_head.weight.register_hook(poison)
+        unwrap(self.model).ctc_head.weight.register_hook(poison)
 
     monkeypatch.setattr(training.Trainer, "_build", build)
 

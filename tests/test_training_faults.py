@@ -18,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import models.engine.train_data as train_data
 import models.engine.training as training
 import models.nn.ctc as ctc_loss
 from gmot_cli.app import app
@@ -73,7 +74,7 @@ def test_infinite_ctc_drops_only_the_offending_utterance(
     tiny_prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, bad = _with_unalignable_utterance(tiny_prepared, tmp_path)
-    monkeypatch.setattr(training, "ctc_infeasible", lambda records, subsampling: [])  # let it through
+    monkeypatch.setattr(train_data, "ctc_infeasible", lambda records, subsampling: [])  # let it through
     out = train(data, tmp_path / "exp", _tiny("train.epochs=2"), device="cpu", progress=False)
     assert out.skipped_inf == 2  # the one utterance, once per epoch
     assert out.skipped_nan == 0

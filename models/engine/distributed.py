@@ -13,9 +13,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+if TYPE_CHECKING:
+    from models.nn.encoder import ConformerCTC
 
 
 class DeviceError(ValueError):
@@ -99,6 +104,11 @@ def pick_device(requested: str | None, ddp: DistInfo) -> torch.device:
             req = f"cuda:{ddp.local_rank}"
         torch.cuda.set_device(torch.device(req))
     return torch.device(req)
+
+
+def unwrap(model: nn.Module) -> ConformerCTC:
+    """The model itself: `model`, or the module a DistributedDataParallel wraps."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
 
 
 def all_reduce(values: list[float], dd: DistInfo, device: torch.device, op: str = "sum") -> list[float]:
