@@ -11,11 +11,13 @@ import importlib
 import typer
 
 from gmot_cli import __version__
+from gmot_cli.common import EXIT_CODES_HELP
 
 app = typer.Typer(
     name="gmot",
     help="Train CTC speech recognisers that learn from a pretrained language model through "
     "Graph Matching Optimal Transport (GM-OT).",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

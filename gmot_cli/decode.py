@@ -13,8 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from data.features import AudioError, feature_width_mismatch
 from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError, frontend_mismatch
-from gmot_cli.errors import error_exit
-from gmot_cli.score import print_score
+from gmot_cli.common import RUN_FAILED, err_console, error_exit, print_score, require_device
 from models.engine.checkpoint import CheckpointError, load_model
 from models.tasks.decoding import (
     real_time_factor,
@@ -78,22 +77,20 @@ def decode(
 ) -> None:
     """Decode a prepared split (or audio files) with greedy CTC or beam search; write text, details, RTF."""
     console = Console()
-    err = Console(stderr=True)
     inputs = list(inputs or [])
     if method not in METHODS:
-        raise error_exit(err, f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+        raise error_exit(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
     if not inputs:
-        raise error_exit(err, "give DATA_DIR (a prepared folder) or --wav with audio files after the model")
+        raise error_exit("give DATA_DIR (a prepared folder) or --wav with audio files after the model")
     if not wav and len(inputs) != 1:
-        raise error_exit(err, "give one DATA_DIR, or pass --wav to decode audio files")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise error_exit(err, "--device cuda was asked for but no CUDA device is available")
+        raise error_exit("give one DATA_DIR, or pass --wav to decode audio files")
+    require_device(device)
     if batch_frames < 1:
-        raise error_exit(err, "--batch-frames must be positive")
+        raise error_exit("--batch-frames must be positive")
     if nbest < 1 or (nbest > 1 and method != "beam"):
-        raise error_exit(err, f"--nbest takes K >= 1, and K > 1 needs --method beam (got {nbest}, {method})")
+        raise error_exit(f"--nbest takes K >= 1, and K > 1 needs --method beam (got {nbest}, {method})")
     if nbest > beam_size:
-        raise error_exit(err, f"--nbest {nbest} cannot exceed --beam-size {beam_size}")
+        raise error_exit(f"--nbest {nbest} cannot exceed --beam-size {beam_size}")
     if threads > 0:
         torch.set_num_threads(threads)
     try:
@@ -106,7 +103,6 @@ def decode(
             if not split_dir.is_dir():
                 found = sorted(m.parent.name for m in inputs[0].glob("*/manifest.jsonl"))
                 raise error_exit(
-                    err,
                     f"split {split!r} is not prepared in {inputs[0]} (no folder {split_dir}); "
                     f"prepared splits: {', '.join(found) or 'none'} (run `gmot prepare` first)",
                 )
@@ -119,16 +115,16 @@ def decode(
             if mismatch:
                 raise DecodingError(f"{split_dir}: {mismatch}")
     except (CheckpointError, DecodingError, StoreError, AudioError) as e:
-        raise error_exit(err, str(e)) from None
+        raise error_exit(str(e)) from None
     if not utts:
-        raise error_exit(err, "nothing to decode (the split is empty)")
+        raise error_exit("nothing to decode (the split is empty)")
 
     with Progress(
         TextColumn("decoding"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=err,
+        console=err_console,
         transient=True,
         disable=not progress,
     ) as bar:
@@ -178,7 +174,7 @@ def decode(
         try:
             write_hypotheses(out_dir, hyps, summary)
         except OSError as e:
-            raise error_exit(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
+            raise error_exit(f"cannot write to {out_dir}: {e.strerror or e}", RUN_FAILED) from None
         console.print(f"wrote {escape(str(out_dir))}/text, details.jsonl, rtf.json", highlight=False)
     console.print(
         f"{len(hyps)} utterances, {audio:.1f} s of audio, RTF {rtf:.4f} ({method}, {device}, "

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from data.features import NUM_MEL_BINS, SHERPA_ONNX_FRONTEND, AudioError
-from gmot_cli.errors import error_exit
+from gmot_cli.common import RUN_FAILED, err_console, error_exit
 from models.engine.checkpoint import CheckpointError, load_model
 from models.tasks.export import (
     CHECK_MODULES,
@@ -42,7 +42,6 @@ def export(
 ) -> None:
     """Export a trained model as ONNX for sherpa-onnx (offline CTC) or onnxruntime, with its tokens.txt."""
     console = Console()
-    err = Console(stderr=True)
     try:
         needed = (
             EXPORT_MODULES
@@ -53,9 +52,9 @@ def export(
         loaded = load_model(model)
         result = export_onnx(loaded, out_dir, opset=opset, check=check)
     except (CheckpointError, ExportError) as e:
-        raise error_exit(err, str(e)) from None
+        raise error_exit(str(e)) from None
     except OSError as e:
-        raise error_exit(err, f"cannot write to {out_dir}: {e.strerror or e}", 1) from None
+        raise error_exit(f"cannot write to {out_dir}: {e.strerror or e}", RUN_FAILED) from None
     size_mb = result.model_path.stat().st_size / 1e6
     console.print(
         f"wrote {escape(str(result.model_path))} ({size_mb:.1f} MB) and {escape(str(result.tokens_path))} "
@@ -68,7 +67,7 @@ def export(
         )
     sherpa_ready = loaded.frontend == SHERPA_ONNX_FRONTEND and loaded.model.cfg.input_dim == NUM_MEL_BINS
     if loaded.frontend != SHERPA_ONNX_FRONTEND:
-        err.print(
+        err_console.print(
             f"[yellow]warning:[/yellow] this model was trained on {escape(loaded.frontend)!r} features; "
             f"sherpa-onnx computes {SHERPA_ONNX_FRONTEND!r} features, so it would not decode as "
             "`gmot decode` does. Train on data prepared with the default --frontend to deploy with "
@@ -76,7 +75,7 @@ def export(
             highlight=False,
         )
     elif loaded.model.cfg.input_dim != NUM_MEL_BINS:
-        err.print(
+        err_console.print(
             "[yellow]warning:[/yellow] this model takes fbank + pitch features, which sherpa-onnx does not "
             "compute; use the ONNX file with your own features (onnxruntime).",
             highlight=False,
@@ -88,11 +87,11 @@ def export(
     if compare is not None:
         wavs = sorted(p for p in compare.rglob("*") if p.suffix.lower() in (".wav", ".flac"))
         if not wavs:
-            raise error_exit(err, f"--compare {compare}: no .wav or .flac files there")
+            raise error_exit(f"--compare {compare}: no .wav or .flac files there")
         try:
             cmp = compare_with_sherpa(loaded, result, wavs)
         except (ExportError, AudioError) as e:
-            raise error_exit(err, str(e)) from None
+            raise error_exit(str(e)) from None
         console.print(
             f"sherpa-onnx transcribes {cmp.identical} of {cmp.files} files in {escape(str(compare))} exactly "
             f"as gmot does (greedy; gmot {cmp.gmot_seconds:.1f} s, sherpa-onnx {cmp.sherpa_seconds:.1f} s)",
@@ -101,7 +100,7 @@ def export(
         for wav, ours, theirs in cmp.differing[:10]:
             console.print(f"  {wav}: gmot {ours!r}, sherpa-onnx {theirs!r}", markup=False, highlight=False)
         if cmp.differing:
-            raise typer.Exit(1)
+            raise typer.Exit(RUN_FAILED)
 
 
 def register(app: typer.Typer) -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from data.store import StoreError, frontend_mismatch
-from gmot_cli.errors import error_exit
+from gmot_cli.common import RUN_FAILED, err_console, error_exit, require_device
 from models.engine.checkpoint import CheckpointError, load_model
 from models.engine.diagnostics import format_scores
 from models.nn.ctc import greedy_ctc
@@ -46,17 +46,17 @@ def plot_alignment(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Draw the GM-OT transport plan of an utterance with structures and the CTC forced alignment."""
-    err = Console(stderr=True)
     console = Console()
     modes = tuple(m.strip().lower() for m in compare.split(",") if m.strip())
     if not modes or any(m not in PLAN_MODES for m in modes) or len(set(modes)) != len(modes):
         raise error_exit(
-            err, f"--compare takes {', '.join(PLAN_MODES)} or both separated by a comma, not {compare!r}"
+            f"--compare takes {', '.join(PLAN_MODES)} or both separated by a comma, not {compare!r}"
         )
     if (utt is None) == (worst <= 0):
-        raise error_exit(err, "give exactly one of --utt ID or --worst K")
+        raise error_exit("give exactly one of --utt ID or --worst K")
     if out is not None and out.suffix.lower() not in FIGURE_SUFFIXES:
-        raise error_exit(err, f"--out must end in {', '.join(FIGURE_SUFFIXES)}: {out}")
+        raise error_exit(f"--out must end in {', '.join(FIGURE_SUFFIXES)}: {out}")
+    require_device(device)
     try:
         loaded = load_model(model, device=device)
         if not (data_dir / split / "manifest.jsonl").is_file():
@@ -76,7 +76,7 @@ def plot_alignment(
             targets = [(utt, None)]
         font = find_cjk_font()
         if font is None:
-            err.print(
+            err_console.print(
                 "[yellow]warning:[/yellow] no CJK font found (install fonts-noto-cjk or fonts-wqy-zenhei); "
                 "Chinese token labels are shown as token indices"
             )
@@ -93,9 +93,9 @@ def plot_alignment(
                 path = out
             written.append((save_figure(fig, path), data.cer, data.scores))
     except (CheckpointError, StoreError, AlignmentPlotError, DecodingError) as e:
-        raise error_exit(err, str(e)) from None
+        raise error_exit(str(e)) from None
     except OSError as e:
-        raise error_exit(err, f"cannot write the figure: {e}", 1) from None
+        raise error_exit(f"cannot write the figure: {e}", RUN_FAILED) from None
     for path, cer, scores in written:
         console.print(f"wrote {escape(str(path))} (CER {100 * cer:.1f} %)", highlight=False, soft_wrap=True)
         for mode, sc in scores.items():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,7 +24,7 @@ from data.preparation import (
     SplitInput,
     prepare,
 )
-from gmot_cli.errors import error_exit
+from gmot_cli.common import RUN_FAILED, err_console, error_exit, with_options
 from gmot_cli.line_progress import LineProgress
 
 prepare_app = typer.Typer(
@@ -32,91 +34,79 @@ prepare_app = typer.Typer(
 )
 
 
-class _Common:
-    """Options shared by every prepare command."""
+LANG_NOTE = " With --lang the lang folder decides."
+LANG_NOTES = {"pitch": LANG_NOTE, "frontend": LANG_NOTE}
+"""Help added to the shared options that a --lang folder decides, in the sources that take --lang."""
 
-    def __init__(
-        self, plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device="cpu", pitch=False,
-        speed="", frontend=DEFAULT_FRONTEND,
-    ):  # fmt: skip
-        self.plm = plm
-        self.plm_device = plm_device
-        self.plm_layer = plm_layer
-        self.no_plm_cache = no_plm_cache
+
+@dataclass
+class SharedOptions:
+    """The options every `gmot prepare` source takes, declared once: each field's type carries its typer
+    option, its default is the option's; `options` is what data.preparation reads.
+
+    Built by keyword from the parsed options (gmot_cli.common.with_options); an invalid --speed-perturb or
+    --frontend raises typer.BadParameter (exit 2) when it is built.
+    """
+
+    plm: Annotated[
+        str | None,
+        typer.Option(
+            "--plm", help="PLM teacher: e5-small (default), a local model folder or a cached hub id."
+        ),
+    ] = None
+    plm_layer: Annotated[
+        int, typer.Option("--plm-layer", help="Teacher hidden state to cache (0 = embeddings, -1 = last).")
+    ] = -1
+    plm_device: Annotated[
+        str,
+        typer.Option("--plm-device", help="Device for the PLM teacher's forward pass: cpu, cuda, cuda:N."),
+    ] = "cpu"
+    no_plm_cache: Annotated[
+        bool, typer.Option("--no-plm-cache", help="Do not compute PLM token features (pretrain only).")
+    ] = False
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Parallel feature-extraction processes.")] = 1
+    max_duration: Annotated[
+        float,
+        typer.Option("--max-duration", help="Skip utterances longer than this (seconds; 0 = no limit)."),
+    ] = DEFAULT_MAX_DURATION
+    shard_frames: Annotated[int, typer.Option("--shard-frames", help="Frames (10 ms) per feature shard.")] = (
+        DEFAULT_SHARD_FRAMES
+    )
+    pitch: Annotated[
+        bool,
+        typer.Option(
+            "--pitch/--no-pitch",
+            help="Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins, "
+            "meant for tonal languages (on the demo corpus it did not help: see the README).",
+        ),
+    ] = False
+    speed_perturb: Annotated[
+        str,
+        typer.Option(
+            "--speed-perturb",
+            help="Speed factors for the train split, e.g. 0.9,1.0,1.1 (copies with ids sp0.9-...; default "
+            "none).",
+        ),
+    ] = ""
+    frontend: Annotated[
+        str,
+        typer.Option(
+            "--frontend",
+            help=f"Fbank front end: {', '.join(FRONTENDS)}. The default computes what sherpa-onnx computes, "
+            "so an exported model decodes there as it does here; kaldi-snip is gmot's front end before 0.2.",
+        ),
+    ] = DEFAULT_FRONTEND
+    options: PrepareOptions = field(init=False)
+
+    def __post_init__(self) -> None:
         self.options = PrepareOptions(
-            max_duration=max_duration if max_duration and max_duration > 0 else None,
-            jobs=max(1, jobs),
-            shard_frames=shard_frames,
-            pitch=pitch,
-            speed_perturb=parse_speed_factors(speed),
-            frontend=parse_frontend(frontend),
+            max_duration=self.max_duration if self.max_duration and self.max_duration > 0 else None,
+            jobs=max(1, self.jobs),
+            shard_frames=self.shard_frames,
+            pitch=self.pitch,
+            speed_perturb=parse_speed_factors(self.speed_perturb),
+            frontend=parse_frontend(self.frontend),
         )
-
-
-def _plm_opt():
-    return typer.Option(
-        None, "--plm", help="PLM teacher: e5-small (default), a local model folder or a cached hub id."
-    )
-
-
-def _layer_opt():
-    return typer.Option(-1, "--plm-layer", help="Teacher hidden state to cache (0 = embeddings, -1 = last).")
-
-
-def _plm_device_opt():
-    return typer.Option(
-        "cpu", "--plm-device", help="Device for the PLM teacher's forward pass: cpu, cuda, cuda:N."
-    )
-
-
-def _no_cache_opt():
-    return typer.Option(False, "--no-plm-cache", help="Do not compute PLM token features (pretrain only).")
-
-
-def _jobs_opt():
-    return typer.Option(1, "--jobs", "-j", help="Parallel feature-extraction processes.")
-
-
-def _maxdur_opt():
-    return typer.Option(
-        DEFAULT_MAX_DURATION,
-        "--max-duration",
-        help="Skip utterances longer than this (seconds; 0 = no limit).",
-    )
-
-
-def _shard_opt():
-    return typer.Option(DEFAULT_SHARD_FRAMES, "--shard-frames", help="Frames (10 ms) per feature shard.")
-
-
-def _pitch_opt(with_lang: bool = False):
-    help_text = (
-        "Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins, meant for "
-        "tonal languages (on the demo corpus it did not help: see the README)."
-    )
-    return typer.Option(
-        False,
-        "--pitch/--no-pitch",
-        help=help_text + (" With --lang the lang folder decides." if with_lang else ""),
-    )
-
-
-def _speed_opt():
-    return typer.Option(
-        "",
-        "--speed-perturb",
-        help="Speed factors for the train split, e.g. 0.9,1.0,1.1 (copies with ids sp0.9-...; default none).",
-    )
-
-
-def _frontend_opt(with_lang: bool = False):
-    return typer.Option(
-        DEFAULT_FRONTEND,
-        "--frontend",
-        help=f"Fbank front end: {', '.join(FRONTENDS)}. The default computes what sherpa-onnx computes, so "
-        "an exported model decodes there as it does here; kaldi-snip is gmot's front end before 0.2."
-        + (" With --lang the lang folder decides." if with_lang else ""),
-    )
 
 
 def parse_frontend(name: str) -> str:
@@ -142,37 +132,32 @@ def parse_speed_factors(text: str) -> tuple[float, ...]:
     return factors
 
 
-def _lang_opt():
-    return typer.Option(
-        None, "--lang", help="Existing prepared lang folder (vocab, CMVN) for runs without a train split."
-    )
+LangOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lang", help="Existing prepared lang folder (vocab, CMVN) for runs without a train split."
+    ),
+]
 
 
-_err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    return error_exit(_err, message, code)
-
-
-def _load_teacher(common: _Common):
+def _load_teacher(shared: SharedOptions):
     """The PLM teacher (or None with --no-plm-cache); a clear error and exit 2 for an unknown --plm."""
-    if common.no_plm_cache:
+    if shared.no_plm_cache:
         return None
     from models.nn.plm import PLMError, load_teacher
 
-    if common.plm_device.startswith("cuda"):
+    if shared.plm_device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise _fail(
-                f"--plm-device {common.plm_device}: no CUDA device is visible here (use --plm-device cpu)"
+            raise error_exit(
+                f"--plm-device {shared.plm_device}: no CUDA device is visible here (use --plm-device cpu)"
             )
     try:
-        with _err.status(f"loading the PLM teacher {common.plm or 'e5-small'} ..."):
-            return load_teacher(common.plm, common.plm_layer, device=common.plm_device)
+        with err_console.status(f"loading the PLM teacher {shared.plm or 'e5-small'} ..."):
+            return load_teacher(shared.plm, shared.plm_layer, device=shared.plm_device)
     except PLMError as exc:
-        raise _fail(f"{exc} (or pass --no-plm-cache to prepare without a PLM cache)") from None
+        raise error_exit(f"{exc} (or pass --no-plm-cache to prepare without a PLM cache)") from None
 
 
 def _summary_table(result: PrepareResult) -> Table:
@@ -194,12 +179,14 @@ def _summary_table(result: PrepareResult) -> Table:
 
 def _progress(*columns) -> Progress | LineProgress:
     """Live bars on a terminal; elsewhere (a log file, CI) a line per stage and a count every 30 s."""
-    if _err.is_terminal:
-        return Progress(*columns, console=_err, transient=True)
-    return LineProgress(_err)
+    if err_console.is_terminal:
+        return Progress(*columns, console=err_console, transient=True)
+    return LineProgress(err_console)
 
 
-def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang: Path | None = None) -> None:
+def _run(
+    out_dir: Path, splits: list[SplitInput], shared: SharedOptions, teacher, lang: Path | None = None
+) -> None:
     """Run the pipeline with a progress bar, print the summary; exit 1 when a split ends empty."""
     console = Console()
     columns = (
@@ -212,10 +199,10 @@ def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang
     try:
         with _progress(*columns) as progress:
             result = prepare(
-                out_dir, splits, teacher=teacher, lang_dir=lang, options=common.options, progress=progress
+                out_dir, splits, teacher=teacher, lang_dir=lang, options=shared.options, progress=progress
             )
     except (PrepareError, CorpusError) as exc:
-        raise _fail(str(exc)) from None
+        raise error_exit(str(exc)) from None
     console.print(_summary_table(result))
     for s in result.splits:
         shown = s.skipped[:5]
@@ -228,9 +215,9 @@ def _run(out_dir: Path, splits: list[SplitInput], common: _Common, teacher, lang
                 f"  ... {len(s.skipped) - len(shown)} more in {out_dir / s.name / 'prepare_report.json'}"
             )
     if result.error:
-        raise _fail(result.error, 1)
+        raise error_exit(result.error, RUN_FAILED)
     if result.empty_splits:
-        raise _fail(f"split(s) ended empty: {', '.join(result.empty_splits)}", 1)
+        raise error_exit(f"split(s) ended empty: {', '.join(result.empty_splits)}", RUN_FAILED)
 
 
 def _parse_splits(values: list[str], what: str) -> list[tuple[str, Path]]:
@@ -238,7 +225,7 @@ def _parse_splits(values: list[str], what: str) -> list[tuple[str, Path]]:
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
-            raise _fail(f"--split expects NAME={what}, got {v!r}")
+            raise error_exit(f"--split expects NAME={what}, got {v!r}")
         out.append((name, Path(path)))
     return out
 
@@ -257,61 +244,40 @@ def _read_splits(
             records, skips = reader(name, path)
             splits.append(SplitInput(name, records, skips, source=source(path)))
     except CorpusError as exc:
-        raise _fail(str(exc)) from None
+        raise error_exit(str(exc)) from None
     return splits
 
 
 @prepare_app.command("kaldi")
+@with_options(SharedOptions, "shared", LANG_NOTES)
 def kaldi(
     out_dir: Path = typer.Argument(..., help="Output folder."),
     split: list[str] = typer.Option(..., "--split", help="NAME=DIR, a Kaldi data dir (repeatable)."),
-    lang: Path | None = _lang_opt(),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(with_lang=True),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(with_lang=True),
+    lang: LangOpt = None,
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Prepare Kaldi data dirs (wav.scp + text, optional utt2spk and segments)."""
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
     splits = _read_splits(split, "DIR", lambda name, path: read_kaldi_dir(path), str)
-    _run(out_dir, splits, common, _load_teacher(common), lang)
+    _run(out_dir, splits, shared, _load_teacher(shared), lang)
 
 
 @prepare_app.command("jsonl")
+@with_options(SharedOptions, "shared", LANG_NOTES)
 def jsonl(
     out_dir: Path = typer.Argument(..., help="Output folder."),
     split: list[str] = typer.Option(..., "--split", help="NAME=FILE, a JSONL manifest (repeatable)."),
-    lang: Path | None = _lang_opt(),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(with_lang=True),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(with_lang=True),
+    lang: LangOpt = None,
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Prepare JSONL manifests ({"audio_filepath", "text", "duration"?, "id"?, "speaker"?} per line)."""
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
     splits = _read_splits(split, "FILE", lambda name, path: read_jsonl(path), str)
-    _run(out_dir, splits, common, _load_teacher(common), lang)
+    _run(out_dir, splits, shared, _load_teacher(shared), lang)
 
 
 @prepare_app.command("lhotse")
+@with_options(SharedOptions, "shared", LANG_NOTES)
 def lhotse(
     out_dir: Path = typer.Argument(..., help="Output folder."),
     split: list[str] = typer.Option(
@@ -319,34 +285,22 @@ def lhotse(
         "--split",
         help="NAME=CUTS (a lhotse CutSet .jsonl[.gz]) or NAME=RECORDINGS,SUPERVISIONS (repeatable).",
     ),
-    lang: Path | None = _lang_opt(),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(with_lang=True),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(with_lang=True),
+    lang: LangOpt = None,
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Prepare lhotse manifests: one utterance per supervision of a mono audio file (needs gmot[lhotse])."""
     from data.lhotse_source import read_lhotse
-
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
 
     def read(name: str, path: Path) -> tuple[list, list]:
         return read_lhotse([Path(p) for p in str(path).split(",")])
 
     splits = _read_splits(split, "CUTS", read, "lhotse {}".format)
-    _run(out_dir, splits, common, _load_teacher(common), lang)
+    _run(out_dir, splits, shared, _load_teacher(shared), lang)
 
 
 @prepare_app.command("hf")
+@with_options(SharedOptions, "shared", LANG_NOTES)
 def hf(
     out_dir: Path = typer.Argument(..., help="Output folder (audio bytes are written to OUT_DIR/corpus/hf)."),
     split: list[str] = typer.Option(
@@ -360,25 +314,13 @@ def hf(
         None, "--id-column", help="Column holding utterance ids (default: 'id' if present, else row-NNNNNN)."
     ),
     speaker_column: str | None = typer.Option(None, "--speaker-column", help="Column holding speaker ids."),
-    lang: Path | None = _lang_opt(),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(with_lang=True),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(with_lang=True),
+    lang: LangOpt = None,
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Prepare Hugging Face datasets saved on disk, or audiofolders (offline; saved ones need gmot[hf])."""
     from data.hf_source import HFColumns, read_hf
 
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
     columns = HFColumns(audio_column, text_column, id_column, speaker_column)
 
     def read(name: str, path: Path) -> tuple[list, list]:
@@ -387,40 +329,30 @@ def hf(
         return read_hf(str(path), name, columns, out_dir / "corpus" / "hf" / name)
 
     splits = _read_splits(split, "DIR", read, "Hugging Face {}".format)
-    _run(out_dir, splits, common, _load_teacher(common), lang)
+    _run(out_dir, splits, shared, _load_teacher(shared), lang)
 
 
 @prepare_app.command("aishell1")
+@with_options(SharedOptions, "shared")
 def aishell1(
     corpus_dir: Path = typer.Argument(..., help="Folder holding data_aishell/ (or data_aishell itself)."),
     out_dir: Path = typer.Argument(..., help="Output folder."),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(),
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Prepare AISHELL-1 (data_aishell/wav/{train,dev,test}/S*/*.wav + transcript v0.8)."""
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
     try:
         found = read_aishell1(corpus_dir)
     except CorpusError as exc:
-        raise _fail(str(exc)) from None
+        raise error_exit(str(exc)) from None
     splits = [
         SplitInput(name, recs, skips, source=f"AISHELL-1 {name}") for name, (recs, skips) in found.items()
     ]
-    _run(out_dir, splits, common, _load_teacher(common))
+    _run(out_dir, splits, shared, _load_teacher(shared))
 
 
 @prepare_app.command("demo")
+@with_options(SharedOptions, "shared")
 def demo(
     out_dir: Path = typer.Argument(
         ..., help="Output folder (the synthesized corpus goes to OUT_DIR/corpus)."
@@ -430,31 +362,18 @@ def demo(
         None, "--train-sentences", help="Number of train sentences (default: the corpus default)."
     ),
     voices_per_sentence: int = typer.Option(2, "--voices-per-sentence", help="Training voices per sentence."),
-    plm: str | None = _plm_opt(),
-    plm_layer: int = _layer_opt(),
-    plm_device: str = _plm_device_opt(),
-    no_plm_cache: bool = _no_cache_opt(),
-    jobs: int = _jobs_opt(),
-    max_duration: float = _maxdur_opt(),
-    shard_frames: int = _shard_opt(),
-    pitch: bool = _pitch_opt(),
-    speed_perturb: str = _speed_opt(),
-    frontend: str = _frontend_opt(),
+    *,
+    shared: SharedOptions,
 ) -> None:
     """Synthesize the embedded Mandarin demo corpus with espeak-ng and prepare it (offline)."""
     from data import demo as demo_corpus
 
-    common = _Common(
-        plm, plm_layer, no_plm_cache, jobs, max_duration, shard_frames, plm_device, pitch, speed_perturb,
-        frontend,
-    )  # fmt: skip
     if not demo_corpus.espeak_available():
-        raise _fail(
+        raise error_exit(
             "espeak-ng was not found on PATH; the demo corpus needs it: install it with "
-            "`apt-get install espeak-ng` (Debian/Ubuntu; `make sysdeps` does this)",
-            1,
+            "`apt-get install espeak-ng` (Debian/Ubuntu; `make sysdeps` does this)"
         )
-    teacher = _load_teacher(common)  # fail fast on an unknown --plm before synthesis
+    teacher = _load_teacher(shared)  # fail fast on an unknown --plm before synthesis
     try:
         with _progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()) as progress:
             task = progress.add_task("espeak-ng", total=None)
@@ -463,16 +382,16 @@ def demo(
                 seed=seed,
                 train_sentences=train_sentences,
                 voices_per_sentence=voices_per_sentence,
-                jobs=max(1, jobs),
+                jobs=max(1, shared.jobs),
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     except demo_corpus.DemoCorpusError as exc:
-        raise _fail(str(exc), 1) from None
+        raise error_exit(str(exc), RUN_FAILED) from None
     splits = []
     for name, path in dirs.items():
         records, skips = read_kaldi_dir(path)
         splits.append(SplitInput(name, records, skips, source=f"demo corpus {path}"))
-    _run(out_dir, splits, common, teacher)
+    _run(out_dir, splits, shared, teacher)
 
 
 def register(app: typer.Typer) -> None:

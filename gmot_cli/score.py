@@ -7,33 +7,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from data.homophones import KINDS, ErrorBreakdown, homophone_breakdown
-from data.scoring import UNITS, ScoreResult, ScoringError, read_transcripts, score_transcripts, write_details
-
-
-def score_table(result: ScoreResult, title: str = "") -> Table:
-    """An ESPnet `result.txt` style summary table (percentages of the reference length)."""
-    unit_name = "Chr" if result.unit == "char" else "Wrd"
-    table = Table(title=title or None)
-    for col in ("SPKR", "# Snt", f"# {unit_name}", "Corr", "Sub", "Del", "Ins", "Err", "S.Err"):
-        table.add_column(col, justify="right")
-    n = max(result.ref_len, 1)
-    snt = max(result.sentences, 1)
-    table.add_row(
-        "Sum/Avg",
-        str(result.sentences),
-        str(result.ref_len),
-        *(
-            f"{100.0 * v / n:.1f}"
-            for v in (result.hits, result.substitutions, result.deletions, result.insertions)
-        ),
-        f"{100.0 * result.errors / n:.1f}",
-        f"{100.0 * result.sentence_errors / snt:.1f}",
-    )
-    return table
+from data.scoring import UNITS, ScoringError, read_transcripts, score_transcripts, write_details
+from gmot_cli.common import RUN_FAILED, error_exit, print_score
 
 
 def breakdown_table(breakdown: ErrorBreakdown) -> Table:
@@ -49,23 +27,6 @@ def breakdown_table(breakdown: ErrorBreakdown) -> Table:
         pairs = ", ".join(f"{r}->{h} {n}" for r, h, n in breakdown.top_homophones)
         table.caption = f"most frequent homophones (ref->hyp count): {pairs}"
     return table
-
-
-def print_score(result: ScoreResult, console: Console, title: str = "") -> None:
-    """Print the Kaldi summary lines, the table and any missing ids."""
-    console.print(result.kaldi_summary(), markup=False, highlight=False)
-    console.print(score_table(result, title))
-    if result.missing_in_hyp:
-        shown = " ".join(result.missing_in_hyp[:10]) + (" ..." if len(result.missing_in_hyp) > 10 else "")
-        console.print(
-            f"[yellow]{len(result.missing_in_hyp)} id(s) missing from the hypothesis, "
-            f"scored as deletions:[/yellow] {shown}"
-        )
-    if result.missing_in_ref:
-        shown = " ".join(result.missing_in_ref[:10]) + (" ..." if len(result.missing_in_ref) > 10 else "")
-        console.print(
-            f"[yellow]{len(result.missing_in_ref)} id(s) not in the reference, ignored:[/yellow] {shown}"
-        )
 
 
 def score(
@@ -88,23 +49,18 @@ def score(
 ) -> None:
     """Score hypotheses against references (CER for characters, WER for words)."""
     console = Console()
-    err = Console(stderr=True)
     if unit not in UNITS:
-        err.print(f"[red]error:[/red] --unit must be one of {', '.join(UNITS)}, not {unit!r}")
-        raise typer.Exit(2)
+        raise error_exit(f"--unit must be one of {', '.join(UNITS)}, not {unit!r}")
     if by_homophone and unit != "char":
-        err.print("[red]error:[/red] --by-homophone needs character units (--unit char)")
-        raise typer.Exit(2)
+        raise error_exit("--by-homophone needs character units (--unit char)")
     try:
         result = score_transcripts(read_transcripts(ref), read_transcripts(hyp), unit)
         if details is not None:
             write_details(result, details)
     except ScoringError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise error_exit(str(e)) from None
     except OSError as e:
-        err.print(f"[red]error:[/red] cannot write {escape(str(details))}: {e.strerror or e}")
-        raise typer.Exit(1) from None
+        raise error_exit(f"cannot write {details}: {e.strerror or e}", RUN_FAILED) from None
     breakdown = homophone_breakdown(result) if by_homophone else None
     if as_json:
         out = result.to_json()

@@ -174,7 +174,7 @@ def test_pitch_through_prepare_pretrain_and_decode(tmp_path: Path) -> None:
     assert "80-dim features but the model takes 83" in res.output
     res = runner.invoke(app, ["pretrain", str(plain), str(tmp_path / "exp80"), "--preset", "tiny", "--epochs",
                               "1", "--init-from", str(exp / "avg.pt"), "--no-progress"])  # fmt: skip
-    assert res.exit_code == 1  # pretrain's code for a checkpoint that does not fit
+    assert res.exit_code == 2  # a checkpoint that does not fit the data: a usage error, as in decode
     assert "80-dim features but the model takes 83" in res.output
 
 

@@ -139,7 +139,7 @@ def test_demo_without_espeak_says_how_to_install(tmp_path: Path, monkeypatch: py
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if "espeak" in name else real_which(name))
     res = runner.invoke(app, ["prepare", "demo", str(tmp_path / "o"), "--no-plm-cache"])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # a missing tool, like a missing optional package: a usage error
     assert "apt-get install espeak-ng" in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not (tmp_path / "o" / "corpus").exists()
@@ -358,3 +358,29 @@ def test_a_front_end_unknown_here_is_named(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "future-fbank" in res.output
     with pytest.raises(ValueError, match="unknown feature front end 'htk'"):
         PrepareOptions(frontend="htk")
+
+
+def test_the_shared_options_are_declared_once_and_built_by_keyword() -> None:
+    """Every source lists the fields of SharedOptions, in their order, after its own options; the --lang
+    note is on --pitch and --frontend only where the source takes --lang."""
+    import dataclasses
+
+    import typer
+
+    from gmot_cli.prepare import LANG_NOTES, SharedOptions, prepare_app
+
+    names = [f.name for f in dataclasses.fields(SharedOptions) if f.init]
+    group = typer.main.get_command(prepare_app)
+    assert sorted(group.commands) == ["aishell1", "demo", "hf", "jsonl", "kaldi", "lhotse"]
+    for source, command in group.commands.items():
+        params = [p.name for p in command.params if p.name != "help"]
+        assert params[-len(names) :] == names, source
+        has_lang = "lang" in params
+        assert has_lang == (source in ("kaldi", "jsonl", "lhotse", "hf"))
+        helps = {p.name: p.help or "" for p in command.params}
+        assert [n for n in names if any(helps[n].endswith(t) for t in LANG_NOTES.values())] == (
+            list(LANG_NOTES) if has_lang else []
+        ), source
+    shared = SharedOptions(jobs=0, max_duration=0.0, speed_perturb="1.1,0.9", frontend="kaldi-snip")
+    assert shared.options.jobs == 1 and shared.options.max_duration is None
+    assert shared.options.speed_perturb == (1.1, 0.9) and shared.options.frontend == "kaldi-snip"
