@@ -20,16 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def child(threads: int, steps: int) -> dict[str, float]:
     """In the child: time `steps` demo distill steps with `threads` torch threads (0: gmot's choice)."""
     import torch
+    from bench_train import SHAPES, make_batches, train_step  # this script's folder: sys.path[0]
 
-    from benchmarks.bench_train import SHAPES, make_batches, train_step
     from models.engine.distributed import cpu_threads
     from models.nn.encoder import PRESETS, ConformerCTC
     from models.nn.transfer_loss import GMOTConfig, GMOTLoss

@@ -28,17 +28,13 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.engine.precision import autocast_for, choose_precision
 from models.nn.ctc import ctc_losses

@@ -32,17 +32,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import ot
 from rich.console import Console
 from rich.table import Table

@@ -27,11 +27,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 import bench_transport as bt
+import torch
 from rich.console import Console
 from rich.table import Table
 

@@ -15,18 +15,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import bench_transport as bt
+import torch
 from rich.console import Console
 from rich.table import Table
 

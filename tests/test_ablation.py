@@ -1,10 +1,12 @@
-"""benchmarks/ablation.py: runs x seeds from one pretrained start, ablation.json, the report, resuming."""
+"""recipes/transfer_study/ablation.py: runs x seeds from one pretrained start, ablation.json, the report,
+resuming."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_ablation() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ablation_driver", ROOT / "benchmarks" / "ablation.py")
+    spec = importlib.util.spec_from_file_location(
+        "ablation_driver", ROOT / "recipes" / "transfer_study" / "ablation.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -118,6 +122,8 @@ def test_ablation_end_to_end_and_resume(
         "--jobs",
         "2",
     ]
+    # the workers run this checkout's package, not the one the venv's editable install may point at
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     assert ablation.main(argv) == 0
     # --jobs 2: every run x seed was trained by a worker process, each with its own log
     assert sorted(p.name for p in (out / "logs").glob("*.log")) == sorted(
@@ -159,8 +165,8 @@ def test_ablation_end_to_end_and_resume(
         row = summary[name]
         assert f"| {name} | " in text
         assert f"| {100 * row['test_cer_mean']:.2f} | {100 * row['test_cer_std']:.2f} |" in text
-    assert "python benchmarks/ablation.py " + " ".join(argv) in text
-    assert data["command"] == "python benchmarks/ablation.py " + " ".join(argv)
+    assert "python recipes/transfer_study/ablation.py " + " ".join(argv) in text
+    assert data["command"] == "python recipes/transfer_study/ablation.py " + " ".join(argv)
     for key in ("- cpu:", "- cores:", "- torch:", "- threads:", "- alpha:", "- epsilon:", "- kt_weight:"):
         assert key in text
     assert "- jobs: 2 (worker processes of 1 thread each)" in text

@@ -175,7 +175,7 @@ def test_an_opset_the_exporter_cannot_write_is_refused(tiny_prepared: Path, tmp_
 
 
 def test_the_printed_sherpa_onnx_command_transcribes(exported: tuple[Path, Path], tmp_path: Path) -> None:
-    """The command `gmot export` prints (and the README shows) runs as it stands and prints what
+    """The command `gmot export` prints (and docs/deploy.md shows) runs as it stands and prints what
     `gmot decode --wav` prints."""
     import shlex
     import subprocess

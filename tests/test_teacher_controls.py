@@ -157,7 +157,9 @@ def _ablation():
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ablation_controls", root / "benchmarks" / "ablation.py")
+    spec = importlib.util.spec_from_file_location(
+        "ablation_controls", root / "recipes" / "transfer_study" / "ablation.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -1,4 +1,5 @@
-"""benchmarks/transfer_report.py: the decision rule, the report tables and the learning-curve plot."""
+"""recipes/transfer_study/transfer_report.py: the decision rule, the report tables and the learning-curve
+plot."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
-        "transfer_report", ROOT / "benchmarks" / "transfer_report.py"
+        "transfer_report", ROOT / "recipes" / "transfer_study" / "transfer_report.py"
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -113,7 +114,7 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
             ),
         ]
         data = {
-            "command": f"python benchmarks/ablation.py d{size} ...",
+            "command": f"python recipes/transfer_study/ablation.py d{size} ...",
             "machine": {"cores": 2},
             "summary": summary,
         }
@@ -139,7 +140,7 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
     assert report.main(argv) == 0
     text = out.read_text(encoding="utf-8")
     assert text.index("Decision: written by hand.") < text.index("## 500 train sentences")
-    assert "## 1000 train sentences" in text and "python benchmarks/ablation.py d1000 ..." in text
+    assert "## 1000 train sentences" in text and "python recipes/transfer_study/ablation.py d1000 ..." in text
     assert "| 2.10 | +0.80 | 0.80 | 0.010 |" in text
     assert "**yes**" in text  # the 5-point dev gain at 500 sentences, the same on every seed
     assert "| fgw-centred-tot | baseline | 3 | +5.00 [+5.00, +5.00] |" in text

@@ -76,7 +76,8 @@ class GMOTConfig:
     """Temporal-order prior (after TOT, arXiv 2409.02239): adds tot_weight * |(i + 1/2)/N - (j + 1/2)/M| to
     the node cost, favouring plans near the diagonal. 0 disables it. (A linear-cost form of TOT's Gaussian
     order prior: it enters the same solvers unchanged.) Default 0.5 since the transfer study
-    (benchmarks/results/transfer_study.md): with centred tokens it makes the plans follow the sentence."""
+    (recipes/transfer_study/results/transfer_study.md): with centred tokens it makes the plans follow the
+    sentence."""
     centre: bool = True
     """Subtract each utterance's mean teacher token (after `standardise`). The last layer of a sentence
     encoder such as e5 carries the sentence more than the token: centring removes that shared part so the

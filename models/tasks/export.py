@@ -250,7 +250,7 @@ def _compare_with_torch(path: str, graph: nn.Module, x: Tensor, x_lens: Tensor) 
 
 def sherpa_onnx_command(model_path: Path, tokens_path: Path, wav: str = "audio.wav") -> str:
     """A shell command that transcribes `wav` with sherpa-onnx's Python package (`pip install sherpa-onnx`)
-    from an export, printing the text: what `gmot export` prints and the README shows."""
+    from an export, printing the text: what `gmot export` prints and docs/deploy.md shows."""
     code = (
         "import sys, soundfile, sherpa_onnx; "
         "r = sherpa_onnx.OfflineRecognizer.from_zipformer_ctc("

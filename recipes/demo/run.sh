@@ -2,9 +2,9 @@
 # The main job on the embedded demo corpus, end to end on a CPU: synthesise and prepare the corpus, then
 # train two models from scratch at the same budget, side by side (one thread each): the conformer-CTC
 # baseline and the same model with GM-OT knowledge transfer in the setting the transfer study selected
-# (benchmarks/results/transfer_study.md: centred teacher tokens and the temporal-order prior); decode the
-# held-out-voice test set greedily and with the train transcripts' 3-gram, score it, draw the transport
-# plans, and print a summary table with the gain.
+# (recipes/transfer_study/results/transfer_study.md: centred teacher tokens and the temporal-order prior);
+# decode the held-out-voice test set greedily and with the train transcripts' 3-gram, score it, draw the
+# transport plans, and print a summary table with the gain.
 #
 # Every stage is resumable: re-running skips what is finished. Sizes can be overridden from the environment.
 set -euo pipefail

@@ -1,12 +1,13 @@
 """The transfer study's report: paired statistics, tables and figures from the ablation runs that make it up.
 
-    python benchmarks/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
+    python recipes/transfer_study/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
         --curve 500=OUT_DIR --curve 1000=OUT_DIR ... [--reference ARM] \
-        [--out benchmarks/results/transfer_study.md] [--plot docs/learning_curve.png] [--gains-plot FILE]
+        [--out recipes/transfer_study/results/transfer_study.md] [--plot docs/learning_curve.png] \
+        [--gains-plot FILE]
 
-Each OUT_DIR is a finished (or partly finished) `benchmarks/ablation.py` output folder: its ablation.json
-holds every run, its command and the machine. `--screen` is a one-seed screen of the options; each
-`--curve N=DIR` is a confirmation at N train sentences. The report lists, for every arm, dev and test CER
+Each OUT_DIR is a finished (or partly finished) `recipes/transfer_study/ablation.py` output folder: its
+ablation.json holds every run, its command and the machine. `--screen` is a one-seed screen of the options;
+each `--curve N=DIR` is a confirmation at N train sentences. The report lists, for every arm, dev and test CER
 mean +- sample std over seeds and the transfer diagnostics (plan alignment lift, order, entropy, gradient
 ratio), then the paired comparisons: every arm against the baseline and, with `--reference ARM`, every other
 arm against the reference (e.g. the real teacher against each knowledge control).
@@ -34,11 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from data.store import write_text_atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent  # recipes/transfer_study
+ROOT = HERE.parents[1]  # the repository
 BASELINE = "baseline"
 
 
@@ -46,7 +46,9 @@ def load(out_dir: Path) -> dict[str, Any]:
     """ablation.json of an ablation output folder; SystemExit(2) naming the file when it is missing."""
     path = Path(out_dir) / "ablation.json"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: run benchmarks/ablation.py into {out_dir} first")
+        raise SystemExit(
+            f"error: {path} not found: run recipes/transfer_study/ablation.py into {out_dir} first"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -366,7 +368,9 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: write the report (and the plot when there are curve points); 0 on success."""
-    p = argparse.ArgumentParser(prog="benchmarks/transfer_report.py", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="recipes/transfer_study/transfer_report.py", description=__doc__.split("\n")[0]
+    )
     p.add_argument(
         "--screen",
         type=Path,
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--curve", action="append", default=[], help="N=OUT_DIR: the runs at N train sentences")
     p.add_argument("--notes", type=Path, help="markdown put at the top of the report")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "transfer_study.md")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "transfer_study.md")
     p.add_argument(
         "--plot", type=Path, default=ROOT / "docs" / "learning_curve.png", help="learning curve (2+ sizes)"
     )

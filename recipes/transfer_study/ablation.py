@@ -1,9 +1,10 @@
 """The GM-OT ablation: every transfer variant from ONE pretrained start, at the same budget of updates.
 
-    python benchmarks/ablation.py DATA_DIR OUT_DIR [--init-from CKPT | --pretrain-epochs N] [--epochs E]
-        [--seeds 0,1,2] [--runs baseline,wd,fgw-cosine,fgw-temporal,fgw-hybrid,fgw-tot] [--preset demo]
-        [--set key=value ...] [--variant NAME=BASE:key=value,... ...] [--tot-weight W] [--report FILE]
-        [--device auto|cpu|cuda] [--threads N] [--quick] [--jobs N] [--untrained-data DIR] [--collect]
+    python recipes/transfer_study/ablation.py DATA_DIR OUT_DIR [--init-from CKPT | --pretrain-epochs N]
+        [--epochs E] [--seeds 0,1,2] [--runs baseline,wd,fgw-cosine,fgw-temporal,fgw-hybrid,fgw-tot]
+        [--preset demo] [--set key=value ...] [--variant NAME=BASE:key=value,... ...] [--tot-weight W]
+        [--report FILE] [--device auto|cpu|cuda] [--threads N] [--quick] [--jobs N] [--untrained-data DIR]
+        [--collect]
 
 The start is a given checkpoint (`--init-from`) or one this script pretrains into OUT_DIR/pretrain (CTC only,
 `--pretrain-epochs`, seed `--pretrain-seed`). From it each run trains `--epochs` epochs per seed with the same
@@ -26,7 +27,7 @@ invocation that finished it (training + decoding).
 Runs are resumable: each lives in OUT_DIR/runs/<run>-seed<k> (an interrupted one resumes from its newest
 checkpoint) and a finished one's result.json is reused when its start checkpoint, overrides and epochs match.
 Writes OUT_DIR/ablation.json (every run and the summary) and a markdown report (`--report`, default
-benchmarks/results/ablation.md) with the table, the exact command, the machine and the settings.
+recipes/transfer_study/results/ablation.md) with the table, the exact command, the machine and the settings.
 The knowledge controls (docs/transfer.md) are the arms `fgw-shuffle`, `fgw-random`, `fgw-random-units` and
 `fgw-untrained` (the last trains on `--untrained-data DIR`, the corpus prepared with --plm untrained:...).
 `--collect` trains nothing: it writes ablation.json and the report from the runs that have finished (a study
@@ -34,6 +35,10 @@ stopped part way). `--jobs N` trains N runs at once, each in a worker process of
 (logs in OUT_DIR/logs), then collects them; on a 2-core CPU two 1-thread processes do about 1.3x the work
 of one 2-thread process. `--quick` is a smoke run: 1 pretrain epoch, 1 epoch per run, the first seed only,
 dev and test capped.
+
+This script is longer than the project's 500 lines because it is one file on purpose: `--jobs` re-runs this
+very file as its worker processes, and the tests load it by its path, where sibling modules of a recipe folder
+(not a package) would not be importable without putting the folder on sys.path.
 """
 
 from __future__ import annotations
@@ -57,8 +62,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.scoring import ScoringError, score_transcripts
 from data.store import StoreError, file_sha256, read_plm_info
@@ -296,7 +299,7 @@ class Options:
 def parse_args(argv: list[str]) -> Options:
     """Parse the command line (argparse exits 2 on a bad option); `--quick` shrinks sizes."""
     p = argparse.ArgumentParser(
-        prog="benchmarks/ablation.py",
+        prog="recipes/transfer_study/ablation.py",
         description="GM-OT ablation: baseline, WD and FGW variants from one pretrained start, several seeds.",
     )
     p.add_argument("data_dir", type=Path, help="prepared data folder (gmot prepare)")
@@ -405,7 +408,7 @@ def parse_args(argv: list[str]) -> Options:
         test_max_utts=test_cap,
         progress=not a.no_progress,
         quick=a.quick,
-        command=shlex.join(["python", "benchmarks/ablation.py", *argv]),
+        command=shlex.join(["python", "recipes/transfer_study/ablation.py", *argv]),
         argv=list(argv),
         jobs=a.jobs,
         only=only,
