@@ -1,7 +1,7 @@
 """Benchmark: batched entropic FGW (models.ot.transport) against POT 0.9.7, forward + backward of the value.
 
 Usage: python benchmarks/bench_transport.py [--quick] [--device cpu|cuda] [--repeats R] [--threads T]
-       [--epsilon E] [--no-ott]
+       [--epsilon E] [--no-ott] [--interleaved]
 
 For each (B, N, M) the same problems go to every solver: node features (B, N, 384) and (B, M, 384) drawn at
 random; cost = graphs.cosine_cost, structures = graphs.structure_matrix(kind="cosine") (built once, outside
@@ -25,6 +25,11 @@ speed drifts by a third over seconds, which a ratio of medians taken minutes apa
   ``(1 - alpha) <C, T> + alpha GW(T)`` differentiated at the plan (the envelope gradient, as ours and POT's
   batch solver). With --threads 1 XLA is restricted to one thread (XLA_FLAGS, set before jax is imported);
   otherwise XLA uses its default (all cores).
+
+`--interleaved` times each solver run the way training meets it: before every timed run (untimed) one
+forward + backward of the demo preset's encoder on a batch of about 2,500 frames, so that each solve starts
+from what a training step leaves behind (caches holding the encoder's activations, the allocator's free
+lists, the thread pool asleep or busy) instead of from the previous solve's warm state.
 """
 
 from __future__ import annotations
@@ -203,33 +208,54 @@ def ott_fgw(problem) -> Callable[[], None] | None:
     return run
 
 
+def encoder_step(device: str, frames: int = 2500, seed: int = 0) -> Callable[[], None]:
+    """One forward + backward of the demo preset's conformer-CTC (CTC loss, no optimiser step) on a fixed
+    random batch of about ``frames`` padded 10 ms frames, as the function to run between timed solves."""
+    from models.nn.ctc import ctc_losses
+    from models.nn.encoder import PRESETS, ConformerCTC
+
+    g = torch.Generator().manual_seed(seed)
+    batch, length = max(1, frames // 300), 300
+    model = ConformerCTC(PRESETS["demo"], 1800, WIDTH).to(device).train()
+    feats = torch.randn(batch, length, 80, generator=g).to(device)
+    lens = torch.full((batch,), length, device=device)
+    tokens = torch.randint(2, 1800, (batch, 9), generator=g).to(device)
+    token_lens = torch.full((batch,), 9, device=device)
+
+    def run() -> None:
+        out = model(feats, lens)
+        ctc_losses(out, tokens, token_lens).mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    return run
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed_runs(fns: dict[str, Callable[[], None]], device: str, repeats: int) -> dict[str, list[float]]:
+def timed_runs(
+    fns: dict[str, Callable[[], None]], device: str, repeats: int, between: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Wall times in ms per function over ``repeats`` rounds of one run each. The order is reversed every
     other round, so that functions listed next to each other always run next to each other in time (their
     per-round ratios compare like with like on a machine whose speed drifts) and none always follows the
-    same one."""
+    same one. ``between`` (untimed) runs before every timed run (--interleaved: an encoder step)."""
     for fn in fns.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for k in range(repeats):
         for name in names if k % 2 == 0 else names[::-1]:
+            if between is not None:
+                between()
             sync(device)
             start = time.perf_counter()
             fns[name]()
             sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return times
-
-
-def timed(fns: dict[str, Callable[[], None]], device: str, repeats: int) -> dict[str, float]:
-    """Median ms per function (see `timed_runs`)."""
-    return {name: statistics.median(t) for name, t in timed_runs(fns, device, repeats).items()}
 
 
 def paired_ratio(slow: list[float], fast: list[float]) -> float:
@@ -271,6 +297,9 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=0.1, help="entropic regularisation")
     parser.add_argument("--no-ott", action="store_true", help="leave the OTT-JAX column out")
     parser.add_argument("--shape", type=int, nargs=3, metavar=("B", "N", "M"), help="one shape only")
+    parser.add_argument(
+        "--interleaved", action="store_true", help="an encoder forward + backward before every timed solve"
+    )
     args = parser.parse_args()
     EPSILON = args.epsilon
     if args.threads == 1:
@@ -298,10 +327,13 @@ def main() -> None:
         )
         print(console_note)
     console = Console(width=150)
+    between = encoder_step(args.device) if args.interleaved else None
     mem = "CUDA max_memory_allocated" if args.device == "cuda" else "torch CPU allocations (profiler)"
     table = Table(
         title=f"FGW forward+backward, float32, {args.device}, {torch.get_num_threads()} threads, "
-        f"{OUTER}x{INNER} iterations, epsilon {EPSILON:g}; median ms, peak MiB ({mem})"
+        f"{OUTER}x{INNER} iterations, epsilon {EPSILON:g}"
+        + (", each solve after an encoder step (--interleaved)" if args.interleaved else "")
+        + f"; median ms, peak MiB ({mem})"
     )
     for col in (
         "B",
@@ -327,13 +359,14 @@ def main() -> None:
         if have_ott:
             fns["ott"] = ott_fgw(equal)
         fns |= {"ppa": ours(equal, "ppa"), "pot": pot_batch(equal), "ragged": ours(ragged, "ppa")}
-        runs = timed_runs(fns, args.device, repeats)
+        runs = timed_runs(fns, args.device, repeats, between)
         t = {name: statistics.median(r) for name, r in runs.items()}
         t_ott = t.get("ott")
         t_pgd, t_ppa, t_pot, t_rag = t["pgd"], t["ppa"], t["pot"], t["ragged"]
         pot_speedup = paired_ratio(runs["pot"], runs["ppa"])
         ott_speedup = paired_ratio(runs["ott"], runs["pgd"]) if have_ott else None
-        t_loop = timed({"loop": pot_loop(ragged)}, args.device, args.loop_repeats)["loop"]
+        loop = {"loop": pot_loop(ragged)}
+        t_loop = statistics.median(timed_runs(loop, args.device, args.loop_repeats, between)["loop"])
         mem_ours, mem_pot = peak_mib(ours(equal, "ppa"), args.device), peak_mib(pot_batch(equal), args.device)
         table.add_row(
             str(batch),

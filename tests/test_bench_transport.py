@@ -58,3 +58,36 @@ def test_profile_transport_times_every_stage(solver):
     assert {"the whole call", "linearisations", "projections", "objective"} <= set(rows)
     assert all(ms >= 0 for label, ms in rows.items() if label != "backward and the rest")
     assert rows["solve (all outer steps)"] < rows["the whole call"]
+
+
+def test_bench_transport_interleaved_runs_an_encoder_step_before_each_solve():
+    res = _bench("bench_transport.py", "--shape", "2", "8", "4", "--repeats", "2", "--loop-repeats", "1",
+                 "--threads", "1", "--no-ott", "--interleaved")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "each solve after an encoder step (--interleaved)" in res.stdout
+    rows = [line for line in res.stdout.splitlines() if line.startswith("│")]
+    assert len(rows) == 1 and rows[0].split("│")[1:4] == [" 2 ", " 8 ", " 4 "]
+
+
+def test_timed_runs_calls_between_before_every_timed_run():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_transport
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    order: list[str] = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = bench_transport.timed_runs(fns, "cpu", 2, between=lambda: order.append("enc"))
+    assert order == [
+        "a",
+        "b",
+        "enc",
+        "a",
+        "enc",
+        "b",
+        "enc",
+        "b",
+        "enc",
+        "a",
+    ]  # warm-up, then reversed rounds
+    assert {k: len(v) for k, v in times.items()} == {"a": 2, "b": 2}
