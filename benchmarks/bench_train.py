@@ -18,8 +18,9 @@ faults per step (`getrusage`), the step's floating-point work (torch's FlopCount
 backward: matrix products and convolutions; the transport's numba kernels are not counted, so distill's
 figure is a lower bound) and the achieved GFLOP/s against this machine's own matrix-product peak, measured
 first (a square `torch.mm` at 1 and 2 threads, in fp32 and, where the step autocasts, in its dtype).
-`--profile` adds torch.profiler's top operators of a few steps of each mode and the forward time of each of
-the model's blocks.
+The allocator is set up as training sets it (models/engine/allocator.py; `GMOT_MALLOC=default` for glibc's
+defaults, to see the difference). `--profile` adds torch.profiler's top operators of a few steps of each
+mode and the forward time of each of the model's blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from models.engine.allocator import keep_freed_memory
 from models.engine.precision import autocast_for, choose_precision
 from models.nn.ctc import ctc_losses
 from models.nn.encoder import PRESETS, ConformerCTC, count_parameters
@@ -371,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device is available")
     torch.set_num_threads(max(args.threads, 1))
+    allocator = keep_freed_memory()  # as the training engine does (GMOT_MALLOC=default: glibc's defaults)
     device = torch.device(args.device)
     gmot = GMOTConfig(mode="fgw")
     console = Console()
@@ -451,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(costs)
     console.print(peaks["line"], highlight=False)
+    console.print(f"allocator: {allocator}", highlight=False)
     for line in verdicts:
         print(line)
     return 1 if missed else 0
