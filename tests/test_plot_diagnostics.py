@@ -1,0 +1,61 @@
+"""recipes/transfer_study/plot_diagnostics.py draws what runs logged, one colour per arm, and refuses a
+folder that is not an experiment."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location(
+        "plot_diagnostics", ROOT / "recipes" / "transfer_study" / "plot_diagnostics.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(folder: Path, transfer: bool) -> Path:
+    folder.mkdir(parents=True)
+    lines = []
+    for step in (10, 20, 30):
+        record = {"event": "train", "step": step, "ctc": 100.0 / step}
+        if transfer:
+            record |= {"kt": 1.5, "grad_ratio": 0.01, "plan_entropy": 0.8}
+        lines.append(json.dumps(record))
+    lines.append(
+        json.dumps(
+            {"event": "epoch", "step": 30, "dev_cer": 0.6, **({"align_lift": 2.0} if transfer else {})}
+        )
+    )
+    lines.append('{"event": "train", "step": 4')  # cut off mid-write: skipped
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_one_colour_per_arm_and_a_cut_off_line_is_skipped(tmp_path: Path) -> None:
+    pd = _module()
+    runs = [_run(tmp_path / "baseline-seed1", False), _run(tmp_path / "fgw-seed1", True),
+            _run(tmp_path / "fgw-seed2", True)]  # fmt: skip
+    train, epochs = pd.read_metrics(runs[1])
+    assert [r["step"] for r in train] == [10, 20, 30] and epochs[0]["align_lift"] == 2.0
+    out = tmp_path / "diag.png"
+    assert pd.main([str(out), *map(str, runs)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.plot(runs, out) == ["baseline", "fgw"]
+    assert not list(tmp_path.glob(".diag.tmp*"))
+
+
+def test_a_folder_without_metrics_is_refused_by_name(tmp_path: Path) -> None:
+    pd = _module()
+    with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
+        pd.main([str(tmp_path / "x.png"), str(tmp_path)])
