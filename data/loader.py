@@ -73,11 +73,11 @@ class SpeechDataset(Dataset):
     @property
     def has_plm(self) -> bool:
         """True when every record of the split has cached PLM features."""
-        return bool(self.records) and all("plm" in r for r in self.records)
+        return bool(self.records) and all(r.plm is not None for r in self.records)
 
     def lengths(self) -> list[int]:
         """Number of fbank frames of each utterance, in manifest order."""
-        return [int(r["num_frames"]) for r in self.records]
+        return [r.num_frames for r in self.records]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
@@ -85,7 +85,7 @@ class SpeechDataset(Dataset):
         plm = None
         if self.use_plm and self.teacher_units is not None:
             seed, width = self.teacher_units
-            units = random_features((len(rec["token_ids"]), width), index, seed, None, None)
+            units = random_features((len(rec.token_ids), width), index, seed, None, None)
             plm = torch.from_numpy(units)
         elif self.use_plm:
             source = self.records[self.teacher_source[index]] if self.teacher_source is not None else rec
@@ -99,10 +99,10 @@ class SpeechDataset(Dataset):
                 plm = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
         return {
             "index": index,
-            "id": rec["id"],
-            "text": rec["text"],
+            "id": rec.id,
+            "text": rec.text,
             "feats": torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32)),
-            "tokens": torch.tensor(rec["token_ids"], dtype=torch.long),
+            "tokens": torch.tensor(rec.token_ids, dtype=torch.long),
             "plm": plm,
         }
 

@@ -49,6 +49,10 @@ from data.store import (
     MANIFEST,
     PLM_DIR,
     REPORT,
+    FeatureRef,
+    ManifestEntry,
+    PLMInfo,
+    PLMRef,
     StoreError,
     read_cmvn,
     read_frontend,
@@ -152,7 +156,7 @@ class PrepareResult:
     out_dir: Path
     splits: list[SplitSummary]
     vocab_size: int | None
-    plm: dict | None
+    plm: PLMInfo | None
     error: str | None = None  # set when the train split ended empty (no lang written)
 
     @property
@@ -217,14 +221,10 @@ def prepare(
                     f"{lang_dir} has no plm.json (its train split was prepared without a PLM cache); "
                     "use --no-plm-cache or prepare train with the same --plm"
                 )
-            if (
-                info["width"] != teacher.width
-                or info["name"] != teacher.name
-                or info["layer"] != teacher.layer
-            ):
+            if info.width != teacher.width or info.name != teacher.name or info.layer != teacher.layer:
                 raise PrepareError(
-                    f"{lang_dir}/plm.json was made with {info['name']} layer {info['layer']} "
-                    f"width {info['width']}, not {teacher.name} layer {teacher.layer} width {teacher.width}"
+                    f"{lang_dir}/plm.json was made with {info.name} layer {info.layer} "
+                    f"width {info.width}, not {teacher.name} layer {teacher.layer} width {teacher.width}"
                 )
     elif lang_dir is not None:
         raise PrepareError("--lang is only for runs without a train split (train defines the lang folder)")
@@ -332,38 +332,36 @@ def prepare(
         kept, skips, stats = gathered[split.name]
         split_dir = out_dir / split.name
         split_dir.mkdir(parents=True, exist_ok=True)
-        records = []
+        entries: list[ManifestEntry] = []
         plm_by_id = {}
         for part in plm_parts.get(split.name, []):
             plm_by_id.update({e["id"]: (part["index"], e) for e in part["entries"]})
         plm_tokens = 0
         for k in kept:
-            rec = {
-                "id": k["id"],
-                "duration": k["duration"],
-                "num_frames": k["num_frames"],
-                "text": k["text"],
-                "token_ids": vocab.encode(k["text"]) if vocab is not None else [],
-                "speaker": k["speaker"],
-                "feats": {"shard": f"{FEATS_DIR}/{shard_name(k['shard'])}", "offset": k["offset"]},
-            }
+            plm = None
             if k["id"] in plm_by_id:
                 index, e = plm_by_id[k["id"]]
-                rec["plm"] = {
-                    "shard": f"{PLM_DIR}/{shard_name(index)}",
-                    "offset": e["offset"],
-                    "num_tokens": e["num_tokens"],
-                    "tokens": e["tokens"],
-                }
+                plm = PLMRef(f"{PLM_DIR}/{shard_name(index)}", e["offset"], e["num_tokens"], e["tokens"])
                 plm_tokens += e["num_tokens"]
-            records.append(rec)
+            entries.append(
+                ManifestEntry(
+                    id=k["id"],
+                    duration=k["duration"],
+                    num_frames=k["num_frames"],
+                    text=k["text"],
+                    token_ids=vocab.encode(k["text"]) if vocab is not None else [],
+                    speaker=k["speaker"],
+                    feats=FeatureRef(f"{FEATS_DIR}/{shard_name(k['shard'])}", k["offset"]),
+                    plm=plm,
+                )
+            )
         if vocab is not None or not has_train:
-            write_manifest(split_dir, records)
+            write_manifest(split_dir, entries)
         elif (split_dir / MANIFEST).exists():
             (split_dir / MANIFEST).unlink()  # train ended empty: no lang, so no usable manifest
         summary = SplitSummary(
             name=split.name,
-            utterances=len(records),
+            utterances=len(entries),
             frames=stats.frames,
             seconds=sum(k["duration"] for k in kept),
             skipped=sorted(skips, key=lambda s: (s.reason, s.id)),

@@ -7,7 +7,8 @@ OUT/<split>/manifest.jsonl  feats/shard-NNNNN.npy  plm/shard-NNNNN.npy (optional
 Feature shards are float16 (total_frames, F) arrays of raw features (F = 80 fbank bins, 83 with pitch),
 utterances concatenated in manifest order; PLM shards are float16 (total_tokens, D). Readers memory-map
 shards lazily, so a training epoch reads them sequentially without loading whole files. Every writer is
-atomic (temp file in the same folder + rename).
+atomic (temp file in the same folder + rename). Manifest lines and plm.json are read into, and written from,
+the typed records of data/records.py (`ManifestEntry`, `FeatureRef`, `PLMRef`, `PLMInfo`), re-exported here.
 """
 
 from __future__ import annotations
@@ -20,27 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from data.records import FeatureRef, ManifestEntry, PLMInfo, PLMRef, StoreError
 from data.vocab import Vocabulary
 
 MANIFEST = "manifest.jsonl"
 REPORT = "prepare_report.json"
 FEATS_DIR = "feats"
 PLM_DIR = "plm"
-
-
-class StoreError(Exception):
-    """A prepared folder that is missing a file or is inconsistent; the message names the file.
-
-    Raised in a DataLoader worker, it reaches the main process re-created from the worker's whole traceback
-    text (torch's ExceptionWrapper); the constructor keeps only the original message, so that the user reads
-    the same one line either way.
-    """
-
-    def __init__(self, message: str) -> None:
-        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rsplit(marker, 1)[1].rstrip()
-        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -93,9 +80,9 @@ def write_shard(path: Path, arrays: Sequence[np.ndarray], dim: int) -> list[int]
     return offsets
 
 
-def write_manifest(split_dir: Path, records: Iterable[dict]) -> None:
-    """Write `split_dir/manifest.jsonl` (one JSON object per line) atomically."""
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+def write_manifest(split_dir: Path, entries: Iterable[ManifestEntry]) -> None:
+    """Write `split_dir/manifest.jsonl` (one JSON object per entry, one per line) atomically."""
+    lines = [json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in entries]
     write_text_atomic(Path(split_dir) / MANIFEST, "".join(lines))
 
 
@@ -122,19 +109,12 @@ def write_cmvn(lang_dir: Path, mean: np.ndarray, std: np.ndarray, frames: int, f
 
 def write_plm_info(
     lang_dir: Path, *, name: str, source: str, width: int, layer: int, mean: np.ndarray, std: np.ndarray
-) -> None:
-    """Write `lang_dir/plm.json` naming the teacher and the per-dimension mean/std (D,) of train tokens."""
-    write_json_atomic(
-        Path(lang_dir) / "plm.json",
-        {
-            "name": name,
-            "source": source,
-            "width": int(width),
-            "layer": int(layer),
-            "mean": [float(x) for x in mean],
-            "std": [float(x) for x in std],
-        },
-    )
+) -> PLMInfo:
+    """Write `lang_dir/plm.json` naming the teacher and the per-dimension mean/std (D,) of train tokens;
+    returns what it wrote."""
+    info = PLMInfo(name, source, int(width), int(layer), [float(x) for x in mean], [float(x) for x in std])
+    write_json_atomic(Path(lang_dir) / "plm.json", info.to_json())
+    return info
 
 
 def write_split(
@@ -143,12 +123,12 @@ def write_split(
     *,
     vocab: Vocabulary,
     shard_frames: int = 500_000,
-) -> list[dict]:
+) -> list[ManifestEntry]:
     """Write a whole split from in-memory utterances (used by tests and small tools).
 
     Each utterance dict has "id", "text" (normalised), "feats" (T, 80) array, optional "speaker",
     optional "duration" (default T * 10 ms), optional "plm_tokens" (list[str]) with "plm_feats" (M, D).
-    Shards are cut every `shard_frames` frames. Returns the manifest records (also written to disk).
+    Shards are cut every `shard_frames` frames. Returns the manifest entries (also written to disk).
     """
     split_dir = Path(split_dir)
     groups: list[list[dict]] = [[]]
@@ -159,7 +139,7 @@ def write_split(
             frames = 0
         groups[-1].append(u)
         frames += len(u["feats"])
-    records = []
+    entries = []
     for index, group in enumerate(groups):
         if not group:
             continue
@@ -171,46 +151,48 @@ def write_split(
                 split_dir / PLM_DIR / shard_name(index), [u["plm_feats"] for u in group], dim
             )
         for i, u in enumerate(group):
-            rec = {
-                "id": u["id"],
-                "duration": float(u.get("duration", round(len(u["feats"]) * 0.01, 3))),
-                "num_frames": len(u["feats"]),
-                "text": u["text"],
-                "token_ids": vocab.encode(u["text"]),
-                "speaker": u.get("speaker"),
-                "feats": {"shard": f"{FEATS_DIR}/{shard_name(index)}", "offset": feat_offsets[i]},
-            }
+            plm = None
             if plm_offsets is not None:
-                rec["plm"] = {
-                    "shard": f"{PLM_DIR}/{shard_name(index)}",
-                    "offset": plm_offsets[i],
-                    "num_tokens": len(u["plm_feats"]),
-                    "tokens": list(u["plm_tokens"]),
-                }
-            records.append(rec)
-    write_manifest(split_dir, records)
-    return records
+                plm_shard = f"{PLM_DIR}/{shard_name(index)}"
+                plm = PLMRef(plm_shard, plm_offsets[i], len(u["plm_feats"]), list(u["plm_tokens"]))
+            entries.append(
+                ManifestEntry(
+                    id=u["id"],
+                    duration=float(u.get("duration", round(len(u["feats"]) * 0.01, 3))),
+                    num_frames=len(u["feats"]),
+                    text=u["text"],
+                    token_ids=vocab.encode(u["text"]),
+                    speaker=u.get("speaker"),
+                    feats=FeatureRef(f"{FEATS_DIR}/{shard_name(index)}", feat_offsets[i]),
+                    plm=plm,
+                )
+            )
+    write_manifest(split_dir, entries)
+    return entries
 
 
 # ----------------------------------------------------------------------------------------------------------
 # readers
 
 
-def read_manifest(split_dir: Path) -> list[dict]:
-    """Read `split_dir/manifest.jsonl` into a list of record dicts (format in docs/design.md section 4.1)."""
+def read_manifest(split_dir: Path) -> list[ManifestEntry]:
+    """Read `split_dir/manifest.jsonl` into its entries, in file order (format in docs/design.md section 4.1).
+
+    StoreError naming the file and line for invalid JSON or an entry with a missing or invalid key."""
     path = Path(split_dir) / MANIFEST
     if not path.is_file():
         raise StoreError(f"no manifest: {path} (run `gmot prepare` first)")
-    records = []
+    entries = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise StoreError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
-    return records
+            entries.append(ManifestEntry.from_json(obj, f"{path}:{lineno}"))
+    return entries
 
 
 class SplitReader:
@@ -221,7 +203,7 @@ class SplitReader:
 
     def __init__(self, split_dir: Path):
         self.split_dir = Path(split_dir)
-        self.records: list[dict] = read_manifest(self.split_dir)
+        self.records: list[ManifestEntry] = read_manifest(self.split_dir)
         self._maps: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -232,10 +214,10 @@ class SplitReader:
         state["_maps"] = {}
         return state
 
-    def _rows(self, loc: dict, count: int, record: dict) -> np.ndarray:
+    def _rows(self, loc: FeatureRef | PLMRef, count: int, record: ManifestEntry) -> np.ndarray:
         """Rows offset..offset + count of the shard `loc` names, as (count, width) float32; StoreError naming
         the shard, the utterance `record` and how to rebuild the shard when it cannot give them."""
-        rel, off = loc["shard"], loc["offset"]
+        rel, off = loc.shard, loc.offset
         path = self.split_dir / rel
         arr = self._maps.get(rel)
         if arr is None:
@@ -251,16 +233,15 @@ class SplitReader:
             raise StoreError(_shard_problem(path, what, record))
         return np.array(arr[off : off + count], dtype=np.float32)
 
-    def features(self, record: dict) -> np.ndarray:
-        """Raw features of one record: (num_frames, F) float32 (no CMVN)."""
-        return self._rows(record["feats"], record["num_frames"], record)
+    def features(self, record: ManifestEntry) -> np.ndarray:
+        """Raw features of one entry: (num_frames, F) float32 (no CMVN)."""
+        return self._rows(record.feats, record.num_frames, record)
 
-    def plm_features(self, record: dict) -> np.ndarray | None:
-        """Raw PLM token features of one record: (num_tokens, D) float32, or None without a PLM cache."""
-        loc = record.get("plm")
-        if loc is None:
+    def plm_features(self, record: ManifestEntry) -> np.ndarray | None:
+        """Raw PLM token features of one entry: (num_tokens, D) float32, or None without a PLM cache."""
+        if record.plm is None:
             return None
-        return self._rows(loc, loc["num_tokens"], record)
+        return self._rows(record.plm, record.plm.num_tokens, record)
 
 
 def _map_shard(path: Path) -> np.ndarray:
@@ -272,9 +253,9 @@ def _map_shard(path: Path) -> np.ndarray:
     return arr
 
 
-def _shard_problem(path: Path, what: str, record: dict) -> str:
+def _shard_problem(path: Path, what: str, record: ManifestEntry) -> str:
     return (
-        f"shard {path} {what}; it holds utterance {record.get('id')!r}. Re-run `gmot prepare` with the same "
+        f"shard {path} {what}; it holds utterance {record.id!r}. Re-run `gmot prepare` with the same "
         "arguments to rebuild it: it resumes, redoing only the shards that are missing or damaged"
     )
 
@@ -334,12 +315,18 @@ def frontend_mismatch(data_dir: Path, model_frontend: str) -> str | None:
     )
 
 
-def read_plm_info(lang_dir: Path) -> dict | None:
-    """Content of `lang_dir/plm.json` (name, source, width, layer, mean, std), or None when absent."""
+def read_plm_info(lang_dir: Path) -> PLMInfo | None:
+    """The teacher of `lang_dir/plm.json` (name, source, width, layer, mean, std), or None when absent.
+
+    StoreError naming the file when it is not JSON or has a missing or invalid key."""
     path = Path(lang_dir) / "plm.json"
     if not path.is_file():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path}: invalid JSON ({exc})") from exc
+    return PLMInfo.from_json(obj, str(path))
 
 
 def file_sha256(path: Path) -> str:

@@ -68,7 +68,7 @@ def ddp_run(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_two_gloo_ranks_match_one_process_with_accumulation(
     ddp_run: Path, tiny_prepared: Path, tmp_path: Path
 ) -> None:
-    lengths = [r["num_frames"] for r in read_manifest(tiny_prepared / "train")]
+    lengths = [r.num_frames for r in read_manifest(tiny_prepared / "train")]
     batches, _ = bucket_batches(lengths, 3000, 3, MIN_INPUT_FRAMES)
     assert len(batches) % 2 == 0  # the same global batches without padding
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data.store import PLMInfo
 from models.nn.encoder import PRESETS, ConformerCTC
 from models.nn.transfer_loss import GMOTConfig, GMOTLoss, order_prior
 
@@ -153,7 +154,7 @@ def test_standardisation_uses_the_given_statistics() -> None:
     assert torch.allclose(with_stats["kt"], by_hand["kt"], atol=1e-6)
     assert not torch.allclose(with_stats["kt"], raw["kt"], atol=1e-3)
     info = GMOTLoss.from_plm_info(
-        GMOTConfig(centre=False), {"name": "x", "width": 8, "mean": mean.tolist(), "std": std.tolist()}
+        GMOTConfig(centre=False), PLMInfo("x", "tests", 8, -1, mean.tolist(), std.tolist())
     )
     assert torch.allclose(info(acoustic, n_len, plm, m_len)["kt"], with_stats["kt"], atol=1e-6)
     assert "plm_mean" in dict(info.named_buffers())

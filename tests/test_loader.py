@@ -96,9 +96,9 @@ def test_dataset_applies_cmvn_and_reads_tokens_and_plm(tiny_prepared: Path) -> N
     assert feats.mean(0).abs().max() < 0.05  # train statistics normalise the train split
     assert (feats.std(0) - 1).abs().max() < 0.05
     item = ds[3]
-    assert item["tokens"].tolist() == records[3]["token_ids"]
-    assert item["feats"].shape == (records[3]["num_frames"], 80)
-    assert item["plm"].shape == (records[3]["plm"]["num_tokens"], 16)
+    assert item["tokens"].tolist() == records[3].token_ids
+    assert item["feats"].shape == (records[3].num_frames, 80)
+    assert item["plm"].shape == (records[3].plm.num_tokens, 16)
     assert SpeechDataset(tiny_prepared / "train", mean, std, use_plm=False)[3]["plm"] is None
 
 

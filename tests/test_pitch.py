@@ -137,8 +137,8 @@ def test_pitch_through_prepare_pretrain_and_decode(tmp_path: Path) -> None:
     reader = SplitReader(data / "train")
     rec = reader.records[0]
     stored = reader.features(rec)
-    assert stored.shape == (rec["num_frames"], 83)
-    wav = tmp_path / "corpus" / "wav" / "train" / f"{rec['id']}.wav"
+    assert stored.shape == (rec.num_frames, 83)
+    wav = tmp_path / "corpus" / "wav" / "train" / f"{rec.id}.wav"
     from data.features import load_audio
 
     np.testing.assert_allclose(stored, compute_features(load_audio(wav), pitch=True), atol=0.02, rtol=2e-3)
@@ -157,7 +157,7 @@ def test_pitch_through_prepare_pretrain_and_decode(tmp_path: Path) -> None:
     out = tmp_path / "hyp"
     res = runner.invoke(app, ["decode", str(exp), "--wav", str(wav), "--out", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "details.jsonl").read_text(encoding="utf-8").splitlines()[0])["id"] == rec["id"]
+    assert json.loads((out / "details.jsonl").read_text(encoding="utf-8").splitlines()[0])["id"] == rec.id
     # the same model on a folder prepared without pitch: a clear error, not a shape crash
     plain = tmp_path / "plain"
     res = runner.invoke(app, ["prepare", "kaldi", str(plain), "--split", f"train={train}", "--no-plm-cache"])

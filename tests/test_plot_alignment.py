@@ -41,12 +41,12 @@ def first_train(tiny_prepared: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def both_plans(tiny_exp: Path, tiny_prepared: Path, first_train: dict) -> AlignmentData:
-    return compute_alignment(load_model(tiny_exp), tiny_prepared, "train", first_train["id"], ("wd", "fgw"))
+    return compute_alignment(load_model(tiny_exp), tiny_prepared, "train", first_train.id, ("wd", "fgw"))
 
 
 def test_plans_structures_and_ctc_spans(both_plans: AlignmentData, first_train: dict) -> None:
     data = both_plans
-    m = first_train["plm"]["num_tokens"]
+    m = first_train.plm.num_tokens
     n = data.struct_acoustic.shape[0]
     assert set(data.plans) == {"wd", "fgw"}
     assert data.alphas == {"wd": 0.0, "fgw": TINY_GMOT["alpha"]}
@@ -59,10 +59,10 @@ def test_plans_structures_and_ctc_spans(both_plans: AlignmentData, first_train: 
     assert not np.allclose(data.plans["wd"], data.plans["fgw"], atol=1e-4)  # the Gromov term matters
     assert data.struct_linguistic.shape == (m, m)
     np.testing.assert_allclose(np.diag(data.struct_acoustic), 0.0, atol=1e-5)  # cosine structure
-    assert data.tokens == first_train["plm"]["tokens"]
+    assert data.tokens == first_train.plm.tokens
     # CTC forced alignment: one span per reference character, in order, inside the frames
     assert data.char_spans is not None
-    assert "".join(ch for ch, _, _ in data.char_spans) == first_train["text"]
+    assert "".join(ch for ch, _, _ in data.char_spans) == first_train.text
     starts = [s for _, s, _ in data.char_spans]
     assert starts == sorted(starts) and all(0 <= s < e <= n for _, s, e in data.char_spans)
 
@@ -71,7 +71,7 @@ def test_plans_structures_and_ctc_spans(both_plans: AlignmentData, first_train: 
 def test_cli_writes_png_svg_pdf(
     tiny_exp: Path, tiny_prepared: Path, first_train: dict, tmp_path: Path
 ) -> None:
-    utt = first_train["id"]
+    utt = first_train.id
     for suffix, magic in ((".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")):
         out = tmp_path / f"plan{suffix}"
         res = runner.invoke(app, ["plot-alignment", str(tiny_exp), str(tiny_prepared), "--split", "train",

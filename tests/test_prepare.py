@@ -68,24 +68,25 @@ def test_clean_kaldi_layout_and_manifest(clean_run: tuple[Path, Path]) -> None:
     assert mean.shape == (80,) and (std > 0.01).all()
     assert not (out / "lang" / "plm.json").exists()
     train = read_manifest(out / "train")
-    assert [r["id"] for r in train] == sorted(r["id"] for r in train) and len(train) == 5
+    assert [r.id for r in train] == sorted(r.id for r in train) and len(train) == 5
     for r in train:
-        assert set(r) == {"id", "duration", "num_frames", "text", "token_ids", "speaker", "feats"}
-        assert r["speaker"] in ("spk0", "spk1")
-        assert abs(r["duration"] - r["num_frames"] * 0.01) <= 0.005 + 1e-9  # centred 10 ms frames
-    dev = {r["id"]: r for r in read_manifest(out / "dev")}
-    assert dev["dev-spk0-000"]["token_ids"][2] == 1  # 吗 -> <unk>
-    assert 1 not in dev["dev-spk1-001"]["token_ids"]
+        assert list(r.to_json()) == ["id", "duration", "num_frames", "text", "token_ids", "speaker", "feats"]
+        assert r.plm is None and r.extra == {} and r.feats.extra == {}
+        assert r.speaker in ("spk0", "spk1")
+        assert abs(r.duration - r.num_frames * 0.01) <= 0.005 + 1e-9  # centred 10 ms frames
+    dev = {r.id: r for r in read_manifest(out / "dev")}
+    assert dev["dev-spk0-000"].token_ids[2] == 1  # 吗 -> <unk>
+    assert 1 not in dev["dev-spk1-001"].token_ids
     report = _report(out, "train")
     assert report["utterances"] == 5 and report["skipped_total"] == 0
-    assert report["hours"] == pytest.approx(sum(r["duration"] for r in train) / 3600, abs=1e-4)
+    assert report["hours"] == pytest.approx(sum(r.duration for r in train) / 3600, abs=1e-4)
 
 
 def test_stored_features_equal_fresh_fbank(clean_run: tuple[Path, Path]) -> None:
     root, out = clean_run
     reader = SplitReader(out / "train")
     rec = reader.records[3]
-    fresh = compute_fbank(load_audio(root / "wav" / "train" / f"{rec['id']}.wav"))
+    fresh = compute_fbank(load_audio(root / "wav" / "train" / f"{rec.id}.wav"))
     np.testing.assert_allclose(reader.features(rec), fresh, atol=0.02, rtol=2e-3)
     # CMVN is the statistics of what was computed (float32, before float16 storage)
     allf = np.concatenate([reader.features(r) for r in reader.records]).astype(np.float64)
@@ -179,7 +180,7 @@ def test_bad_input_run_finishes_with_exit_zero(bad_run: tuple[Path, Path, str]) 
 def test_each_bad_input_is_skipped_with_its_reason(bad_run: tuple[Path, Path, str], uid: str) -> None:
     _, out, _ = bad_run
     reason, word = BAD_CASES[uid]
-    kept = {r["id"]: r for r in read_manifest(out / "train")}
+    kept = {r.id: r for r in read_manifest(out / "train")}
     found = _skip_reason(_report(out, "train"), uid)
     if reason is None:
         assert uid in kept and found is None
@@ -192,9 +193,9 @@ def test_each_bad_input_is_skipped_with_its_reason(bad_run: tuple[Path, Path, st
 
 def test_stereo_48k_is_converted_not_skipped(bad_run: tuple[Path, Path, str]) -> None:
     _, out, _ = bad_run
-    rec = {r["id"]: r for r in read_manifest(out / "train")}["ok-stereo48k"]
-    assert rec["duration"] == pytest.approx(0.9, abs=1e-3)
-    assert rec["num_frames"] == 90  # 0.9 s of centred 10 ms frames
+    rec = {r.id: r for r in read_manifest(out / "train")}["ok-stereo48k"]
+    assert rec.duration == pytest.approx(0.9, abs=1e-3)
+    assert rec.num_frames == 90  # 0.9 s of centred 10 ms frames
     feats = SplitReader(out / "train").features(rec)
     assert np.isfinite(feats).all() and feats.shape == (90, 80)
 
@@ -241,7 +242,7 @@ def test_flac_and_sox_pipe_entries_read_the_named_file(tmp_path: Path) -> None:
     report = _report(out, "train")
     assert report["skipped_total"] == 0, report["skipped"]
     reader = SplitReader(out / "train")
-    feats = {r["id"]: reader.features(r) for r in reader.records}
+    feats = {r.id: reader.features(r) for r in reader.records}
     assert sorted(feats) == ["flac", "plain", "sox"]
     assert np.array_equal(feats["flac"], feats["plain"]) and np.array_equal(feats["sox"], feats["plain"])
 
@@ -337,7 +338,7 @@ def test_without_train_needs_lang_then_adds_a_split(tmp_path: Path, clean_run: t
     assert res.exit_code == 0, res.output
     assert read_vocab(tmp_path / "o2" / "lang") == read_vocab(first / "lang")
     recs = read_manifest(tmp_path / "o2" / "test")
-    assert [r["text"] for r in recs] == ["你好", "天气"]
+    assert [r.text for r in recs] == ["你好", "天气"]
 
 
 def test_missing_kaldi_dir_is_a_clear_error(tmp_path: Path) -> None:
@@ -411,7 +412,7 @@ def test_resume_redoes_a_truncated_or_short_shard(tmp_path: Path, monkeypatch: p
     assert sorted(calls) == [1, 2]
     assert (out / "train" / "manifest.jsonl").read_text() == first_manifest
     reader = SplitReader(out / "train")
-    assert all(reader.features(r).shape == (r["num_frames"], 80) for r in reader.records)
+    assert all(reader.features(r).shape == (r.num_frames, 80) for r in reader.records)
 
 
 def test_segments_cut_recordings(tmp_path: Path) -> None:
@@ -420,9 +421,9 @@ def test_segments_cut_recordings(tmp_path: Path) -> None:
     (d / "segments").write_text("u1 rec1 0.0 1.0\nu2 rec1 1.5 2.75\n", encoding="utf-8")
     result = prepare(tmp_path / "out", [_split_input(d)])
     assert [s.utterances for s in result.splits] == [2]
-    recs = {r["id"]: r for r in read_manifest(tmp_path / "out" / "train")}
-    assert recs["u1"]["duration"] == pytest.approx(1.0) and recs["u1"]["num_frames"] == 100
-    assert recs["u2"]["duration"] == pytest.approx(1.25)
+    recs = {r.id: r for r in read_manifest(tmp_path / "out" / "train")}
+    assert recs["u1"].duration == pytest.approx(1.0) and recs["u1"].num_frames == 100
+    assert recs["u2"].duration == pytest.approx(1.25)
 
 
 def test_prepare_refuses_run_without_train(tmp_path: Path) -> None:

@@ -56,14 +56,14 @@ def test_jsonl_cli(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     # not a terminal: a line per stage instead of live bars (which would print nothing here)
     assert "fbank: started" in res.output and "fbank: done" in res.output
-    ids = [r["id"] for r in read_manifest(out / "train")]
+    ids = [r.id for r in read_manifest(out / "train")]
     assert ids == ["custom-id", "utt2", "utt3", "utt4"]  # utt0 is a duplicate id (line 1 and 8)
     reasons = _reasons(out, "train")
     jsonl = str(tmp_path / "train.jsonl")
     assert reasons["duplicate_id"] == ["utt0"]
     assert reasons["malformed_line"] == [f"{jsonl}:6", f"{jsonl}:9"]
     assert reasons["non_utf8_text"] == [f"{jsonl}:7"]
-    assert read_manifest(out / "dev")[0]["text"] == "世界你好"
+    assert read_manifest(out / "dev")[0].text == "世界你好"
 
 
 def test_jsonl_missing_file(tmp_path: Path) -> None:
@@ -114,8 +114,8 @@ def test_aishell1_cli(tmp_path: Path) -> None:
     res = runner.invoke(app, ["prepare", "aishell1", str(corpus), str(out), "--no-plm-cache", "--jobs", "1"])
     assert res.exit_code == 0, res.output
     train = read_manifest(out / "train")
-    assert len(train) == 4 and {r["speaker"] for r in train} == {"S0002", "S0003"}
-    assert train[0]["id"] == "BAC009S0002W0000" and train[0]["text"] == "而对楼市"
+    assert len(train) == 4 and {r.speaker for r in train} == {"S0002", "S0003"}
+    assert train[0].id == "BAC009S0002W0000" and train[0].text == "而对楼市"
     assert len(read_manifest(out / "dev")) == 2 and len(read_manifest(out / "test")) == 2
     assert _reasons(out, "train") == {"no_transcript": ["BAC009S0002W9999"]}
     assert "楼" in read_vocab(out / "lang")
@@ -167,19 +167,19 @@ def test_plm_cache_with_a_teacher_object(tmp_path: Path, tiny_bert: Path) -> Non
     assert result.splits[0].plm_tokens == sum(len(t) for t in GOOD_TEXTS)
     info = read_plm_info(out / "lang")
     assert info is not None
-    assert (info["name"], info["width"], info["layer"]) == ("tiny-bert", 16, -1)
+    assert (info.name, info.width, info.layer) == ("tiny-bert", 16, -1)
     reader = SplitReader(out / "train")
     stored = []
     for rec in reader.records:
         feats = reader.plm_features(rec)
-        assert feats is not None and feats.shape == (len(rec["text"]), 16)
-        tokens, fresh = teacher.encode([rec["text"]])[0]
-        assert rec["plm"]["tokens"] == tokens and len(tokens) == len(rec["text"])  # character-level tokenizer
+        assert feats is not None and feats.shape == (len(rec.text), 16)
+        tokens, fresh = teacher.encode([rec.text])[0]
+        assert rec.plm.tokens == tokens and len(tokens) == len(rec.text)  # character-level tokenizer
         np.testing.assert_allclose(feats, fresh, atol=5e-3, rtol=5e-3)
         stored.append(feats)
     allf = np.concatenate(stored).astype(np.float64)
-    np.testing.assert_allclose(info["mean"], allf.mean(0), atol=1e-6)
-    np.testing.assert_allclose(info["std"], allf.std(0), rtol=1e-5)
+    np.testing.assert_allclose(info.mean, allf.mean(0), atol=1e-6)
+    np.testing.assert_allclose(info.std, allf.std(0), rtol=1e-5)
     dev = SplitReader(out / "dev")
     assert dev.plm_features(dev.records[0]).shape == (3, 16)
     # resuming does not call the teacher again
@@ -187,14 +187,14 @@ def test_plm_cache_with_a_teacher_object(tmp_path: Path, tiny_bert: Path) -> Non
     prepare(out, splits, teacher=teacher)
     assert teacher.calls == 0
     # a truncated PLM shard is redone (that shard only), as the reader's message for it promises
-    plm_shard = out / "train" / reader.records[0]["plm"]["shard"]
+    plm_shard = out / "train" / reader.records[0].plm.shard
     plm_shard.write_bytes(plm_shard.read_bytes()[:-64])
     prepare(out, splits, teacher=teacher)
     assert teacher.calls == 1
     np.testing.assert_array_equal(SplitReader(out / "train").plm_features(reader.records[0]), stored[0])
     # preparing again without a teacher removes the PLM entries and plm.json
     prepare(out, splits)
-    assert "plm" not in read_manifest(out / "train")[0]
+    assert read_manifest(out / "train")[0].plm is None
     assert read_plm_info(out / "lang") is None
 
 
@@ -220,9 +220,9 @@ def test_plm_cli_with_a_local_folder(tmp_path: Path, tiny_bert: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     info = read_plm_info(out / "lang")
-    assert info is not None and info["width"] == 16
+    assert info is not None and info.width == 16
     rec = read_manifest(out / "train")[0]
-    assert rec["plm"]["num_tokens"] == len(rec["text"])
+    assert rec.plm.num_tokens == len(rec.text)
 
 
 def test_unknown_plm_is_a_clear_error(tmp_path: Path) -> None:
@@ -295,17 +295,17 @@ def test_speed_perturbation_of_the_train_split(tmp_path: Path, tiny_bert: Path) 
     from data.preparation import PrepareOptions
 
     prepare(out, splits, teacher=teacher, options=PrepareOptions(speed_perturb=(0.9, 1.0, 1.1)))
-    records = {r["id"]: r for r in read_manifest(out / "train")}
+    records = {r.id: r for r in read_manifest(out / "train")}
     originals = [r for r in records if not r.startswith("sp")]
     assert len(records) == 9 and len(originals) == 3
     for uid in originals:
         base = records[uid]
         slow, fast = records[f"sp0.9-{uid}"], records[f"sp1.1-{uid}"]
-        assert slow["duration"] == pytest.approx(base["duration"] / 0.9, abs=0.002)
-        assert fast["duration"] == pytest.approx(base["duration"] / 1.1, abs=0.002)
-        assert slow["text"] == base["text"] and slow["token_ids"] == base["token_ids"]
-        assert slow["speaker"] == f"sp0.9-{base['speaker']}"
-        assert slow["plm"]["tokens"] == base["plm"]["tokens"]  # the same transcript, the same teacher tokens
+        assert slow.duration == pytest.approx(base.duration / 0.9, abs=0.002)
+        assert fast.duration == pytest.approx(base.duration / 1.1, abs=0.002)
+        assert slow.text == base.text and slow.token_ids == base.token_ids
+        assert slow.speaker == f"sp0.9-{base.speaker}"
+        assert slow.plm.tokens == base.plm.tokens  # the same transcript, the same teacher tokens
     assert len(read_manifest(out / "dev")) == 2  # only train is perturbed
     calls = teacher.calls
     assert calls <= 2  # one batch of the 3 distinct train transcripts (copies reuse them) and one for dev
@@ -325,13 +325,13 @@ def test_front_end_option_is_recorded_and_followed_with_lang(tmp_path: Path) -> 
     assert res.exit_code == 0, res.output
     assert read_frontend(out / "lang") == "kaldi-snip"
     rec = read_manifest(out / "train")[0]
-    assert rec["num_frames"] == 1 + (round(rec["duration"] * 16_000) - 400) // 160  # whole windows only
+    assert rec.num_frames == 1 + (round(rec.duration * 16_000) - 400) // 160  # whole windows only
     # a split prepared later against this lang folder gets the lang folder's front end, not the default
     res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "more"), "--split", f"dev={dev}",
                               "--lang", str(out / "lang"), "--no-plm-cache"])  # fmt: skip
     assert res.exit_code == 0, res.output
     rec = read_manifest(tmp_path / "more" / "dev")[0]
-    assert rec["num_frames"] == 1 + (round(rec["duration"] * 16_000) - 400) // 160
+    assert rec.num_frames == 1 + (round(rec.duration * 16_000) - 400) // 160
     res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / "x"), "--split", f"train={train}",
                               "--no-plm-cache", "--frontend", "htk"])  # fmt: skip
     assert res.exit_code == 2 and "--frontend must be one of sherpa-onnx, kaldi-snip" in res.output

@@ -57,10 +57,10 @@ def test_saved_dataset_with_audio_bytes(tmp_path: Path) -> None:
     res = _invoke(out, "--split", f"train={saved}", *cols)
     assert res.exit_code == 0, res.output
     manifest = read_manifest(out / "train")
-    assert [r["id"] for r in manifest] == ["a", "b", "c", "d"]
-    assert [r["text"] for r in manifest] == TEXTS
-    assert [r["speaker"] for r in manifest] == ["s1", "s1", "s2", "s2"]
-    assert [r["num_frames"] for r in manifest] == [duration_to_frames(s) for s in SECONDS]
+    assert [r.id for r in manifest] == ["a", "b", "c", "d"]
+    assert [r.text for r in manifest] == TEXTS
+    assert [r.speaker for r in manifest] == ["s1", "s1", "s2", "s2"]
+    assert [r.num_frames for r in manifest] == [duration_to_frames(s) for s in SECONDS]
     skipped = _report(out, "train")
     assert {reason: [i["id"] for i in items] for reason, items in skipped.items()} == {
         "duplicate_id": ["dup"],
@@ -90,8 +90,8 @@ def test_dataset_dict_subsets_and_columns(tmp_path: Path) -> None:
     # train is found by name, dev by DIR:SUBSET; the audio is a column of paths, the ids the "id" column
     res = _invoke(out, "--split", f"train={tmp_path / 'dd'}", "--split", f"dev={tmp_path / 'dd'}:validation")
     assert res.exit_code == 0, res.output
-    assert [r["id"] for r in read_manifest(out / "dev")] == ["x", "y"]
-    assert [r["num_frames"] for r in read_manifest(out / "train")] == [
+    assert [r.id for r in read_manifest(out / "dev")] == ["x", "y"]
+    assert [r.num_frames for r in read_manifest(out / "train")] == [
         duration_to_frames(s) for s in SECONDS[:2]
     ]
     res = _invoke(out, "--split", f"train={tmp_path / 'dd'}", "--text-column", "sentence")
@@ -111,8 +111,8 @@ def test_audiofolder(tmp_path: Path) -> None:
     res = _invoke(out, "--split", f"train={folder}", "--text-column", "transcription")
     assert res.exit_code == 0, res.output
     manifest = read_manifest(out / "train")
-    assert [r["id"] for r in manifest] == [f"row-{i:06d}" for i in range(4)]
-    assert [r["num_frames"] for r in manifest] == [duration_to_frames(s) for s in SECONDS]
+    assert [r.id for r in manifest] == [f"row-{i:06d}" for i in range(4)]
+    assert [r.num_frames for r in manifest] == [duration_to_frames(s) for s in SECONDS]
     skipped = _report(out, "train")
     assert [i["id"] for i in skipped["missing_audio"]] == ["row-000004"]
     assert "gone.wav" in skipped["missing_audio"][0]["detail"]
@@ -140,8 +140,8 @@ def test_audiofolder_with_split_folders_and_jsonl_metadata(tmp_path: Path) -> No
     out = tmp_path / "out"
     res = _invoke(out, "--split", f"train={root}", "--split", f"dev={root}:test")
     assert res.exit_code == 0, res.output
-    assert [r["id"] for r in read_manifest(out / "train")] == ["train0", "train1"]
-    assert [r["id"] for r in read_manifest(out / "dev")] == ["test0", "test1"]
+    assert [r.id for r in read_manifest(out / "train")] == ["train0", "train1"]
+    assert [r.id for r in read_manifest(out / "dev")] == ["test0", "test1"]
     bad = _report(out, "dev")["malformed_line"]
     assert [b["id"] for b in bad] == [f"{root / 'test' / 'metadata.jsonl'} row 2"]
     assert "metadata.jsonl:3" in bad[0]["detail"]

@@ -102,12 +102,12 @@ def test_cutset_cli(tmp_path: Path) -> None:
     res = _invoke(out, f"train={cuts}")
     assert res.exit_code == 0, res.output
     manifest = read_manifest(out / "train")
-    assert [r["id"] for r in manifest] == [ids["r0"], ids["r1"], ids["r2"]]
-    assert [r["text"] for r in manifest] == ["你好", "世界", "中文"]
-    assert [r["speaker"] for r in manifest] == ["spk-r0", "spk-r1", "spk-r2"]
+    assert [r.id for r in manifest] == [ids["r0"], ids["r1"], ids["r2"]]
+    assert [r.text for r in manifest] == ["你好", "世界", "中文"]
+    assert [r.speaker for r in manifest] == ["spk-r0", "spk-r1", "spk-r2"]
     # the supervision's span is what gets featurised: 0.6 s of r0, the whole 1.0 s of r1 and r2
-    assert [r["num_frames"] for r in manifest] == [duration_to_frames(0.6)] + [duration_to_frames(1.0)] * 2
-    assert manifest[0]["duration"] == pytest.approx(0.6, abs=1e-3)
+    assert [r.num_frames for r in manifest] == [duration_to_frames(0.6)] + [duration_to_frames(1.0)] * 2
+    assert manifest[0].duration == pytest.approx(0.6, abs=1e-3)
     reasons = _reasons(out, "train")
     assert reasons["multiple_supervisions"] == [ids["two"]]
     assert reasons["unsupported_audio_entry"] == sorted(["stereo-0", ids["url"]])
@@ -136,8 +136,8 @@ def test_recordings_and_supervisions(tmp_path: Path) -> None:
     res = _invoke(out, f"train={tmp_path / 'supervisions.jsonl.gz'},{tmp_path / 'recordings.jsonl.gz'}")
     assert res.exit_code == 0, res.output
     manifest = read_manifest(out / "train")
-    assert [r["id"] for r in manifest] == ["u0", "u1", "u2"]
-    assert [r["num_frames"] for r in manifest] == [duration_to_frames(d) for d in (0.5, 0.7, 0.8)]
+    assert [r.id for r in manifest] == ["u0", "u1", "u2"]
+    assert [r.num_frames for r in manifest] == [duration_to_frames(d) for d in (0.5, 0.7, 0.8)]
     assert _reasons(out, "train") == {"no_audio_entry": ["u3"]}
 
 

@@ -74,7 +74,7 @@ def test_the_trainer_gives_control_features_to_train_only(
         assert mine is not None and theirs is not None
         if teacher == "shuffle":
             source = records[trainer.train_set.teacher_source[i]]
-            assert source["text"] != records[i]["text"]
+            assert source.text != records[i].text
             torch.testing.assert_close(mine, real[trainer.train_set.teacher_source[i]]["plm"])
         else:
             assert mine.shape == theirs.shape
@@ -88,7 +88,7 @@ def test_the_trainer_gives_control_features_to_train_only(
         info = read_plm_info(tiny_prepared / "lang")
         assert info is not None
         stacked = torch.cat([trainer.train_set[i]["plm"] for i in range(len(real))])
-        assert abs(float(stacked.mean()) - float(np.mean(info["mean"]))) < 0.3
+        assert abs(float(stacked.mean()) - float(np.mean(info.mean))) < 0.3
 
 
 def test_an_unknown_teacher_control_is_refused() -> None:
@@ -198,7 +198,7 @@ def test_random_units_needs_no_plm(tiny_prepared: Path, tmp_path: Path) -> None:
     records = read_manifest(data / "train")
     for i in (0, 5):
         item = trainer.train_set[i]["plm"]
-        assert item is not None and item.shape == (len(records[i]["token_ids"]), 24)
+        assert item is not None and item.shape == (len(records[i].token_ids), 24)
         assert abs(float(item.mean())) < 1.0
     assert trainer.dev_set is not None and trainer.dev_set[0]["plm"] is None  # nothing to score plans against
     outcome = train(data, tmp_path / "run", cfg, device="cpu", progress=False)

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 import models.engine.train_data as train_data
 import models.engine.training as training
 import models.nn.ctc as ctc_loss
+from data.store import FeatureRef, ManifestEntry
 from gmot_cli.app import app
 from models.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from models.engine.config import config_to_dict, resolve_config
@@ -64,7 +65,11 @@ def test_ctc_required_frames_counts_repeats() -> None:
     assert ctc_loss.ctc_required_frames([2, 3, 4]) == 3
     assert ctc_loss.ctc_required_frames([2, 2, 3, 3, 3]) == 8
     assert ctc_loss.ctc_required_frames([]) == 0
-    records = [{"num_frames": 40, "token_ids": [2] * 5}, {"num_frames": 40, "token_ids": [2, 3] * 2}]
+    feats = FeatureRef("feats/shard-00000.npy", 0)
+    records = [
+        ManifestEntry("a", 0.4, 40, "xxxxx", [2] * 5, None, feats),
+        ManifestEntry("b", 0.4, 40, "xyxy", [2, 3] * 2, None, feats),
+    ]
     # 40 frames -> 4 after x8: five equal labels need 9, four alternating need 4
     assert ctc_loss.ctc_infeasible(records, 8) == [0]
     assert ctc_loss.ctc_infeasible(records, 4) == []  # 9 frames after x4

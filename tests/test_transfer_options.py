@@ -283,7 +283,7 @@ def test_distill_logs_the_gradient_ratio_and_the_dev_plan_scores(tiny_prepared: 
     from data.store import read_manifest
     from models.tasks.alignment_plot import compute_alignment
 
-    utt = read_manifest(tiny_prepared / "dev")[0]["id"]
+    utt = read_manifest(tiny_prepared / "dev")[0].id
     data = compute_alignment(loaded, tiny_prepared, "dev", utt, ("wd", "fgw"))
     assert set(data.scores) == {"wd", "fgw"} and all(0 < s["entropy"] <= 1 for s in data.scores.values())
     m = data.struct_linguistic.shape[0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.store import SplitReader, read_cmvn, read_frontend, read_plm_info, read_vocab
@@ -35,10 +34,10 @@ def build_tiny_checkpoint(
     mean, std = (torch.from_numpy(a) for a in read_cmvn(lang))
     plm = read_plm_info(lang)
     cfg = dataclasses.replace(PRESETS["tiny"], ctc_from=ctc_from, subsampling=subsampling)
-    model = ConformerCTC(cfg, len(vocab), plm["width"] if plm else None)
+    model = ConformerCTC(cfg, len(vocab), plm.width if plm else None)
     reader = SplitReader(prepared / "train")
     feats = [reader.features(r) for r in reader.records]
-    targets = [torch.tensor(r["token_ids"]) for r in reader.records]
+    targets = [torch.tensor(r.token_ids) for r in reader.records]
     x, lengths = padded_batch(feats, mean, std, "cpu")
     ys = torch.cat(targets)
     y_lens = torch.tensor([len(t) for t in targets])
@@ -57,7 +56,7 @@ def build_tiny_checkpoint(
         "config": {"model": cfg.to_dict(), "gmot": dict(TINY_GMOT)},
         "vocab": vocab,
         "cmvn": {"mean": mean.float(), "std": std.float(), "frontend": read_frontend(lang)},
-        "plm": {k: (list(v) if isinstance(v, np.ndarray) else v) for k, v in plm.items()} if plm else None,
+        "plm": plm.to_json() if plm else None,
         "epoch": 1,
         "step": steps,
     }

@@ -75,8 +75,8 @@ class EvaluationMixin(TrainerBase):
                 records = [self.dev_set.records[mine[i]] for i in b[:take]]
                 score_batch_plans(
                     res["plan"], out["log_probs"][:take], out["lengths"][:take], plm_lens,
-                    [r["token_ids"] for r in records], [r["text"] for r in records],
-                    [list(r["plm"].get("tokens") or []) for r in records], meter,
+                    [r.token_ids for r in records], [r.text for r in records],
+                    [list(r.plm.tokens) if r.plm is not None else [] for r in records], meter,
                 )  # fmt: skip
             hyps = greedy_ctc(out["log_probs"], out["lengths"])
             pairs = [

@@ -216,7 +216,7 @@ class RunStateMixin(TrainerBase):
                 "std": torch.from_numpy(self.cmvn[1].copy()),
                 "frontend": self.frontend,
             },
-            "plm": self.plm_info,
+            "plm": None if self.plm_info is None else self.plm_info.to_json(),
             "mode": self.mode,
             "epoch": self.epoch,
             "epoch_complete": epoch_complete,

@@ -70,11 +70,11 @@ class TrainDataMixin(TrainerBase):
                 self.plm_width = int(self.cfg.gmot.random_width)
                 self._apply_teacher_control()
             elif self.train_set.has_plm and self.plm_info is not None:
-                self.plm_width = int(self.plm_info["width"])
+                self.plm_width = self.plm_info.width
                 self._apply_teacher_control()
             elif t.plm is None:
                 # an online teacher may not be the one the (partial) cache was built with: only on request
-                missing = sum(1 for r in self.train_set.records if "plm" not in r)
+                missing = sum(1 for r in self.train_set.records if r.plm is None)
                 what = (
                     f"{missing} of {len(self.train_set.records)} train utterances have no cached PLM features"
                     if self.plm_info is not None
@@ -109,7 +109,7 @@ class TrainDataMixin(TrainerBase):
                 raise TrainingError(
                     f"model.ctc_from=adapter needs the PLM width: {lang} has no plm.json (prepare with a PLM)"
                 )
-            self.plm_width = int(self.plm_info["width"])
+            self.plm_width = self.plm_info.width
         lengths = self.train_set.lengths()
         unalignable = ctc_infeasible(self.train_set.records, self.cfg.model.subsampling)
         self._warn_left_out(
@@ -122,7 +122,7 @@ class TrainDataMixin(TrainerBase):
             no_tokens = [
                 i
                 for i, r in enumerate(self.train_set.records)
-                if i not in left_out and "plm" in r and int(r["plm"]["num_tokens"]) < 1
+                if i not in left_out and r.plm is not None and r.plm.num_tokens < 1
             ]
             self._warn_left_out(no_tokens, "have no PLM teacher tokens")
             left_out.update(no_tokens)
@@ -146,9 +146,8 @@ class TrainDataMixin(TrainerBase):
         records = self.train_set.records
         if control == "shuffle":
             try:
-                plan = shuffle_sources(
-                    [r["text"] for r in records], [int(r["plm"]["num_tokens"]) for r in records], seed
-                )
+                counts = [r.plm.num_tokens for r in records]  # has_plm: every train entry has one
+                plan = shuffle_sources([r.text for r in records], counts, seed)
             except ValueError as err:
                 raise TrainingError(f"gmot.teacher=shuffle on {self.data_dir}: {err}") from None
             self.train_set.teacher_source = plan.source
@@ -165,16 +164,16 @@ class TrainDataMixin(TrainerBase):
                 f"{self.cfg.gmot.random_width} per transcript unit; no PLM)"
             )
         elif control == "random":
-            info = self.plm_info or {}
-            mean = np.asarray(info["mean"], np.float32) if "mean" in info else None
-            std = np.asarray(info["std"], np.float32) if "std" in info else None
+            info = self.plm_info
+            mean = None if info is None else np.asarray(info.mean, np.float32)
+            std = None if info is None else np.asarray(info.std, np.float32)
             self.train_set.teacher_random = (seed, mean, std)
             self._say("teacher control: random (fixed Gaussian vectors with the teacher's mean and std)")
 
     def _warn_left_out(self, indices: list[int], why: str) -> None:
         """Warn that the train utterances at `indices` are left out, naming the first five."""
         if indices:
-            ids = ", ".join(self.train_set.records[i]["id"] for i in indices[:5])
+            ids = ", ".join(self.train_set.records[i].id for i in indices[:5])
             more = " ..." if len(indices) > 5 else ""
             self._say(
                 f"[yellow]warning:[/] {len(indices)} train utterances {why} and are left out ({ids}{more})"

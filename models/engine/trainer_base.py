@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from data.loader import BucketBatchSampler, FrequencyWarp, SpecAugment, SpeechDataset
+    from data.store import PLMInfo
     from models.engine.config import ExperimentConfig
     from models.engine.distributed import DistInfo
     from models.engine.outcome import TrainOutcome
@@ -46,7 +47,7 @@ class TrainerBase:
     vocab: list[str]
     cmvn: tuple[np.ndarray, np.ndarray]
     frontend: str
-    plm_info: dict[str, Any] | None
+    plm_info: PLMInfo | None
     train_set: SpeechDataset
     dev_set: SpeechDataset | None
     teacher: PLMTeacher | None

@@ -4,12 +4,16 @@ at all."""
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from models.nn.encoder import subsampled_lengths
+
+if TYPE_CHECKING:
+    from data.store import ManifestEntry
 
 BLANK_ID = 0  # the vocabulary's index 0 is the CTC blank
 
@@ -41,11 +45,11 @@ def ctc_impossible(frames: Tensor, tokens: Tensor, token_lens: Tensor) -> Tensor
     return frames < token_lens + repeats
 
 
-def ctc_infeasible(records: list[dict[str, Any]], subsampling: int) -> list[int]:
-    """Indices of manifest records whose transcript cannot be aligned by CTC after the model's subsampling
+def ctc_infeasible(records: Sequence[ManifestEntry], subsampling: int) -> list[int]:
+    """Indices of manifest entries whose transcript cannot be aligned by CTC after the model's subsampling
     (encoder frames < labels + repeated neighbours)."""
-    lengths = subsampled_lengths(torch.tensor([int(r["num_frames"]) for r in records] or [0]), subsampling)
-    return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(list(r["token_ids"]))]
+    lengths = subsampled_lengths(torch.tensor([r.num_frames for r in records] or [0]), subsampling)
+    return [i for i, r in enumerate(records) if int(lengths[i]) < ctc_required_frames(r.token_ids)]
 
 
 def greedy_ctc(log_probs: Tensor, lengths: Tensor, blank: int = BLANK_ID) -> list[list[int]]:

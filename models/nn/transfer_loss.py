@@ -16,13 +16,16 @@ Padded frames / tokens carry zero marginal weight: they get an exactly zero plan
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.ot import graphs, transport, unbalanced
+
+if TYPE_CHECKING:
+    from data.store import PLMInfo
 
 
 @dataclass
@@ -201,11 +204,11 @@ class GMOTLoss(nn.Module):
         self.register_buffer("plm_std", None if plm_std is None else torch.as_tensor(plm_std).float())
 
     @classmethod
-    def from_plm_info(cls, cfg: GMOTConfig, plm_info: dict[str, Any] | None) -> GMOTLoss:
-        """Build with the statistics of a plm.json dict ({"mean": [D], "std": [D], ...}) or None."""
-        if plm_info is None or "mean" not in plm_info:
+    def from_plm_info(cls, cfg: GMOTConfig, plm_info: PLMInfo | None) -> GMOTLoss:
+        """Build with the statistics of plm.json (its mean and std, (D,) each), or without any (None)."""
+        if plm_info is None:
             return cls(cfg)
-        return cls(cfg, torch.tensor(plm_info["mean"]), torch.tensor(plm_info["std"]))
+        return cls(cfg, torch.tensor(plm_info.mean), torch.tensor(plm_info.std))
 
     def standardise(self, plm: Tensor) -> Tensor:
         """(B, M, D) raw PLM features -> standardised with plm_mean / plm_std (std floored at 1e-5)."""

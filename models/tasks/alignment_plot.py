@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.store import SplitReader, read_plm_info
+from data.store import ManifestEntry, PLMInfo, SplitReader, read_plm_info
 from data.vocab import Vocabulary
 from models.engine import diagnostics
 from models.engine.checkpoint import LoadedModel
@@ -86,16 +86,22 @@ class AlignmentData:
         return score_transcripts({"u": self.reference}, {"u": self.hypothesis}).rate
 
 
-def _find_record(reader: SplitReader, utt_id: str) -> dict:
+def _find_record(reader: SplitReader, utt_id: str) -> ManifestEntry:
     for record in reader.records:
-        if str(record["id"]) == utt_id:
+        if record.id == utt_id:
             return record
-    ids = [str(r["id"]) for r in reader.records]
+    ids = [r.id for r in reader.records]
     close = [i for i in ids if utt_id in i or i in utt_id][:5]
     shown = ", ".join((close or ids)[:5])
     raise AlignmentPlotError(
         f"utterance {utt_id!r} is not in {reader.split_dir} ({len(ids)} utterances; for example {shown})"
     )
+
+
+def _checkpoint_plm_info(loaded: LoadedModel) -> PLMInfo | None:
+    """The plm.json the checkpoint's config carries under "plm", if any (None when it has none)."""
+    raw = loaded.config.get("plm") if isinstance(loaded.config, dict) else None
+    return PLMInfo.from_json(raw, f"checkpoint {loaded.path}: plm") if raw else None
 
 
 def gmot_config_of(loaded: LoadedModel):
@@ -129,7 +135,7 @@ def compute_alignment(
     reader = SplitReader(split_dir)
     record = _find_record(reader, utt_id)
     plm_raw = reader.plm_features(record)
-    if plm_raw is None or not record["plm"].get("num_tokens"):
+    if plm_raw is None or record.plm is None or not record.plm.num_tokens:
         raise AlignmentPlotError(
             f"{split_dir} has no PLM cache for {utt_id!r}; prepare it with a PLM teacher (gmot prepare)"
         )
@@ -140,7 +146,7 @@ def compute_alignment(
             "plot the plans of a model trained with gmot distill"
         )
     base = gmot_config_of(loaded)
-    plm_info = read_plm_info(Path(data_dir) / "lang") or loaded.config.get("plm")
+    plm_info = read_plm_info(Path(data_dir) / "lang") or _checkpoint_plm_info(loaded)
     device = loaded.cmvn_mean.device
     with torch.inference_mode():
         feats, lengths = padded_batch([reader.features(record)], loaded.cmvn_mean, loaded.cmvn_std, device)
@@ -174,7 +180,7 @@ def compute_alignment(
         d_l = graphs.structure_matrix(z.float(), b_mask, base.structure, base.hybrid_mix)
 
     vocab = Vocabulary(loaded.vocab)
-    reference = str(record.get("text") or "")
+    reference = record.text
     log_probs = out["log_probs"][0, :n_frames]
     hyp_ids = greedy_ctc(out["log_probs"], out["lengths"])[0]
     frames = diagnostics.ctc_char_spans(log_probs, vocab.encode(reference))
@@ -186,7 +192,7 @@ def compute_alignment(
         )
     token_spans = None
     if frames is not None and len(frames) == len(reference):
-        plm_tokens = [str(t) for t in record["plm"].get("tokens") or []]
+        plm_tokens = list(record.plm.tokens)
         ranges = diagnostics.token_char_ranges(plm_tokens, reference)
         token_spans = diagnostics.token_frame_spans(ranges, frames)
     scores = {mode: diagnostics.score_plan(plan, token_spans) for mode, plan in plans.items()}
@@ -196,7 +202,7 @@ def compute_alignment(
         utt_id=utt_id,
         reference=reference,
         hypothesis=vocab.decode(hyp_ids),
-        tokens=[str(t) for t in record["plm"].get("tokens") or [f"#{j}" for j in range(plm.shape[1])]],
+        tokens=list(record.plm.tokens) or [f"#{j}" for j in range(plm.shape[1])],
         plans=plans,
         alphas=alphas,
         struct_acoustic=d_a[0].cpu().numpy(),

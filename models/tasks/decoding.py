@@ -193,13 +193,13 @@ def split_utterances(split_dir: Path) -> tuple[list[Utterance], dict[str, str]]:
     reader = SplitReader(Path(split_dir))
     utts = [
         Utterance(
-            str(r["id"]),
+            r.id,
             reader.features(r),
-            float(r.get("duration") or frames_to_seconds(int(r["num_frames"]))),
+            float(r.duration or frames_to_seconds(r.num_frames)),
         )
         for r in reader.records
     ]
-    refs = {str(r["id"]): str(r.get("text") or "") for r in reader.records if "text" in r}
+    refs = {r.id: r.text for r in reader.records}
     return utts, refs
 
 
