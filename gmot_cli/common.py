@@ -30,7 +30,7 @@ from data.store import StoreError
 from models.engine.checkpoint import CheckpointError
 from models.engine.config import PRESET_NAMES, ConfigError, ExperimentConfig, resolve_config
 from models.engine.preemption import Preempted
-from models.engine.training import TrainingError, TrainOutcome, train
+from models.engine.training import TrainingError, TrainingSetupError, TrainOutcome, train
 
 RUN_FAILED = 1
 USAGE_ERROR = 2
@@ -149,10 +149,11 @@ def run_training(
 
     `check(cfg, console)` may adjust or refuse (raise error_exit) the resolved config. Usage errors (exit 2):
     a ConfigError, a CUDA device that is not there, a DATA_DIR without a prepared train split, a checkpoint
-    (--init-from, or the one EXP_DIR resumes from) that is missing, corrupt or of another model. Failed runs
-    (exit 1): TrainingError and data found broken while training (StoreError). SIGTERM exits 143 and Ctrl-C
-    (SIGINT) 130 after a checkpoint of the current step, a second Ctrl-C 130 at once, each with a hint to
-    resume. Returns what `train` did.
+    (--init-from, or the one EXP_DIR resumes from) that is missing, corrupt or of another model, and what the
+    engine refuses before it starts (TrainingSetupError: a broken lang folder, no PLM cache for distill, no
+    usable utterance). Failed runs (exit 1): TrainingError and data found broken while training
+    (StoreError). SIGTERM exits 143 and Ctrl-C (SIGINT) 130 after a checkpoint of the current step, a second
+    Ctrl-C 130 at once, each with a hint to resume. Returns what `train` did.
     """
     console = err_console
     try:
@@ -176,7 +177,7 @@ def run_training(
             console=console,
             progress=opts.progress,
         )
-    except CheckpointError as err:
+    except (CheckpointError, TrainingSetupError) as err:
         raise error_exit(str(err)) from None
     except (TrainingError, StoreError) as err:
         raise error_exit(str(err), RUN_FAILED) from None

@@ -12,7 +12,7 @@ import gmot_cli.common
 from gmot_cli import __version__
 from gmot_cli.app import app
 from models.engine.checkpoint import CheckpointError
-from models.engine.training import TrainingError
+from models.engine.training import TrainingError, TrainingSetupError
 
 
 def test_version_prints_package_version() -> None:
@@ -81,7 +81,12 @@ def test_training_usage_errors_exit_2_and_a_stopped_run_exits_1(
     assert res.exit_code == 2 and "huge" in res.output
     (data / "train").mkdir(parents=True)
     (data / "train" / "manifest.jsonl").write_text("", encoding="utf-8")
-    for error, code in [(CheckpointError("checkpoint init.pt does not exist"), 2), (TrainingError("NaN"), 1)]:
+    setup = TrainingSetupError("no PLM cache")
+    for error, code in [
+        (CheckpointError("checkpoint init.pt does not exist"), 2),
+        (setup, 2),
+        (TrainingError("NaN"), 1),
+    ]:
 
         def fail(*args: object, error: Exception = error, **kwargs: object) -> None:
             raise error
@@ -89,3 +94,15 @@ def test_training_usage_errors_exit_2_and_a_stopped_run_exits_1(
         monkeypatch.setattr(gmot_cli.common, "train", fail)
         res = CliRunner().invoke(app, [command, str(data), str(tmp_path / "exp"), *args])
         assert res.exit_code == code and f"error: {error}" in res.output, res.output
+
+
+def test_a_data_folder_without_its_lang_folder_is_a_usage_error_from_the_real_engine(tmp_path: Path) -> None:
+    """Not mocked: the engine refuses the folder before training (TrainingSetupError), naming what is
+    missing."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "manifest.jsonl").write_text("", encoding="utf-8")
+    args = ["--preset", "tiny", "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(app, ["pretrain", str(data), str(tmp_path / "exp"), *args])
+    assert res.exit_code == 2, res.output
+    assert "lang" in res.output and "error:" in res.output

@@ -1,5 +1,6 @@
-"""What a `train` call ends with: `TrainOutcome` when it finishes, `TrainingError` when it cannot start or go
-on. Both are part of models.engine.training's public API (imported there)."""
+"""What a `train` call ends with: `TrainOutcome` when it finishes, `TrainingError` when it cannot go on
+(`TrainingSetupError`, a TrainingError, when it cannot start). All are part of models.engine.training's public
+API (imported there)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from pathlib import Path
 
 class TrainingError(RuntimeError):
     """A run that cannot start or go on (bad data folder, NaN storm, GPU out of memory); says what to do."""
+
+
+class TrainingSetupError(TrainingError):
+    """A run that cannot start because of what it was given (a data folder that is not prepared or is
+    broken, a teacher control the data cannot serve, no usable utterance, a device that is not there): the
+    command line's usage error (exit 2), where a TrainingError met while training is a failed run (exit 1)."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from data.features import has_pitch
 from data.loader import BucketBatchSampler, SpeechDataset, bucket_batches
 from data.store import StoreError, read_cmvn, read_frontend, read_plm_info, read_vocab
 from data.teacher_controls import shuffle_sources
-from models.engine.outcome import TrainingError
+from models.engine.outcome import TrainingSetupError
 from models.engine.trainer_base import TrainerBase
 from models.nn.ctc import ctc_infeasible
 
@@ -31,7 +31,7 @@ class TrainDataMixin(TrainerBase):
         lang = self.data_dir / "lang"
         train_dir = self.data_dir / "train"
         if not (train_dir / "manifest.jsonl").is_file():
-            raise TrainingError(
+            raise TrainingSetupError(
                 f"{train_dir / 'manifest.jsonl'} not found: is {self.data_dir} a folder written by "
                 "`gmot prepare`?"
             )
@@ -41,12 +41,12 @@ class TrainDataMixin(TrainerBase):
             self.frontend = read_frontend(lang)
             self.plm_info = read_plm_info(lang)
         except StoreError as err:
-            raise TrainingError(str(err)) from None
+            raise TrainingSetupError(str(err)) from None
         self.cmvn = (mean, std)
         try:
             has_pitch(mean.shape[0])
         except ValueError as err:
-            raise TrainingError(f"{lang / 'cmvn.json'}: {err}") from None
+            raise TrainingSetupError(f"{lang / 'cmvn.json'}: {err}") from None
         if self.cfg.model.input_dim != mean.shape[0]:  # the data decides: 80 fbank bins, or 83 with pitch
             model_cfg = dataclasses.replace(self.cfg.model, input_dim=int(mean.shape[0]))
             self.cfg = dataclasses.replace(self.cfg, model=model_cfg)
@@ -80,13 +80,13 @@ class TrainDataMixin(TrainerBase):
                     if self.plm_info is not None
                     else f"{lang / 'plm.json'} is missing"
                 )
-                raise TrainingError(
+                raise TrainingSetupError(
                     f"{self.data_dir} has no complete PLM feature cache ({what}); re-run `gmot prepare` with "
                     "a PLM (the default e5-small), or set train.plm=MODEL to compute the teacher online in "
                     "every step (slow; it should be the teacher the cache was built with)"
                 )
             elif self.cfg.gmot.teacher != "real":
-                raise TrainingError(
+                raise TrainingSetupError(
                     f"gmot.teacher={self.cfg.gmot.teacher} needs the PLM feature cache of `gmot prepare`; "
                     f"{self.data_dir} has none"
                 )
@@ -102,11 +102,13 @@ class TrainDataMixin(TrainerBase):
                 try:
                     self.teacher = load_teacher(t.plm, layer=t.plm_layer, device=str(self.device))
                 except PLMError as err:
-                    raise TrainingError(f"no PLM cache in {self.data_dir} and no online PLM: {err}") from None
+                    raise TrainingSetupError(
+                        f"no PLM cache in {self.data_dir} and no online PLM: {err}"
+                    ) from None
                 self.plm_width = int(self.teacher.width)
         if self.cfg.model.ctc_from == "adapter" and self.plm_width is None:
             if self.plm_info is None:
-                raise TrainingError(
+                raise TrainingSetupError(
                     f"model.ctc_from=adapter needs the PLM width: {lang} has no plm.json (prepare with a PLM)"
                 )
             self.plm_width = self.plm_info.width
@@ -133,7 +135,7 @@ class TrainDataMixin(TrainerBase):
             f"are shorter than {self.cfg.model.min_input_frames} frames",
         )
         if not batches:
-            raise TrainingError(f"no usable train utterances in {train_dir}")
+            raise TrainingSetupError(f"no usable train utterances in {train_dir}")
         self.sampler = BucketBatchSampler(
             batches, shuffle=t.shuffle, seed=t.seed, rank=self.dd.rank, world_size=self.dd.world
         )
@@ -149,7 +151,7 @@ class TrainDataMixin(TrainerBase):
                 counts = [r.plm.num_tokens for r in records]  # has_plm: every train entry has one
                 plan = shuffle_sources([r.text for r in records], counts, seed)
             except ValueError as err:
-                raise TrainingError(f"gmot.teacher=shuffle on {self.data_dir}: {err}") from None
+                raise TrainingSetupError(f"gmot.teacher=shuffle on {self.data_dir}: {err}") from None
             self.train_set.teacher_source = plan.source
             off = f", {plan.off_count} from the nearest other token count" if plan.off_count else ""
             self._say(

@@ -16,7 +16,7 @@ they share are declared in models.engine.trainer_base. Its other pieces:
 models.engine.distributed (ranks, devices), models.engine.precision (autocast and the fp16 scaler),
 models.engine.schedule (learning rate, kt ramp), models.nn.ctc (CTC and which transcripts it can align),
 models.engine.run_log (metrics.jsonl, the checkpoint index, command lines, progress), models.engine.outcome
-(TrainOutcome, TrainingError).
+(TrainOutcome, TrainingError; TrainingSetupError when the run cannot start).
 
 Determinism: every batch reseeds torch's RNG from (seed, epoch, the batch's position in the epoch's global
 order), so dropout and SpecAugment draw the same numbers whether a run was interrupted and resumed, and
@@ -69,14 +69,14 @@ from models.engine.distributed import (
     pick_device,
 )
 from models.engine.evaluation import EvaluationMixin
-from models.engine.outcome import TrainingError, TrainOutcome
+from models.engine.outcome import TrainingError, TrainingSetupError, TrainOutcome
 from models.engine.preemption import Preempted, StopSignals, ignore_stop_signals
 from models.engine.run_log import INDEX, MetricsLogger, read_index, record_command, training_progress
 from models.engine.run_state import RunStateMixin
 from models.engine.step import MicroBatch, StepMixin
 from models.engine.train_data import TrainDataMixin
 
-__all__ = ["CONFIG", "TrainOutcome", "Trainer", "TrainingError", "train"]
+__all__ = ["CONFIG", "TrainOutcome", "Trainer", "TrainingError", "TrainingSetupError", "train"]
 
 CONFIG = "config.yaml"
 
@@ -143,7 +143,7 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
         try:
             self.device = pick_device(device, self.dd)  # first: the group is bound to this device
         except DeviceError as err:
-            raise TrainingError(str(err)) from None
+            raise TrainingSetupError(str(err)) from None
         self.dd = init_distributed(self.dd, self.device)
         self.mode = str(cfg.gmot.mode)
         self.use_kt = self.mode != "none"
