@@ -138,7 +138,7 @@ def test_the_resumed_ranks_equal_one_process_and_their_epoch_sums_add_up(
 ) -> None:
     data, tmp, reports = ddp
     assert [r.get("resumed", {}).get("outcome") for r in reports] == ["finished"] * 2, reports
-    monkeypatch.setattr(training, "ctc_infeasible", lambda records, subsampling: [])
+    monkeypatch.setattr(train_data, "ctc_infeasible", lambda records, subsampling: [])
     cfg = resolve_config("tiny", overrides=[*SETS, "train.accum_grad=2"])
     single = training.train(data, tmp_path / "one", cfg, device="cpu", progress=False)
     assert single.step == 12 and single.skipped_inf == 2 * len(UNALIGNABLE)
