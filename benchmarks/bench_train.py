@@ -193,8 +193,9 @@ def _timed(fn) -> float:
 
 
 def hook_blocks(model: torch.nn.Module, record_function: Any) -> list[Any]:
-    """Wrap the forward of each child of `model` (each element of a ModuleList child, as "name.i") in a
-    profiler scope "module::name"; returns the hook handles (call .remove() on each)."""
+    """Wrap the forward of each child of `model` in a profiler scope "module::name"; the parts of the layers
+    of a ModuleList child as "name.*.part", summed over the layers. Returns the hook handles (call .remove()
+    on each)."""
     scopes: dict[str, Any] = {}
 
     def enter(label: str) -> None:
@@ -206,8 +207,8 @@ def hook_blocks(model: torch.nn.Module, record_function: Any) -> list[Any]:
 
     blocks = []
     for name, child in model.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            blocks += [(f"{name}.{i}", sub) for i, sub in enumerate(child)]
+        if isinstance(child, torch.nn.ModuleList):  # the encoder calls each layer's parts itself
+            blocks += [(f"{name}.*.{part}", sub) for layer in child for part, sub in layer.named_children()]
         else:
             blocks.append((name, child))
     handles = []
