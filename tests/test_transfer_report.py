@@ -115,7 +115,7 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
         ]
         data = {
             "command": f"python recipes/transfer_study/ablation.py d{size} ...",
-            "machine": {"cores": 2},
+            "machine": {"cpu": "EPYC" if size == 500 else "Xeon", "cores": 2},
             "summary": summary,
         }
         (folder / "ablation.json").write_text(json.dumps(data), encoding="utf-8")
@@ -144,6 +144,9 @@ def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
     assert "| 2.10 | +0.80 | 0.80 | 0.010 |" in text
     assert "**yes**" in text  # the 5-point dev gain at 500 sentences, the same on every seed
     assert "| fgw-centred-tot | baseline | 3 | +5.00 [+5.00, +5.00] |" in text
+    # each size ran on its own machine: each section names it, and no one machine closes the report
+    assert "Machine of these runs: cpu EPYC, cores 2." in text and "Machine of these runs: cpu Xeon" in text
+    assert "## Machine" not in text
     for png in (plot, gains):
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):

@@ -38,7 +38,6 @@ from typing import Any
 from data.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent  # recipes/transfer_study
-ROOT = HERE.parents[1]  # the repository
 BASELINE = "baseline"
 
 
@@ -239,6 +238,12 @@ def _save_figure(fig: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """One line naming an ablation.json's machine: CPU, cores, torch, how the runs were spread."""
+    keys = ("cpu", "cores", "torch", "jobs")
+    return ", ".join(f"{k} {machine[k]}" for k in keys if machine.get(k) is not None)
+
+
 def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
     """Each arm's paired dev and test gain over the baseline (points of CER) with its 95 % t interval,
     one panel per size."""
@@ -277,7 +282,12 @@ def plot_gains(curves: dict[int, dict[str, Any]], path: Path) -> None:
         ax.set_yticks(range(len(arms)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("CER gain over the baseline, points (paired mean, 95 % t interval)")
-        ax.set_title(f"{size} train sentences, from scratch, equal updates", fontsize=9)
+        steps = sorted({int(s) for r in rows.values() for s in r.get("steps", [])})
+        updates = f"{steps[0]} updates" if len(steps) == 1 else "equal updates"
+        cpu = curves[size].get("machine", {}).get("cpu")
+        ax.set_title(
+            f"{size} train sentences, from scratch, {updates}" + (f" ({cpu})" if cpu else ""), fontsize=9
+        )
         ax.grid(alpha=0.3, axis="x")
         ax.legend(fontsize=8)
     _save_figure(fig, path)
@@ -360,8 +370,10 @@ def report(
                 "",
             ]
         lines += ["Command:", "", "```", data["command"], "```", ""]
+        if len({json.dumps(d["machine"], sort_keys=True) for d in curves.values()}) > 1:
+            lines += [f"Machine of these runs: {machine_line(data['machine'])}.", ""]
         machine = machine or data["machine"]
-    if machine:
+    if machine and len({json.dumps(d["machine"], sort_keys=True) for d in curves.values()}) <= 1:
         lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()] + [""]
     return "\n".join(lines)
 
@@ -381,9 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--curve", action="append", default=[], help="N=OUT_DIR: the runs at N train sentences")
     p.add_argument("--notes", type=Path, help="markdown put at the top of the report")
     p.add_argument("--out", type=Path, default=HERE / "results" / "transfer_study.md")
-    p.add_argument(
-        "--plot", type=Path, default=ROOT / "docs" / "learning_curve.png", help="learning curve (2+ sizes)"
-    )
+    p.add_argument("--plot", type=Path, help="learning curve (2+ sizes; drawn only when asked)")
     p.add_argument("--gains-plot", type=Path, help="paired gains over the baseline with 95 %% intervals")
     p.add_argument("--reference", help="compare every other arm against this one too (e.g. the real teacher)")
     p.add_argument("--title", default="Transfer study", help="the report's heading")
@@ -398,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
     write_text_atomic(a.out, report(notes, screens, curves, a.reference, a.title))
     print(f"wrote {a.out}")
-    if len(curves) >= 2:
+    if len(curves) >= 2 and a.plot is not None:
         plot_curve(curves, a.plot)
         print(f"wrote {a.plot}")
     if curves and a.gains_plot is not None:
