@@ -119,7 +119,7 @@ def load_audio(path: str | Path, start: float | None = None, end: float | None =
 class FrontEnd:
     """The options of the 80-bin Kaldi-style fbank that differ between the front ends gmot knows. All share
     25 ms povey windows, a 10 ms shift, pre-emphasis 0.97, DC removal, power spectra, dither 0 and a 20 Hz
-    lower edge (see docs/design.md, "Features")."""
+    lower edge (see docs/design.md, section 4.5)."""
 
     name: str
     snip_edges: bool

@@ -14,7 +14,7 @@ of its own sentence.
   loss's standardisation they are N(0, 1).
 
 The third control, an untrained teacher (same architecture and tokenizer, random weights), changes what is
-cached at prepare time: `gmot prepare ... --plm-init random` (models.nn.plm.untrained_teacher).
+cached at prepare time: `gmot prepare ... --plm untrained:e5-small` (models.nn.plm.untrained_teacher).
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ class SharedOptions:
         typer.Option(
             "--pitch/--no-pitch",
             help="Append 3 pitch features (voicing, normalised log f0, its change) to the 80 fbank bins, "
-            "meant for tonal languages (on the demo corpus it did not help: see the README).",
+            "meant for tonal languages (on the demo corpus it did not help: see docs/usage.md).",
         ),
     ] = False
     speed_perturb: Annotated[

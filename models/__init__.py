@@ -1,5 +1,5 @@
-"""gmot's torch code, in four rooms whose imports run one way (tasks and engine -> nn -> ot; all may import
-`data`):
+"""gmot's torch code, in four rooms whose imports run one way (tasks -> engine -> nn -> ot; all may import
+`data`; docs/design.md section 0 is the map):
 
 - `models.ot`: optimal transport (solvers, graph structures, CPU kernels);
 - `models.nn`: the encoder, the CTC loss, the PLM teacher, the transfer loss;

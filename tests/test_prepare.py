@@ -216,7 +216,7 @@ def test_report_counts_match(bad_run: tuple[Path, Path, str]) -> None:
 
 # ------------------------------------------------------------------------------- flac and sox pipe entries
 
-# the pipe commands of wav.scp entries that README says are read without running them
+# the pipe commands of wav.scp entries that docs/usage.md says are read without running them
 PIPES = {"flac": "flac -c -d -s {flac} |", "sox": "sox {wav} -t wav - |"}
 
 

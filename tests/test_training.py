@@ -324,7 +324,7 @@ def test_without_tensorboard_only_the_metrics_log_is_written(tiny_prepared: Path
 
 
 def test_tensorboard_scalars_are_the_logged_metrics(tiny_prepared: Path, tmp_path: Path) -> None:
-    """README: EXP_DIR/tensorboard holds event files when the tensorboard package is installed; every
+    """docs/usage.md: EXP_DIR/tensorboard holds event files when the tensorboard package is installed; every
     number of metrics.jsonl is there as the scalar EVENT/KEY at its step."""
     if not _has_tensorboard():
         pytest.skip("tensorboard is not installed (an optional package): training writes metrics.jsonl only")

@@ -1,5 +1,5 @@
-"""Conformer-CTC acoustic encoder: conv2d x4 subsampling, sinusoidal positions, conformer blocks, CTC head
-and an optional adapter into the PLM's width for knowledge transfer.
+"""Conformer-CTC acoustic encoder: conv2d subsampling (x4 or x8), sinusoidal positions, conformer blocks, CTC
+head and an optional adapter into the PLM's width for knowledge transfer.
 
 The conformer blocks are `torchaudio.models.conformer.ConformerLayer` modules (their parameters and layout),
 but this module runs their forward pass itself for two reasons:

@@ -7,7 +7,7 @@ Panels: per step (the training log's windows), the CTC loss, the transfer term k
 measured on dev (lift over a uniform plan, temporal order). A run without the transfer (the baseline) shows
 in the CTC and dev CER panels only. Runs of one arm (the name before "-seed") share a colour, so seeds of an
 arm read as a band. This is how to see whether the transfer's term keeps its scale once CTC is small, and
-whether the plans stay aligned, over a long run (docs/transfer.md, "Is the transfer doing anything?").
+whether the plans stay aligned, over a long run (docs/transfer.md, "The diagnostics").
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The transfer study's report: paired statistics, tables and figures from the ablation runs that make it up.
+r"""The transfer study's report: paired statistics, tables and figures from the ablation runs that make it up.
 
     python recipes/transfer_study/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
         --curve 500=OUT_DIR --curve 1000=OUT_DIR ... [--reference ARM] \
         [--out recipes/transfer_study/results/transfer_study.md] [--plot docs/learning_curve.png] \
-        [--gains-plot FILE]
+        [--gains-plot FILE] [--title TITLE]
 
 Each OUT_DIR is a finished (or partly finished) `recipes/transfer_study/ablation.py` output folder: its
 ablation.json holds every run, its command and the machine. `--screen` is a one-seed screen of the options;
