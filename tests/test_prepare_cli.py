@@ -225,6 +225,36 @@ def test_plm_cli_with_a_local_folder(tmp_path: Path, tiny_bert: Path) -> None:
     assert rec.plm.num_tokens == len(rec.text)
 
 
+def test_plm_untrained_through_the_cli_keeps_the_audio_and_tokens_and_changes_the_features(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """`gmot prepare ... --plm untrained:FOLDER`, the untrained-teacher control, as a user runs it: the same
+    features, vocabulary and teacher tokens as the trained teacher's folder, other teacher features, and the
+    teacher recorded as untrained."""
+    good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:3])
+    split = ["--split", f"train={tmp_path / 'train'}"]
+    for name, plm in (("trained", str(tiny_bert)), ("untrained", f"untrained:{tiny_bert}")):
+        res = runner.invoke(app, ["prepare", "kaldi", str(tmp_path / name), *split, "--plm", plm])
+        assert res.exit_code == 0, res.output
+    trained, untrained = tmp_path / "trained", tmp_path / "untrained"
+    info = read_plm_info(untrained / "lang")
+    assert info is not None and info.name.startswith("untrained:") and info.width == 16
+    assert (trained / "lang" / "vocab.txt").read_bytes() == (untrained / "lang" / "vocab.txt").read_bytes()
+    for a, b in zip(read_manifest(trained / "train"), read_manifest(untrained / "train"), strict=True):
+        assert (a.id, a.token_ids, a.plm.num_tokens, a.plm.tokens) == (
+            b.id,
+            b.token_ids,
+            b.plm.num_tokens,
+            b.plm.tokens,
+        )
+    feats = sorted((trained / "train" / "feats").glob("*.npy"))
+    assert feats and all(
+        f.read_bytes() == (untrained / "train" / "feats" / f.name).read_bytes() for f in feats
+    )
+    plm = sorted((trained / "train" / "plm").glob("*.npy"))
+    assert plm and any(f.read_bytes() != (untrained / "train" / "plm" / f.name).read_bytes() for f in plm)
+
+
 def test_unknown_plm_is_a_clear_error(tmp_path: Path) -> None:
     good_kaldi_dir(tmp_path, "train", GOOD_TEXTS[:1])
     res = runner.invoke(
