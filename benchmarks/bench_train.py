@@ -218,6 +218,21 @@ def hook_blocks(model: torch.nn.Module, record_function: Any) -> list[Any]:
     return handles
 
 
+def build_mode(
+    name: str, mode: str, device: torch.device, gmot: GMOTConfig
+) -> tuple[ConformerCTC, torch.optim.Optimizer, GMOTLoss | None]:
+    """The model (train mode, weights seeded 0), AdamW and, for distill, the GM-OT loss that a `mode`
+    ("pretrain" or "distill") step of preset `name` runs."""
+    shape = SHAPES[name]
+    torch.manual_seed(0)
+    model = ConformerCTC(PRESETS[name], shape.vocab, shape.plm_width if mode == "distill" else None)
+    model = model.to(device).train()
+    kt = None
+    if mode == "distill":
+        kt = GMOTLoss(gmot, torch.zeros(shape.plm_width), torch.ones(shape.plm_width)).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4), kt
+
+
 def profile_steps(
     name: str, frames_budget: int, device: torch.device, gmot: GMOTConfig, precision: str, console: Console
 ) -> None:
@@ -225,17 +240,11 @@ def profile_steps(
     and each top-level block's forward time (record_function around every child module of the model)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    shape, cfg = SHAPES[name], PRESETS[name]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in make_batches(shape, frames_budget, 3, 1)]
+    batches = [
+        {k: v.to(device) for k, v in b.items()} for b in make_batches(SHAPES[name], frames_budget, 3, 1)
+    ]
     for mode in ("pretrain", "distill"):
-        torch.manual_seed(0)
-        model = ConformerCTC(cfg, shape.vocab, shape.plm_width if mode == "distill" else None).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        kt = (
-            GMOTLoss(gmot, torch.zeros(shape.plm_width), torch.ones(shape.plm_width)).to(device)
-            if mode == "distill"
-            else None
-        )
+        model, opt, kt = build_mode(name, mode, device, gmot)
         train_step(model, opt, batches[0], kt, device, precision=precision)  # warm-up
         handles = hook_blocks(model, record_function)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -273,18 +282,13 @@ def bench_preset(
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    shape = SHAPES[name]
-    cfg = PRESETS[name]
     batches = [
-        {k: v.to(device) for k, v in b.items()} for b in make_batches(shape, frames_budget, n_batches, 0)
+        {k: v.to(device) for k, v in b.items()}
+        for b in make_batches(SHAPES[name], frames_budget, n_batches, 0)
     ]
-    torch.manual_seed(0)
-    pre = ConformerCTC(cfg, shape.vocab).to(device).train()
-    torch.manual_seed(0)
-    dis = ConformerCTC(cfg, shape.vocab, shape.plm_width).to(device).train()
-    kt = GMOTLoss(gmot, torch.zeros(shape.plm_width), torch.ones(shape.plm_width)).to(device)
-    opt_pre = torch.optim.AdamW(pre.parameters(), lr=1e-4)
-    opt_dis = torch.optim.AdamW(dis.parameters(), lr=1e-4)
+    pre, opt_pre, _ = build_mode(name, "pretrain", device, gmot)
+    dis, opt_dis, kt = build_mode(name, "distill", device, gmot)
+    assert kt is not None
     # warm-up (allocator, kernels, AdamW state) on the first batch
     train_step(pre, opt_pre, batches[0], None, device, precision=precision)
     train_step(dis, opt_dis, batches[0], kt, device, precision=precision)

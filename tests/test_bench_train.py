@@ -90,3 +90,17 @@ def test_machine_cost_sums_rusage_deltas_and_flops_count_the_step() -> None:
     with FlopCounterMode(display=False) as counter:
         model(torch.randn(8, 64, requires_grad=True)).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 8 * 64 * 32
+
+
+def test_profile_prints_the_top_operators_and_each_blocks_forward_time() -> None:
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    gmot = bench_train.GMOTConfig(mode="fgw")
+    bench_train.profile_steps("demo", 400, torch.device("cpu"), gmot, "fp32", console)
+    text = console.export_text()
+    assert "demo pretrain: top operators" in text and "demo distill: top operators" in text
+    pretrain, distill = text.split("demo distill: top operators")
+    assert all(part.count("forward time by block:") == 1 for part in (pretrain, distill))
+    assert "subsampling" in pretrain and "layers.*.self_attn" in pretrain
+    assert "adapter " in distill and "adapter " not in pretrain  # distill's model has the adapter
