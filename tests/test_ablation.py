@@ -3,16 +3,15 @@ resuming."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
+from study_scripts import load_study_script
 
 from data.store import file_sha256
 
@@ -20,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_ablation() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "ablation_driver", ROOT / "recipes" / "transfer_study" / "ablation.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_study_script("ablation")
 
 
 ablation = _load_ablation()

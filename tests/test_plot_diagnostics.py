@@ -3,25 +3,17 @@ folder that is not an experiment."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from study_scripts import load_study_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "plot_diagnostics", ROOT / "recipes" / "transfer_study" / "plot_diagnostics.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_study_script("plot_diagnostics")
 
 
 def _run(folder: Path, transfer: bool) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from study_scripts import load_study_script
 
 from data.loader import SpeechDataset
 from data.store import read_cmvn, read_plm_info
@@ -153,18 +154,7 @@ def test_untrained_teacher_keeps_tokens_and_width_and_loses_the_weights(tmp_path
 
 
 def _ablation():
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "ablation_controls", root / "recipes" / "transfer_study" / "ablation.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_study_script("ablation")
 
 
 def test_ablation_control_arms(tiny_prepared: Path, tmp_path: Path) -> None:
