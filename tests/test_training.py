@@ -71,6 +71,10 @@ def test_pretrain_then_distill_both_modes_from_the_cli(tiny_prepared: Path, tmp_
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(0.0 <= e["dev_cer"] <= 5.0 and e["loss"] > 0 for e in epochs)
     assert epochs[1]["loss"] < epochs[0]["loss"]  # it learns
+    # where the time went: waiting for batches is part of the epoch's training, itself part of the epoch
+    assert all(0.0 <= e["data_seconds"] <= e["train_seconds"] <= e["seconds"] for e in epochs)
+    windows = [e for e in events if e["event"] == "train"]
+    assert all(e["window_seconds"] > 0.0 and 0.0 <= e["data_share"] <= 1.0 for e in windows)
     state = load_checkpoint(list_checkpoints(pre)[-1])
     for key in (
         "model",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -253,8 +254,12 @@ class StepMixin(TrainerBase):
             self.epoch_sums["grad_ratio_sum"] = self.epoch_sums.get("grad_ratio_sum", 0.0) + self.window_ratio
             self.epoch_sums["grad_ratio_n"] = self.epoch_sums.get("grad_ratio_n", 0) + 1
         lr = self.optimizer.param_groups[0]["lr"]
-        self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means)
+        now = time.perf_counter()
+        elapsed = max(now - self.window_started, 1e-9)
+        timing = {"window_seconds": round(elapsed, 3), "data_share": round(self.window_wait / elapsed, 4)}
+        self.logger.log("train", self.step, epoch=self.epoch, lr=lr, **means, **timing)
         self.window, self.window_n, self.window_ratio = {}, 0, None
+        self.window_wait, self.window_started = 0.0, now
         if progress is not None and task is not None:
             shown = " ".join(
                 f"{k} {v:.3f}" for k, v in means.items() if k in ("loss", "ctc", "kt", "grad_ratio")

@@ -83,6 +83,12 @@ class TrainerBase:
     window: dict[str, float]
     window_n: int
     window_ratio: float | None
+    window_wait: float
+    """Seconds spent waiting for batches since the last train record (the data loader's share)."""
+    window_started: float
+    """time.perf_counter() at the last train record."""
+    epoch_wait: float
+    """Seconds spent waiting for batches in this epoch."""
 
     # methods one part calls on another
     _say: Callable[[str], None]

@@ -75,6 +75,7 @@ from models.engine.run_log import INDEX, MetricsLogger, read_index, record_comma
 from models.engine.run_state import RunStateMixin
 from models.engine.step import MicroBatch, StepMixin
 from models.engine.train_data import TrainDataMixin
+from models.engine.trainer_base import TrainerBase
 
 __all__ = ["CONFIG", "TrainOutcome", "Trainer", "TrainingError", "TrainingSetupError", "train"]
 
@@ -101,6 +102,21 @@ def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
         shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
         if shutdown is not None:
             shutdown()
+
+
+def _timed(batches: Iterator[dict[str, Any]], trainer: TrainerBase) -> Iterator[dict[str, Any]]:
+    """`batches`, adding the seconds spent waiting for each one (reading, SpecAugment and collating in this
+    process, or waiting for the loader's workers) to trainer.window_wait and trainer.epoch_wait."""
+    while True:
+        asked = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        waited = time.perf_counter() - asked
+        trainer.window_wait += waited
+        trainer.epoch_wait += waited
+        yield batch
 
 
 def _flushes_subnormals() -> bool:
@@ -225,7 +241,9 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
             with training_progress(self.show_progress and self.dd.main, self.console) as progress:
                 while self.epoch <= t.epochs:
                     started = time.time()
+                    self.epoch_wait = 0.0
                     self._train_epoch(progress)
+                    train_seconds = time.time() - started
                     dev = self._dev_cer()
                     dev_cer = None if dev is None else dev[0]
                     sums = self._global_sums()
@@ -250,6 +268,8 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
                         self.step,
                         epoch=self.epoch,
                         seconds=round(time.time() - started, 2),
+                        train_seconds=round(train_seconds, 2),
+                        data_seconds=round(self.epoch_wait, 2),
                         **summary,
                     )
                     self._say(
@@ -315,7 +335,8 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
             )
         pending: list[MicroBatch] = []
         self.window, self.window_n, self.window_ratio = {}, 0, None
-        for batch in _batches(loader):
+        self.window_wait, self.window_started = 0.0, time.perf_counter()
+        for batch in _timed(_batches(loader), self):
             self.micro = done % max(t.accum_grad, 1)
             if self.dd.distributed:
                 # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation
