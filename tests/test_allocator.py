@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# A child process allocates, touches and frees 16 MiB three times (the pattern of one activation over three
+# A child process allocates, touches and frees N MiB three times (the pattern of one activation over three
 # steps) and prints the minor page faults of the last two rounds.
 _CHILD = """
 import ctypes, resource, sys
@@ -20,7 +20,7 @@ print(keep_freed_memory())
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-n = 16 * 1024 * 1024
+n = int(sys.argv[1]) * 1024 * 1024
 
 def step():
     p = libc.malloc(n)
@@ -36,13 +36,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
 
 
-def _faults(env_value: str | None) -> tuple[str, int]:
+def _faults(env_value: str | None, mib: int = 16) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k != "GMOT_MALLOC"}
     if env_value is not None:
         env["GMOT_MALLOC"] = env_value
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, cwd=root, check=True
+        [sys.executable, "-c", _CHILD, str(mib)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        check=True,
     ).stdout.split("\n")
     return out[0], int(out[1])
 
@@ -57,6 +62,16 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     # glibc's default maps the first block and unmaps it on free (then raises its threshold), so the second
     # round faults in 4,096 fresh heap pages
     assert faults > 3000
+
+
+@needs_glibc
+def test_blocks_above_glibcs_largest_mmap_threshold_are_reused_too() -> None:
+    # 48 MiB is above the 32 MiB that glibc's mmap threshold can be raised to: only with mmap off does the
+    # block come from the heap and stay there (12,288 fresh pages a round otherwise)
+    _, faults = _faults(None, mib=48)
+    assert faults < 100
+    _, faults = _faults("default", mib=48)
+    assert faults > 2 * 12000
 
 
 @pytest.mark.slow

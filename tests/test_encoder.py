@@ -7,6 +7,7 @@ from models.nn.encoder import (
     MIN_INPUT_FRAMES,
     PRESETS,
     ConformerCTC,
+    Conv2dSubsampling,
     ModelConfig,
     count_parameters,
     subsampled_lengths,
@@ -116,3 +117,37 @@ def test_x8_subsampling_lengths_minimum_and_model_output() -> None:
         model(torch.randn(1, 14, 80), torch.tensor([14]))
     with pytest.raises(ValueError, match="subsampling must be 4 or 8"):
         _tiny(subsampling=6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_channels_last_subsampling_computes_what_the_default_layout_does(bf16: bool) -> None:
+    from models.engine.precision import cpu_has_native_bf16
+
+    if bf16 and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16, where the bitwise claim is made")
+    torch.manual_seed(0)
+    sub = Conv2dSubsampling(80, 16, 32, 8)
+    x, lengths = torch.randn(3, 120, 80), torch.tensor([120, 100, 64])
+
+    def default_layout(x: torch.Tensor) -> torch.Tensor:  # the plain modules, every tensor NCHW
+        y = sub.conv(x.unsqueeze(1))
+        b, c, t, f = y.shape
+        return sub.out(y.transpose(1, 2).reshape(b, t, c * f))
+
+    outs, grads = [], []
+    for forward in (lambda x: sub(x, lengths)[0], default_layout):
+        sub.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = forward(x)
+        y.float().square().sum().backward()
+        outs.append(y.detach().float())
+        grads.append([p.grad.clone() for p in sub.parameters()])
+    # the parameters' gradients keep the parameters' layout, so their norms sum in the same order
+    assert all(p.grad.is_contiguous() for p in sub.parameters())
+    if bf16:  # oneDNN's bf16 kernels sum in the same order in both layouts
+        assert torch.equal(outs[0], outs[1])
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    else:
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

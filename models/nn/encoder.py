@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchaudio.models.conformer import ConformerLayer
 
 SUBSAMPLING_CONVS: dict[int, int] = {4: 2, 8: 3}
@@ -178,7 +179,15 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
 
 class Conv2dSubsampling(nn.Module):
     """3x3 stride-2 Conv2d + ReLU (two for x4, three for x8), then a Linear to d_model:
-    (B, T, F) -> (B, T', d_model)."""
+    (B, T, F) -> (B, T', d_model).
+
+    The convolutions run with a channels-last copy of their weights, so their outputs are channels-last too:
+    on a CPU, oneDNN then runs them without converting every activation between layouts, which took the
+    subsampling's forward and backward from about 230 to 140 ms of a 650 ms demo step (bf16, 1 thread, an
+    Intel Xeon). The parameters themselves and their gradients keep the default layout (checkpoints,
+    optimiser state and gradient norms are as before). In bf16 the outputs and gradients are bitwise those
+    of the default layout (tested); in fp32 oneDNN sums in another order (differences near 1e-7).
+    """
 
     def __init__(self, input_dim: int, channels: int, d_model: int, subsampling: int = 4) -> None:
         super().__init__()
@@ -193,7 +202,13 @@ class Conv2dSubsampling(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, T, F), lengths (B,) -> ((B, T', d_model), (B,) output lengths)."""
-        y = self.conv(x.unsqueeze(1))  # (B, C, T', F')
+        y = x.unsqueeze(1)
+        for layer in self.conv:
+            if isinstance(layer, nn.Conv2d):
+                weight = layer.weight.contiguous(memory_format=torch.channels_last)
+                y = F.conv2d(y, weight, layer.bias, layer.stride)
+            else:
+                y = layer(y)  # (B, C, T', F'), channels-last
         b, c, t, f = y.shape
         y = self.out(y.transpose(1, 2).reshape(b, t, c * f))
         return y, subsampled_lengths(lengths, self.subsampling)
