@@ -151,3 +151,21 @@ def test_channels_last_subsampling_computes_what_the_default_layout_does(bf16: b
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_attention_math_kernel_is_used_and_computes_what_torchs_choice_does() -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    feats, lengths = torch.randn(3, 200, 80), torch.tensor([200, 150, 90])
+    outputs, flash_calls = {}, {}
+    for kernel in ("math", "auto"):
+        torch.manual_seed(1)
+        model = ConformerCTC(_tiny(cpu_attention=kernel), 20).eval()
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            outputs[kernel] = model(feats, lengths)["log_probs"]
+        flash_calls[kernel] = sum(e.count for e in prof.key_averages() if "flash_attention" in e.key)
+    assert flash_calls["math"] == 0 and flash_calls["auto"] > 0
+    torch.testing.assert_close(outputs["math"], outputs["auto"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cpu_attention must be"):
+        _tiny(cpu_attention="fast")

@@ -360,3 +360,18 @@ def test_partial_plm_cache_is_refused_without_an_explicit_teacher(tiny_prepared:
     with pytest.raises(TrainingError, match=f"3 of {len(records)} train utterances have no cached PLM"):
         train(data, tmp_path / "exp", _tiny("gmot.mode=fgw"), device="cpu", progress=False)
     assert not list_checkpoints(tmp_path / "exp") if (tmp_path / "exp").exists() else True
+
+
+def test_a_checkpoint_from_before_the_cpu_attention_option_resumes(
+    tiny_prepared: Path, tmp_path: Path
+) -> None:
+    exp = tmp_path / "exp"
+    train(tiny_prepared, exp, _tiny(), device="cpu", progress=False)
+    newest = list_checkpoints(exp)[-1]
+    state = torch.load(newest, map_location="cpu", weights_only=True)
+    del state["config"]["model"]["cpu_attention"]  # as older gmot wrote it
+    torch.save(state, newest)
+    code, output = _run_cli(["pretrain", str(tiny_prepared), str(exp), "--preset", "tiny", "--device", "cpu",
+                             "--no-progress", "--epochs", "2"])  # fmt: skip
+    assert code == 0, output
+    assert "resuming with changed options: model.cpu_attention" in " ".join(output.split())

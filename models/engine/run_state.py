@@ -39,7 +39,7 @@ from models.engine.precision import choose_precision, grad_scaler
 from models.engine.run_log import INDEX, read_index, write_failure, write_index
 from models.engine.schedule import lr_at
 from models.engine.trainer_base import TrainerBase
-from models.nn.encoder import ConformerCTC
+from models.nn.encoder import KERNEL_OPTIONS, ConformerCTC
 from models.nn.transfer_loss import GMOTLoss
 
 
@@ -148,8 +148,11 @@ class RunStateMixin(TrainerBase):
                 )
             old_model = state["config"].get("model", {})
             new_model = config_to_dict(self.cfg.model)
-            if old_model != new_model:
-                diff = sorted(k for k in new_model if old_model.get(k) != new_model[k])
+            # how attention is computed is not the model: a checkpoint from before the option resumes
+            diff = sorted(
+                k for k in new_model if old_model.get(k) != new_model[k] and k not in KERNEL_OPTIONS
+            )
+            if diff:
                 raise CheckpointError(
                     f"{self.exp_dir} holds checkpoints ({path.name}) of a different model "
                     f"(model.{', model.'.join(diff)}); use a new EXP_DIR or the same model options"
@@ -157,9 +160,11 @@ class RunStateMixin(TrainerBase):
             old_cfg, new_cfg = state["config"], config_to_dict(self.cfg)
             changed = [
                 f"{sec}.{k}"
-                for sec in ("gmot", "train")
+                for sec in ("model", "gmot", "train")
                 for k, v in new_cfg[sec].items()
-                if old_cfg.get(sec, {}).get(k) != v and f"{sec}.{k}" != "train.epochs"
+                if old_cfg.get(sec, {}).get(k) != v
+                and f"{sec}.{k}" != "train.epochs"
+                and (sec != "model" or k in KERNEL_OPTIONS)
             ]
             if changed:
                 self._say(f"[yellow]note:[/] resuming with changed options: {', '.join(changed)}")
