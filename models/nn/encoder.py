@@ -193,6 +193,17 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device, dtype: tor
     return table.to(dtype)
 
 
+def _channels_last(weight: Tensor) -> Tensor:
+    """A conv weight (C_out, C_in, kH, kW) with channels-last strides, its gradient in the weight's own
+    layout. With one input channel both layouts hold the same memory, and only the strides tell oneDNN which
+    to use: a strided view sets them without a copy (a copy's gradient would come back in the copy's strides,
+    which DDP's gradient buckets warn about)."""
+    if weight.shape[1] == 1:
+        kh, kw = weight.shape[2:]
+        return weight.as_strided(weight.shape, (kh * kw, 1, kw, 1))
+    return weight.contiguous(memory_format=torch.channels_last)
+
+
 class Conv2dSubsampling(nn.Module):
     """3x3 stride-2 Conv2d + ReLU (two for x4, three for x8), then a Linear to d_model:
     (B, T, F) -> (B, T', d_model).
@@ -222,8 +233,7 @@ class Conv2dSubsampling(nn.Module):
         y = x.unsqueeze(1)
         for layer in self.conv:
             if isinstance(layer, nn.Conv2d):
-                weight = layer.weight.to(memory_format=torch.channels_last)  # strides set even for 1 channel
-                y = F.conv2d(y, weight, layer.bias, layer.stride)
+                y = F.conv2d(y, _channels_last(layer.weight), layer.bias, layer.stride)
             else:
                 y = layer(y)  # (B, C, T', F'), channels-last
         b, c, t, f = y.shape
