@@ -91,32 +91,29 @@ def _batch_seed(seed: int, epoch: int, position: int) -> int:
     return (seed * 1_000_003 + epoch * 100_003 + position * 7919) % (2**63 - 1)
 
 
-def _batches(loader: DataLoader) -> Iterator[dict[str, Any]]:
-    """The batches of `loader`; its worker processes are shut down however the iteration ends. An error
-    raised in a worker (a damaged shard) keeps the loader's iterator alive through its traceback, and a
-    worker left running would make the interpreter wait for it forever at exit."""
+def _batches(loader: DataLoader, trainer: TrainerBase) -> Iterator[dict[str, Any]]:
+    """The batches of `loader`, adding the seconds spent waiting for each (reading, SpecAugment and collating
+    in this process, or waiting for the loader's workers) to trainer.window_wait and trainer.epoch_wait.
+
+    The loader's worker processes are shut down however the iteration ends. An error raised in a worker (a
+    damaged shard) keeps the loader's iterator alive through its traceback, and a worker left running would
+    make the interpreter wait for it forever at exit."""
     batches = iter(loader)
     try:
-        yield from batches
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - asked
+            trainer.window_wait += waited
+            trainer.epoch_wait += waited
+            yield batch
     finally:
         shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator only
         if shutdown is not None:
             shutdown()
-
-
-def _timed(batches: Iterator[dict[str, Any]], trainer: TrainerBase) -> Iterator[dict[str, Any]]:
-    """`batches`, adding the seconds spent waiting for each one (reading, SpecAugment and collating in this
-    process, or waiting for the loader's workers) to trainer.window_wait and trainer.epoch_wait."""
-    while True:
-        asked = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        waited = time.perf_counter() - asked
-        trainer.window_wait += waited
-        trainer.epoch_wait += waited
-        yield batch
 
 
 def _flushes_subnormals() -> bool:
@@ -336,7 +333,7 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
         pending: list[MicroBatch] = []
         self.window, self.window_n, self.window_ratio = {}, 0, None
         self.window_wait, self.window_started = 0.0, time.perf_counter()
-        for batch in _timed(_batches(loader), self):
+        for batch in _batches(loader, self):
             self.micro = done % max(t.accum_grad, 1)
             if self.dd.distributed:
                 # DDP's no_sync(): all-reduce gradients only on the last micro-batch of an accumulation
