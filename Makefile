@@ -21,7 +21,9 @@ sysdeps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.ready: pyproject.toml constraints.txt
+# no prerequisites: the venv's path carries the pins' hash, and a fresh clone's newer file times must not
+# send every clone through pip again
+$(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,dev,export,lhotse,hf]'
