@@ -175,3 +175,18 @@ def test_error_kinds_of_the_runs_decodes(tmp_path: Path) -> None:
     lines = report.error_kind_table(rows)
     arm_line = next(line for line in lines if line.startswith("| arm | 2 |"))
     assert "+16.67 [" in arm_line  # the homophone gain: (2/9 - 1/9 + 2/9 - 0) / 2 = 1/6
+
+
+def test_error_kinds_read_the_references_archived_with_the_runs(tmp_path: Path) -> None:
+    """A study archived without its data folder keeps its error table: test_references.txt beside the runs
+    is read first, and the data folder named in ablation.json (here gone) is not needed."""
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "ab" / report.REFERENCES).write_text("u1 他是老师\nu2 我们去银行\n", encoding="utf-8")
+    out = tmp_path / "ab" / "runs" / "baseline-seed0" / "decode_test"
+    out.mkdir(parents=True)
+    (out / "text").write_text("u1 她是老师\nu2 我们去银行\n", encoding="utf-8")
+    runs = [{"run": "baseline", "seed": 0}]
+    rows = report.error_kinds(tmp_path / "ab", {"data_dir": str(tmp_path / "gone"), "runs": runs})
+    assert rows[0]["homophone_per_seed"] == pytest.approx([1 / 9])
+    (tmp_path / "ab" / report.REFERENCES).unlink()  # neither references nor data folder: no rows
+    assert report.error_kinds(tmp_path / "ab", {"data_dir": str(tmp_path / "gone"), "runs": runs}) == []

@@ -39,6 +39,7 @@ from data.store import write_text_atomic
 
 HERE = Path(__file__).resolve().parent  # recipes/transfer_study
 BASELINE = "baseline"
+REFERENCES = "test_references.txt"  # the test split's transcripts, archived beside a study's runs
 
 
 def load(out_dir: Path) -> dict[str, Any]:
@@ -178,7 +179,9 @@ def comparison_table(data: dict[str, Any], reference: str | None) -> list[str]:
 def error_kinds(folder: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     """Each arm's test errors by kind (data.homophones.KINDS, as fractions of the reference characters) per
     seed, from the runs' decode_test/text under `folder`; rows shaped like the summary's
-    ({"run", "seeds", "<kind>_per_seed"}), so `paired` compares them. Runs without a decode are left out."""
+    ({"run", "seeds", "<kind>_per_seed"}), so `paired` compares them. The references are `folder`'s
+    test_references.txt (a Kaldi text file archived with the runs) when it exists, else the prepared test
+    split of the run's data folder. Runs without a decode or references are left out."""
     from data.homophones import KINDS, homophone_breakdown
     from data.scoring import read_transcripts, score_transcripts
 
@@ -186,8 +189,10 @@ def error_kinds(folder: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     refs_cache: dict[Path, dict[str, str]] = {}
     for run in data.get("runs", []):
         hyp = Path(folder) / "runs" / f"{run['run']}-seed{run['seed']}" / "decode_test" / "text"
-        ref_dir = Path(run.get("data_dir") or data.get("data_dir", "")) / "test"
-        if not hyp.is_file() or not (ref_dir / "manifest.jsonl").is_file():
+        ref_dir = Path(folder) / REFERENCES
+        if not ref_dir.is_file():
+            ref_dir = Path(run.get("data_dir") or data.get("data_dir", "")) / "test"
+        if not hyp.is_file() or not (ref_dir.is_file() or (ref_dir / "manifest.jsonl").is_file()):
             continue
         if ref_dir not in refs_cache:
             refs_cache[ref_dir] = read_transcripts(ref_dir)
