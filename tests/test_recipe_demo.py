@@ -84,3 +84,39 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert run.stdout.splitlines()[-6:] == again.stdout.splitlines()[-6:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (make sysdeps)")
+def test_demo_recipe_stops_with_exit_1_and_the_failing_log_when_a_stage_fails(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OUT": str(out),
+        "TRAIN_SENTENCES": "8",
+        "VOICES": "1",
+        "PRESET": "tiny",
+        "EPOCHS": "1",
+        "JOBS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def demo(**overrides: str) -> subprocess.CompletedProcess[str]:
+        script = str(ROOT / "recipes" / "demo" / "run.sh")
+        run_env = {**env, **overrides}
+        return subprocess.run(["bash", script], env=run_env, capture_output=True, text=True, timeout=600)
+
+    # a training option neither command knows: both runs refuse it, the script says training failed
+    bad_training = demo(EXTRA="--no-progress --device cpu --set train.no_such_key=1")
+    assert bad_training.returncode == 1, bad_training.stdout[-3000:] + bad_training.stderr[-3000:]
+    assert "training failed; the logs:" in bad_training.stdout
+    assert "no_such_key" in bad_training.stdout  # the tail of the failing run's log is shown
+    assert not (out / "exp" / "baseline" / "avg.pt").exists()
+    # training works, then the baseline's decoding fails (an LM weight that is not a number)
+    bad_decode = demo(EXTRA="--no-progress --device cpu", LM_WEIGHTS="heavy")
+    assert bad_decode.returncode == 1, bad_decode.stdout[-3000:] + bad_decode.stderr[-3000:]
+    assert "training failed" not in bad_decode.stdout
+    assert "decoding the baseline failed; its log:" in bad_decode.stdout
+    assert (out / "exp" / "baseline" / "avg.pt").is_file() and (out / "exp" / "gmot" / "avg.pt").is_file()
+    assert not (out / "exp" / "baseline" / "decode_test_lm").exists()  # nothing after the failure was written

@@ -84,8 +84,7 @@ done
 base_status=0 gmot_status=0
 wait "$base_pid" || base_status=$?
 wait "$gmot_pid" || gmot_status=$?
-trained=$(grep -c "^model:" "$EXP/baseline.log" || true)
-if [ "$trained" = 0 ] || [ $gmot_status -ne 0 ]; then
+if [ $base_status -eq 10 ] || [ $gmot_status -ne 0 ]; then  # 10: the baseline's training (its subshell above)
   echo "training failed; the logs:"; tail -n 20 "$EXP/baseline.log" "$EXP/gmot.log"; exit 1
 fi
 if [ $base_status -ne 0 ]; then

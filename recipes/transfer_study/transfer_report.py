@@ -186,18 +186,19 @@ def error_kinds(folder: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     from data.scoring import read_transcripts, score_transcripts
 
     rows: dict[str, dict[str, Any]] = {}
+    archived = Path(folder) / REFERENCES
+    if not archived.is_file():
+        archived = None
     refs_cache: dict[Path, dict[str, str]] = {}
     for run in data.get("runs", []):
         hyp = Path(folder) / "runs" / f"{run['run']}-seed{run['seed']}" / "decode_test" / "text"
-        ref_dir = Path(folder) / REFERENCES
-        if not ref_dir.is_file():
-            ref_dir = Path(run.get("data_dir") or data.get("data_dir", "")) / "test"
-        if not hyp.is_file() or not (ref_dir.is_file() or (ref_dir / "manifest.jsonl").is_file()):
+        references = archived or Path(run.get("data_dir") or data.get("data_dir", "")) / "test"
+        if not hyp.is_file() or not (references.is_file() or (references / "manifest.jsonl").is_file()):
             continue
-        if ref_dir not in refs_cache:
-            refs_cache[ref_dir] = read_transcripts(ref_dir)
+        if references not in refs_cache:
+            refs_cache[references] = read_transcripts(references)
         hyps = read_transcripts(hyp)
-        refs = {k: v for k, v in refs_cache[ref_dir].items() if k in hyps}
+        refs = {k: v for k, v in refs_cache[references].items() if k in hyps}
         kinds = homophone_breakdown(score_transcripts(refs, hyps, "char"))
         row = rows.setdefault(run["run"], {"run": run["run"], "seeds": []})
         row["seeds"].append(run["seed"])
