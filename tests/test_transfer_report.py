@@ -89,6 +89,21 @@ def test_comparisons_put_the_reference_against_each_control() -> None:
     assert lines[-1].startswith("| real | shuffle | 2 | +5.00 [")
 
 
+def test_extra_pairs_add_a_variant_against_its_own_control_once() -> None:
+    rows = [
+        _row("baseline", [0.5, 0.5], [0.5, 0.5]),
+        _row("real", [0.4, 0.41], [0.4, 0.4]),
+        _row("strong", [0.38, 0.40], [0.39, 0.39]),
+        _row("strong-shuffle", [0.42, 0.43], [0.42, 0.42]),
+    ]
+    extra = [("strong", "strong-shuffle"), ("real", "strong"), ("strong", "missing")]
+    pairs = [(a["run"], b["run"]) for a, b in report.comparisons({"summary": rows}, "real", extra)]
+    assert pairs[-1] == ("strong", "strong-shuffle")  # appended; ("real", "strong") was there already
+    assert pairs.count(("real", "strong")) == 1 and ("strong", "missing") not in pairs
+    lines = report.comparison_table({"summary": rows}, "real", extra)
+    assert lines[-1].startswith("| strong | strong-shuffle | 2 | +3.50 [")
+
+
 def test_report_and_curve_from_ablation_folders(tmp_path: Path) -> None:
     for size, gain in ((500, 0.05), (1000, 0.02)):
         folder = tmp_path / f"d{size}"

@@ -1,7 +1,7 @@
 r"""The transfer study's report: paired statistics, tables and figures from the ablation runs that make it up.
 
     python recipes/transfer_study/transfer_report.py [--notes NOTES.md] [--screen OUT_DIR] \
-        --curve 500=OUT_DIR --curve 1000=OUT_DIR ... [--reference ARM] \
+        --curve 500=OUT_DIR --curve 1000=OUT_DIR ... [--reference ARM] [--pair ARM=OTHER ...] \
         [--out recipes/transfer_study/results/transfer_study.md] [--plot docs/learning_curve.png] \
         [--gains-plot FILE] [--title TITLE]
 
@@ -10,7 +10,8 @@ ablation.json holds every run, its command and the machine. `--screen` is a one-
 each `--curve N=DIR` is a confirmation at N train sentences. The report lists, for every arm, dev and test CER
 mean +- sample std over seeds and the transfer diagnostics (plan alignment lift, order, entropy, gradient
 ratio), then the paired comparisons: every arm against the baseline and, with `--reference ARM`, every other
-arm against the reference (e.g. the real teacher against each knowledge control).
+arm against the reference (e.g. the real teacher against each knowledge control), and each `--pair ARM=OTHER`
+(e.g. a stronger transfer against its own shuffle control).
 
 Statistics. Runs of one seed share their initial weights, data order and augmentation draws, so arms are
 compared by the per-seed differences d_s = CER(other) - CER(arm) over the seeds both ran (positive = the arm
@@ -31,6 +32,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,23 +142,34 @@ def table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def comparisons(data: dict[str, Any], reference: str | None) -> list[tuple[dict, dict]]:
+def comparisons(
+    data: dict[str, Any], reference: str | None, extra: Sequence[tuple[str, str]] = ()
+) -> list[tuple[dict, dict]]:
     """The (arm, other) pairs to test: every arm against the baseline, then every arm other than the
-    baseline and the reference against the reference (when both ran)."""
+    baseline and the reference against the reference (when both ran), then the `extra` (arm, other) name
+    pairs whose two arms both ran (e.g. a variant against its own control), each pair once."""
     rows = {r["run"]: r for r in data["summary"]}
     pairs = [(r, rows[BASELINE]) for name, r in rows.items() if name != BASELINE and BASELINE in rows]
     if reference in rows:
         pairs += [(rows[reference], r) for name, r in rows.items() if name not in (BASELINE, reference)]
+    seen = {(a["run"], b["run"]) for a, b in pairs}
+    for arm, other in extra:
+        if arm in rows and other in rows and (arm, other) not in seen:
+            pairs.append((rows[arm], rows[other]))
+            seen.add((arm, other))
     return pairs
 
 
-def comparison_table(data: dict[str, Any], reference: str | None) -> list[str]:
-    """Markdown table of the paired comparisons (gain = CER(other) - CER(arm), points, 95 % t interval)."""
+def comparison_table(
+    data: dict[str, Any], reference: str | None, extra: Sequence[tuple[str, str]] = ()
+) -> list[str]:
+    """Markdown table of the paired comparisons (`comparisons`; gain = CER(other) - CER(arm), points,
+    95 % t interval)."""
     lines = [
         "| arm | against | seeds | dev gain [95 % CI] | dev p | test gain [95 % CI] | test p | better? |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for arm, other in comparisons(data, reference):
+    for arm, other in comparisons(data, reference, extra):
         dev, test = paired(arm, other, "dev_cer"), paired(arm, other, "test_cer")
         ok, _ = beats(arm, other)
 
@@ -338,8 +351,9 @@ def report(
     curves: dict[int, dict[str, Any]],
     reference: str | None = None,
     title: str = "Transfer study",
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """The whole markdown report."""
+    """The whole markdown report (`pairs`: extra (arm, other) comparisons, see `comparisons`)."""
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
@@ -364,7 +378,7 @@ def report(
         machine = machine or screen["machine"]
     for size, data in sorted(curves.items()):
         lines += [f"## {size} train sentences", "", *table(data), ""]
-        lines += ["Paired comparisons:", "", *comparison_table(data, reference), ""]
+        lines += ["Paired comparisons:", "", *comparison_table(data, reference, pairs), ""]
         kinds = error_kinds(Path(data["_folder"]), data) if "_folder" in data else []
         if kinds:
             lines += [
@@ -402,8 +416,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, help="learning curve (2+ sizes; drawn only when asked)")
     p.add_argument("--gains-plot", type=Path, help="paired gains over the baseline with 95 %% intervals")
     p.add_argument("--reference", help="compare every other arm against this one too (e.g. the real teacher)")
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="ARM=OTHER",
+        help="compare ARM against OTHER too (repeatable; e.g. a variant against its own control)",
+    )
     p.add_argument("--title", default="Transfer study", help="the report's heading")
     a = p.parse_args(argv)
+    pairs = []
+    for item in a.pair:
+        arm, eq, other = item.partition("=")
+        if not eq or not arm or not other:
+            p.error(f"--pair expects ARM=OTHER, got {item!r}")
+        pairs.append((arm, other))
     curves: dict[int, dict[str, Any]] = {}
     for item in a.curve:
         size, eq, folder = item.partition("=")
@@ -412,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[int(size)] = {**load(Path(folder)), "_folder": folder}
     screens = [load(folder) for folder in a.screen]
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
-    write_text_atomic(a.out, report(notes, screens, curves, a.reference, a.title))
+    write_text_atomic(a.out, report(notes, screens, curves, a.reference, a.title, pairs))
     print(f"wrote {a.out}")
     if len(curves) >= 2 and a.plot is not None:
         plot_curve(curves, a.plot)
