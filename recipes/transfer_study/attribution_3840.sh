@@ -5,11 +5,12 @@
 #
 #   bash recipes/transfer_study/attribution_3840.sh [WORK_DIR]      (from the repository root, venv active)
 #
-# Checked on 2026-12-03 up to its first prepare: the real-teacher data folder equals the study's file for file
-# (8,223 of 8,250 files byte-identical; the other 27 name the folder's own path: the wav.scp lists and the
-# part files' fingerprints, which hash the audio paths). Each run took 10-20 min (baseline fastest) on the study's 2-core Xeon (family 6 model 167), two 1-thread
-# runs at a time: the seven arms x five seeds take about 5 hours. Extra arms: VARIANTS="--variant NAME=BASE:key=value ..." ARMS=NAME,...
-# (e.g. the stronger transfer of the "what it takes" runs: fgw-kt2=fgw-centred-tot:train.kt_weight=2).
+# Checked on 2026-12-03 up to its first prepare: the real-teacher data folder equals the study's file for
+# file (8,223 of 8,250 files byte-identical; the other 27 name the folder's own path: the wav.scp lists and
+# the part files' fingerprints, which hash the audio paths). Each run took 10-20 min (baseline fastest) on
+# the study's 2-core Xeon (family 6 model 167), two 1-thread runs at a time: the seven arms x five seeds take
+# about 5 hours. Extra arms: VARIANTS="--variant NAME=BASE:key=value ..." ARMS=NAME,... (e.g. the stronger
+# transfer of the "what it takes" runs: fgw-kt2=fgw-centred-tot:train.kt_weight=2).
 set -euo pipefail
 
 WORK=$(realpath -m "${1:-attribution_3840}")
