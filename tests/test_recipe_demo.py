@@ -14,29 +14,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_demo(out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """recipes/demo/run.sh into `out` at a tiny size (1 voice, the tiny preset, one thread; `env` overrides
+    or adds the script's variables) -> the finished process, its output captured as text."""
+    full = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OUT": str(out),
+        "VOICES": "1",
+        "PRESET": "tiny",
+        "JOBS": "1",
+        "OMP_NUM_THREADS": "1",
+        **env,
+    }
+    script = str(ROOT / "recipes" / "demo" / "run.sh")
+    return subprocess.run(["bash", script], env=full, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (make sysdeps)")
 def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OUT": str(out),
-        "TRAIN_SENTENCES": "24",
-        "VOICES": "1",
-        "PRESET": "tiny",
-        "EPOCHS": "2",
-        "JOBS": "1",
-        "EXTRA": "--no-progress --device cpu",
-        "OMP_NUM_THREADS": "1",
-    }
-    run = subprocess.run(
-        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    sizes = {"TRAIN_SENTENCES": "24", "EPOCHS": "2", "EXTRA": "--no-progress --device cpu"}
+    run = run_demo(out, **sizes)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "gmot demo: test set" in run.stdout
     assert (out / "data" / "lang" / "char_3gram.arpa").is_file()
@@ -75,13 +75,7 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     # the corpus folder records the sentences' licence
     assert "CC-BY-SA-4.0" in (out / "data" / "corpus" / "LICENSE-sentences.txt").read_text()
     # re-running skips finished stages and ends with the same table
-    again = subprocess.run(
-        ["bash", str(ROOT / "recipes" / "demo" / "run.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = run_demo(out, **sizes)
     assert again.returncode == 0, again.stderr[-3000:]
     assert run.stdout.splitlines()[-6:] == again.stdout.splitlines()[-6:]
 
@@ -90,22 +84,9 @@ def test_demo_recipe_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng (make sysdeps)")
 def test_demo_recipe_stops_with_exit_1_and_the_failing_log_when_a_stage_fails(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OUT": str(out),
-        "TRAIN_SENTENCES": "8",
-        "VOICES": "1",
-        "PRESET": "tiny",
-        "EPOCHS": "1",
-        "JOBS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
 
-    def demo(**overrides: str) -> subprocess.CompletedProcess[str]:
-        script = str(ROOT / "recipes" / "demo" / "run.sh")
-        run_env = {**env, **overrides}
-        return subprocess.run(["bash", script], env=run_env, capture_output=True, text=True, timeout=600)
+    def demo(**env: str) -> subprocess.CompletedProcess[str]:
+        return run_demo(out, TRAIN_SENTENCES="8", EPOCHS="1", **env)
 
     # a training option neither command knows: both runs refuse it, the script says training failed
     bad_training = demo(EXTRA="--no-progress --device cpu --set train.no_such_key=1")
