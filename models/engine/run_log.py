@@ -100,6 +100,24 @@ def write_failure(err: OSError, path: Path, last_good: Path | None) -> str:
     return f"{what} while writing {path}; {last}"
 
 
+def read_metrics(exp_dir: Path, event: str | None = None) -> list[dict[str, Any]]:
+    """The records of EXP_DIR/metrics.jsonl in file order (only those of `event`, e.g. "train" or "epoch",
+    when given); a line that is not JSON (a run killed while writing) is skipped; [] when the file is
+    absent."""
+    path = Path(exp_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and (event is None or record.get("event") == event):
+            records.append(record)
+    return records
+
+
 def read_index(exp_dir: Path) -> list[dict[str, Any]]:
     """EXP_DIR/checkpoints.json: one entry per checkpoint (epoch, step, dev CER ...); [] when absent."""
     path = exp_dir / INDEX

@@ -24,7 +24,6 @@ budget's dev CER per epoch (mean over seeds), which shows how far each run is fr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -39,6 +38,7 @@ if str(HERE) not in sys.path:  # run as a script, sys.path[0] is HERE already; l
 from transfer_report import BASELINE, _save_figure, beats, load, machine_line, paired  # noqa: E402
 
 from data.store import write_text_atomic  # noqa: E402
+from models.engine.run_log import read_metrics  # noqa: E402
 
 STOP_POINTS = 0.5  # the stopping rule's threshold: dev CER points gained over the last quarter of the epochs
 
@@ -92,18 +92,8 @@ def interval_text(values: list[float]) -> str:
 def epoch_dev_cer(run_dir: Path) -> list[tuple[int, float]]:
     """[(step, dev CER)] of each epoch a run logged in RUN_DIR/metrics.jsonl, in order; [] when the file is
     missing. Lines that are not JSON (a run killed while writing) are skipped."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    points = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == "epoch" and record.get("dev_cer") is not None:
-            points.append((int(record["step"]), float(record["dev_cer"])))
-    return points
+    records = read_metrics(run_dir, "epoch")
+    return [(int(r["step"]), float(r["dev_cer"])) for r in records if r.get("dev_cer") is not None]
 
 
 @dataclass(frozen=True)

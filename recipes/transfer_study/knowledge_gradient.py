@@ -91,6 +91,7 @@ from models.engine.config import (
     validate,
 )
 from models.engine.outcome import TrainingSetupError
+from models.engine.run_log import read_metrics
 from models.engine.training import Trainer
 from models.nn.ctc import ctc_impossible, ctc_losses
 from models.nn.transfer_loss import GMOTConfig, GMOTLoss
@@ -346,17 +347,7 @@ def means(records: list[dict[str, Any]]) -> dict[str, Any]:
 def logged_grad_ratio(exp: Path) -> float | None:
     """The mean `grad_ratio` of the training log's windows (EXP/metrics.jsonl "train" records) in its last
     epoch, or None when there is none."""
-    path = Path(exp) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if r.get("event") == "train" and isinstance(r.get("grad_ratio"), (int, float)):
-            rows.append(r)
+    rows = [r for r in read_metrics(exp, "train") if isinstance(r.get("grad_ratio"), (int, float))]
     if not rows:
         return None
     last = max(int(r.get("epoch", 0)) for r in rows)

@@ -13,13 +13,14 @@ whether the plans stay aligned, over a long run (docs/transfer.md, "The diagnost
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+from models.engine import run_log
 
 STEP_PANELS = (("ctc", "CTC loss"), ("kt", "transfer term kt"), ("grad_ratio", "gradient ratio"),
                ("plan_entropy", "plan entropy / uniform"))  # fmt: skip
@@ -32,17 +33,9 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no metrics.jsonl (is {run_dir} an experiment folder?)")
-    train, epochs = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("event") == "train":
-            train.append(record)
-        elif record.get("event") == "epoch":
-            epochs.append(record)
-    return train, epochs
+    records = run_log.read_metrics(run_dir)
+    train = [r for r in records if r.get("event") == "train"]
+    return train, [r for r in records if r.get("event") == "epoch"]
 
 
 def arm_of(run_dir: Path) -> str:
