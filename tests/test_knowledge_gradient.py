@@ -95,3 +95,11 @@ def test_a_run_without_transfer_needs_a_mode_and_gets_a_fresh_adapter(
     assert report["adapter"] == "fresh"
     assert len(report["batches"]) == 3
     assert all(b["controls"]["shuffle"]["share"] > 0 for b in report["batches"])
+
+
+def test_a_missing_experiment_folder_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-run"
+    assert kg.main([str(missing), str(tmp_path)]) == 2
+    assert "no-such-run" in "".join(capsys.readouterr().err.split())  # rich may fold a long path

@@ -205,3 +205,25 @@ def test_error_kinds_read_the_references_archived_with_the_runs(tmp_path: Path) 
     assert rows[0]["homophone_per_seed"] == pytest.approx([1 / 9])
     (tmp_path / "ab" / report.REFERENCES).unlink()  # neither references nor data folder: no rows
     assert report.error_kinds(tmp_path / "ab", {"data_dir": str(tmp_path / "gone"), "runs": runs}) == []
+
+
+def test_pair_option_adds_its_row_and_warns_of_an_arm_no_folder_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "d3840"
+    folder.mkdir()
+    summary = [
+        _row("baseline", [0.50, 0.52], [0.50, 0.51]),
+        _row("strong", [0.40, 0.41], [0.40, 0.42]),
+        _row("strong-shuffle", [0.42, 0.44], [0.43, 0.44]),
+    ]
+    data = {"command": "ablation.py ...", "machine": {"cpu": "Xeon"}, "summary": summary}
+    (folder / "ablation.json").write_text(json.dumps(data), encoding="utf-8")
+    out = tmp_path / "report.md"
+    base = ["--curve", f"3840={folder}", "--out", str(out)]
+    assert report.main([*base, "--pair", "strong=strong-shuffle", "--pair", "strong=strnog-shuffle"]) == 0
+    assert "| strong | strong-shuffle | 2 | +2.50 [" in out.read_text(encoding="utf-8")
+    assert "--pair strong=strnog-shuffle: no --curve folder ran both arms" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        report.main([*base, "--pair", "strong"])
+    assert bad.value.code == 2

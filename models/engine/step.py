@@ -33,7 +33,7 @@ from models.engine.outcome import TrainingError
 from models.engine.precision import autocast_for, overflow_is_nan
 from models.engine.schedule import kt_weight_at, lr_at
 from models.engine.trainer_base import TrainerBase
-from models.nn.ctc import ctc_impossible, ctc_losses
+from models.nn.ctc import ctc_batch_loss
 
 
 @dataclass
@@ -75,10 +75,7 @@ class StepMixin(TrainerBase):
             out = self.model(feats, lens)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         token_lens = batch["token_lens"].to(self.device, non_blocking=True)
-        impossible = ctc_impossible(out["lengths"], tokens, token_lens)
-        per_utt = ctc_losses(out, tokens, token_lens, zero_infinity=True)  # 0, no gradient where impossible
-        ctc = per_utt.sum() / (~impossible).sum().clamp(min=1)
-        per_utt = per_utt.masked_fill(impossible, math.inf)
+        ctc, per_utt = ctc_batch_loss(out, tokens, token_lens)
         terms: dict[str, Tensor] = {"ctc": ctc}
         loss = ctc
         if self.use_kt and train:

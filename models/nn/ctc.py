@@ -4,6 +4,7 @@ at all."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,18 @@ def ctc_losses(
     return nn.functional.ctc_loss(
         log_probs, tokens, out["lengths"], token_lens, blank=0, reduction="none", zero_infinity=zero_infinity
     )
+
+
+def ctc_batch_loss(out: dict[str, Tensor], tokens: Tensor, token_lens: Tensor) -> tuple[Tensor, Tensor]:
+    """The training CTC loss of a batch: out (the model's {"log_probs" (B, T', V), "lengths" (B,)}), tokens
+    (B, L) padded labels, token_lens (B,) -> (scalar: per-utterance losses summed over the utterances CTC can
+    align, divided by their number (0 when none can), per-utterance losses (B,), inf where CTC cannot align).
+    An unalignable utterance adds neither loss nor gradient, so its batch-mates still train; nothing is read
+    on the host."""
+    impossible = ctc_impossible(out["lengths"], tokens, token_lens)
+    per_utt = ctc_losses(out, tokens, token_lens, zero_infinity=True)  # 0, no gradient where impossible
+    ctc = per_utt.sum() / (~impossible).sum().clamp(min=1)
+    return ctc, per_utt.masked_fill(impossible, math.inf)
 
 
 def ctc_required_frames(token_ids: list[int]) -> int:

@@ -74,6 +74,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from data.loader import SpeechDataset, collate
+from data.store import write_text_atomic
 from models.engine.checkpoint import (
     CheckpointError,
     init_from_checkpoint,
@@ -93,7 +94,7 @@ from models.engine.config import (
 from models.engine.outcome import TrainingSetupError
 from models.engine.run_log import read_metrics
 from models.engine.training import Trainer
-from models.nn.ctc import ctc_impossible, ctc_losses
+from models.nn.ctc import ctc_batch_loss
 from models.nn.transfer_loss import GMOTConfig, GMOTLoss
 
 CONTROLS = ("real", "shuffle", "random", "random_units")
@@ -250,9 +251,7 @@ def hidden_gradients(
     out = model(batch["feats"], batch["feat_lens"])
     hidden = out["hidden"]
     tokens, token_lens = batch["tokens"], batch["token_lens"]
-    impossible = ctc_impossible(out["lengths"], tokens, token_lens)
-    per_utt = ctc_losses(out, tokens, token_lens, zero_infinity=True)
-    ctc = per_utt.sum() / (~impossible).sum().clamp(min=1)
+    ctc, _ = ctc_batch_loss(out, tokens, token_lens)
     g_ctc = torch.autograd.grad(ctc, hidden, retain_graph=True)[0]
     grads: dict[str, Tensor] = {}
     values: dict[str, float] = {}
@@ -478,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             "controls": [t.name for t in s.controls], "skipped_controls": s.skipped,
             "logged_grad_ratio": logged, "batches": records, "mean": mean,
         }  # fmt: skip
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_json_safe(report), indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(_json_safe(report), indent=1) + "\n")
         err.print(f"wrote {args.json}")
     return 0
 

@@ -30,7 +30,7 @@ EPOCH_PANELS = (("dev_cer", "dev CER"), ("align_lift", "dev plan lift"), ("align
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train windows, epoch records) of RUN_DIR/metrics.jsonl, each a list of dicts in step order; a line
     that is not JSON (a run killed while writing) is skipped. SystemExit naming the file if it is missing."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / run_log.METRICS
     if not path.is_file():
         raise SystemExit(f"{path}: no metrics.jsonl (is {run_dir} an experiment folder?)")
     records = run_log.read_metrics(run_dir)

@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         if not eq or not size.isdigit():
             p.error(f"--curve expects N=OUT_DIR, got {item!r}")
         curves[int(size)] = {**load(Path(folder)), "_folder": folder}
+    for arm, other in pairs:  # a misspelt arm would otherwise leave its comparison out silently
+        if not any({arm, other} <= {r["run"] for r in d["summary"]} for d in curves.values()):
+            print(f"warning: --pair {arm}={other}: no --curve folder ran both arms", file=sys.stderr)
     screens = [load(folder) for folder in a.screen]
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
     write_text_atomic(a.out, report(notes, screens, curves, a.reference, a.title, pairs))
