@@ -92,6 +92,32 @@ def test_report_tables_gains_and_stopping_per_budget(tmp_path: Path) -> None:
     assert "Machine: cpu Test CPU, cores 2." in text
 
 
+def test_pairs_compare_two_arms_in_each_budget_that_ran_both(tmp_path: Path, capsys) -> None:
+    short = _write_budget(
+        tmp_path / "short", 400,
+        {"baseline": [[0.9, 0.6], [0.9, 0.62], [0.9, 0.58]], "fgw": [[0.9, 0.55], [0.9, 0.56], [0.9, 0.54]],
+         "shuffle": [[0.9, 0.57], [0.9, 0.57], [0.9, 0.56]]},
+    )  # fmt: skip
+    long = _write_budget(
+        tmp_path / "long", 1200, {"baseline": [[0.6, 0.3]] * 3, "fgw": [[0.6, 0.29]] * 3}
+    )  # the long budget did not run the control: no row for it
+    out = tmp_path / "budget.md"
+    args = ["--budget", str(short), "--budget", str(long), "--out", str(out), "--pair", "fgw=shuffle"]
+    assert budget_report.main(args) == 0
+    text = out.read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| 400 | fgw | shuffle |")]
+    # gains 2, 1, 2 points: mean 1.67, sd 0.577, t(0.975, 2) 4.30 -> +-1.43
+    assert rows == [
+        "| 400 | fgw | shuffle | 3 | +1.67 [+0.23, +3.10] p 0.038 | +1.67 [+0.23, +3.10] p 0.038 | **yes** |"
+    ]
+    assert "| 1200 | fgw | shuffle |" not in text
+    assert "warning" not in capsys.readouterr().err
+    assert budget_report.main([*args[:-1], "fgw=shufle"]) == 0
+    assert "--pair fgw=shufle: no --budget folder ran both arms" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        budget_report.main([*args[:-1], "fgw"])
+
+
 def test_mean_epoch_curve_averages_the_seeds_per_step(tmp_path: Path) -> None:
     folder = _write_budget(tmp_path / "b", 200, {"baseline": [[0.8, 0.6], [0.6, 0.4]]})
     b = budget_report.read_budget(folder, None)

@@ -2,13 +2,14 @@ r"""Does the transfer's gain last? CER against the training budget, from ablatio
 
     python recipes/transfer_study/budget_report.py --budget OUT_DIR [--budget OUT_DIR ...] \
         [--arms baseline,fgw-centred-tot] [--notes NOTES.md] [--title TITLE] \
-        [--out recipes/transfer_study/results/budget.md] [--plot docs/budget_curve.png]
+        [--out recipes/transfer_study/results/budget.md] [--plot docs/budget_curve.png] [--pair ARM=OTHER ...]
 
 Each OUT_DIR is a `recipes/transfer_study/ablation.py` output folder whose runs all trained the same number
 of updates (its budget: a whole run with its own warm-up and cosine decay, not a checkpoint of a longer
 run). The report gives, per budget, each arm's dev and test CER (mean over seeds with its 95 % t interval),
 each arm's paired gain over the baseline (transfer_report's statistics and decision rule), the train time
-of a run, and where every run stands against the stopping rule:
+of a run, any `--pair ARM=OTHER` comparison (e.g. the real teacher against its shuffle control) in every
+budget that ran both arms, and where every run stands against the stopping rule:
 
     a run has stopped improving when its dev CER fell by at most 0.5 points over the last quarter of its
     epochs (dev CER at the epoch before the last quarter minus dev CER at the last epoch).
@@ -27,6 +28,7 @@ import argparse
 import math
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +172,29 @@ def gain_table(budgets: list[Budget]) -> list[str]:
     return lines
 
 
+def pair_table(budgets: list[Budget], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown: per budget, each (arm, other) pair's paired gain where that budget ran both arms (e.g. the
+    real teacher against its shuffle control), with the decision rule's verdict."""
+    lines = [
+        "| updates | arm | against | seeds | dev gain [95 % CI], p | test gain [95 % CI], p | better? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in budgets:
+        rows = b.rows()
+        for arm, other in pairs:
+            if arm not in rows or other not in rows:
+                continue
+            dev = paired(rows[arm], rows[other], "dev_cer")
+            test = paired(rows[arm], rows[other], "test_cer")
+            ok, _ = beats(rows[arm], rows[other])
+            verdict = "no decision" if dev is None else ("**yes**" if ok else "no")
+            lines.append(
+                f"| {b.updates} | {arm} | {other} | {dev.n if dev else 0} | {dev.text() if dev else 'n/a'} | "
+                f"{test.text() if test else 'n/a'} | {verdict} |"
+            )
+    return lines
+
+
 def stopping_table(budgets: list[Budget]) -> list[str]:
     """Markdown: every run against the stopping rule."""
     lines = [
@@ -277,8 +302,8 @@ def plot_budget(budgets: list[Budget], path: Path) -> None:
     _save_figure(fig, path)
 
 
-def report(budgets: list[Budget], notes: str, title: str) -> str:
-    """The whole markdown report."""
+def report(budgets: list[Budget], notes: str, title: str, pairs: Sequence[tuple[str, str]] = ()) -> str:
+    """The whole markdown report (`pairs`: extra (arm, other) comparisons, see `pair_table`)."""
     budgets = sorted(budgets, key=lambda b: b.updates)
     lines = [f"# {title}", ""]
     if notes:
@@ -297,6 +322,10 @@ def report(budgets: list[Budget], notes: str, title: str) -> str:
         "",
         *gain_table(budgets),
         "",
+    ]
+    if pairs:
+        lines += ["## Other paired comparisons", "", *pair_table(budgets, pairs), ""]
+    lines += [
         "## Stopping rule",
         "",
         f"A run has stopped improving when its dev CER fell by at most {STOP_POINTS} points over the last",
@@ -327,13 +356,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--title", default="Does it last? The gain against the training budget")
     p.add_argument("--out", type=Path, default=HERE / "results" / "budget.md")
     p.add_argument("--plot", type=Path, help="the three-panel figure (drawn only when asked)")
+    p.add_argument(
+        "--pair",
+        action="append",
+        default=[],
+        metavar="ARM=OTHER",
+        help="compare ARM against OTHER too, per budget (repeatable; e.g. the real teacher and its control)",
+    )
     a = p.parse_args(argv)
+    pairs = []
+    for item in a.pair:
+        arm, eq, other = item.partition("=")
+        if not eq or not arm or not other:
+            p.error(f"--pair expects ARM=OTHER, got {item!r}")
+        pairs.append((arm, other))
     arms = [x for x in a.arms.split(",") if x] if a.arms else None
     budgets = [read_budget(folder, arms) for folder in a.budget]
     if len({b.updates for b in budgets}) < len(budgets):
         p.error("two --budget folders hold the same number of updates")
     notes = a.notes.read_text(encoding="utf-8") if a.notes else ""
-    write_text_atomic(a.out, report(budgets, notes, a.title))
+    for arm, other in pairs:  # a misspelt arm would otherwise leave its rows out silently
+        if not any({arm, other} <= set(b.rows()) for b in budgets):
+            print(f"warning: --pair {arm}={other}: no --budget folder ran both arms", file=sys.stderr)
+    write_text_atomic(a.out, report(budgets, notes, a.title, pairs))
     print(f"wrote {a.out}")
     if a.plot is not None:
         plot_budget(budgets, a.plot)
