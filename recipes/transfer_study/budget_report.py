@@ -37,7 +37,15 @@ HERE = Path(__file__).resolve().parent  # recipes/transfer_study
 if str(HERE) not in sys.path:  # run as a script, sys.path[0] is HERE already; loaded by the tests it is not
     sys.path.insert(0, str(HERE))
 
-from transfer_report import BASELINE, _save_figure, beats, load, machine_line, paired  # noqa: E402
+from transfer_report import (  # noqa: E402
+    BASELINE,
+    _save_figure,
+    beats,
+    load,
+    machine_line,
+    paired,
+    parse_pairs,
+)
 
 from data.store import write_text_atomic  # noqa: E402
 from models.engine.run_log import read_metrics  # noqa: E402
@@ -364,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         help="compare ARM against OTHER too, per budget (repeatable; e.g. the real teacher and its control)",
     )
     a = p.parse_args(argv)
-    pairs = []
-    for item in a.pair:
-        arm, eq, other = item.partition("=")
-        if not eq or not arm or not other:
-            p.error(f"--pair expects ARM=OTHER, got {item!r}")
-        pairs.append((arm, other))
+    pairs = parse_pairs(a.pair, p)
     arms = [x for x in a.arms.split(",") if x] if a.arms else None
     budgets = [read_budget(folder, arms) for folder in a.budget]
     if len({b.updates for b in budgets}) < len(budgets):

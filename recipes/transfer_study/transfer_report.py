@@ -398,6 +398,17 @@ def report(
     return "\n".join(lines)
 
 
+def parse_pairs(items: Sequence[str], parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """`--pair ARM=OTHER` values -> [(arm, other), ...]; a malformed one is a usage error (exit 2)."""
+    pairs = []
+    for item in items:
+        arm, eq, other = item.partition("=")
+        if not eq or not arm or not other:
+            parser.error(f"--pair expects ARM=OTHER, got {item!r}")
+        pairs.append((arm, other))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: write the report (and the plot when there are curve points); 0 on success."""
     p = argparse.ArgumentParser(
@@ -425,12 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--title", default="Transfer study", help="the report's heading")
     a = p.parse_args(argv)
-    pairs = []
-    for item in a.pair:
-        arm, eq, other = item.partition("=")
-        if not eq or not arm or not other:
-            p.error(f"--pair expects ARM=OTHER, got {item!r}")
-        pairs.append((arm, other))
+    pairs = parse_pairs(a.pair, p)
     curves: dict[int, dict[str, Any]] = {}
     for item in a.curve:
         size, eq, folder = item.partition("=")
