@@ -23,6 +23,16 @@ _spec.loader.exec_module(teacher_layers)
 CHARS = "我你他她们是的了不在有这个人大小中国学生老师喜欢吃饭喝茶水今天明天好很多少谢再见朋友家爸妈"
 
 
+def _manifest(texts: list[str]) -> str:
+    """manifest.jsonl lines for `texts` (feature references that are never read)."""
+    return "".join(
+        json.dumps({"id": f"u{i}", "duration": 1.0, "num_frames": 100, "text": t, "token_ids": [0],
+                    "speaker": "s", "feats": {"shard": "feats/shard-00000.npy", "offset": 0}},
+                   ensure_ascii=False) + "\n"
+        for i, t in enumerate(texts)
+    )  # fmt: skip
+
+
 def _sentences(n: int, rng: np.random.Generator) -> list[list[str]]:
     return [list(rng.choice(list(CHARS), size=int(rng.integers(3, 7)))) for _ in range(n)]
 
@@ -56,9 +66,7 @@ def test_sentences_are_distinct_and_sampled_reproducibly(tmp_path: Path) -> None
     train = tmp_path / "train"
     train.mkdir()
     texts = ["我是学生", "你好", "我是学生", "他们是老师", "今天很好", "明天再见"]
-    (train / "manifest.jsonl").write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8"
-    )
+    (train / "manifest.jsonl").write_text(_manifest(texts), encoding="utf-8")
     assert teacher_layers.read_sentences(tmp_path, 0, 0) == [
         "我是学生",
         "你好",
@@ -78,9 +86,7 @@ def test_the_command_measures_every_layer_of_a_tiny_teacher(tmp_path: Path, caps
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     lines = ["".join(t) for t in _sentences(60, rng)]
-    (data / "train" / "manifest.jsonl").write_text(
-        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8"
-    )
+    (data / "train" / "manifest.jsonl").write_text(_manifest(lines), encoding="utf-8")
     out = tmp_path / "layers.json"
     assert teacher_layers.main([str(data), "--plm", str(plm), "--sentences", "0", "--json", str(out)]) == 0
     table = capsys.readouterr().out

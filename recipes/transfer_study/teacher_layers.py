@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from data.store import write_text_atomic  # noqa: E402
+from data.store import StoreError, read_manifest, write_text_atomic  # noqa: E402
 from data.teacher_controls import shuffle_sources  # noqa: E402
 
 
@@ -63,16 +63,8 @@ class LayerStats:
 
 def read_sentences(data: Path, limit: int, seed: int) -> list[str]:
     """Distinct transcripts of DATA/train/manifest.jsonl in first-seen order, a seeded sample of `limit`
-    (all when limit <= 0 or there are fewer). Raises FileNotFoundError naming the manifest."""
-    manifest = data / "train" / "manifest.jsonl"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found: DATA must be a folder made by gmot prepare")
-    seen: dict[str, None] = {}
-    with manifest.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                seen.setdefault(json.loads(line)["text"], None)
-    texts = list(seen)
+    (all when limit <= 0 or there are fewer). Raises data.store.StoreError naming the manifest (and line)."""
+    texts = list(dict.fromkeys(entry.text for entry in read_manifest(data / "train")))
     if 0 < limit < len(texts):
         pick = np.random.default_rng(seed).choice(len(texts), size=limit, replace=False)
         texts = [texts[i] for i in sorted(pick)]
@@ -195,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = read_sentences(args.data, args.sentences, args.seed)
         teacher = load_teacher(args.plm, -1)
-    except (FileNotFoundError, PLMError) as exc:
+    except (StoreError, PLMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
