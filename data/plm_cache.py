@@ -76,7 +76,7 @@ def build_plm_cache(
         tokens: list[list[str]] = []
         texts = [e["text"] for e in entries]
         counts = collections.Counter(texts)
-        unique = list(counts)  # speed-perturbed copies share their transcript: encode it once
+        unique = list(counts)  # utterances of this shard with one transcript (several voices) are encoded once
         encoded: dict[str, tuple[list[str], np.ndarray]] = {}
         for start in range(0, len(unique), batch_size):
             batch = unique[start : start + batch_size]
