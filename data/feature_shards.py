@@ -236,6 +236,8 @@ def featurise_shard(task: dict) -> dict:
                 "num_frames": int(feats.shape[0]),
             }
         )
+        if it.get("speed", 1.0) != 1.0:  # the PLM cache copies a speed copy's rows from its original's
+            kept[-1]["speed"] = float(it["speed"])
     offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), arrays, feature_dim(pitch))
     for k, off in zip(kept, offsets, strict=True):
         k["offset"] = off

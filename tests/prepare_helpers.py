@@ -63,11 +63,13 @@ class TinyTeacher:
         self.width = int(self.model.config.hidden_size)
         self.layer = layer
         self.calls = 0
+        self.encoded: list[str] = []  # every text passed to encode, in order
         self._torch = torch
 
     def encode(self, texts: list[str]) -> list[tuple[list[str], np.ndarray]]:
         """Per text: its tokens (specials dropped) and (M, width) float32 features of `layer`."""
         self.calls += 1
+        self.encoded.extend(texts)
         out = []
         with self._torch.inference_mode():
             for text in texts:

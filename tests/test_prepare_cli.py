@@ -344,6 +344,38 @@ def test_speed_perturbation_of_the_train_split(tmp_path: Path, tiny_bert: Path) 
     assert res.exit_code == 2 and "0.9,abc" in res.output
 
 
+def test_speed_copies_in_other_shards_reuse_the_originals_rows(tmp_path: Path, tiny_bert: Path) -> None:
+    from collections import Counter
+
+    from data.preparation import PrepareOptions
+
+    texts = GOOD_TEXTS[:3]
+    train = good_kaldi_dir(tmp_path, "train", texts)
+    teacher = TinyTeacher(tiny_bert)
+    out = tmp_path / "out"
+    options = PrepareOptions(speed_perturb=(0.9, 1.0, 1.1), shard_frames=1)  # one utterance a shard
+    prepare(out, [SplitInput("train", *read_kaldi_dir(train))], teacher=teacher, options=options)
+    assert Counter(teacher.encoded) == Counter(texts)  # each transcript once, not once per copy
+    reader = SplitReader(out / "train")
+    records = {r.id: r for r in read_manifest(out / "train")}
+    assert len({r.feats.shard for r in records.values()}) == 9  # the copies really are in other shards
+    for uid in [u for u in records if not u.startswith("sp")]:
+        base = reader.plm_features(records[uid])
+        for prefix in ("sp0.9-", "sp1.1-"):
+            copy = records[prefix + uid]
+            assert copy.plm.shard != records[uid].plm.shard and copy.plm.tokens == records[uid].plm.tokens
+            np.testing.assert_array_equal(reader.plm_features(copy), base)
+    # resume: a lost copy shard is rebuilt from the original's stored rows, without the teacher
+    lost = records["sp1.1-" + next(u for u in records if not u.startswith("sp"))]
+    (out / "train" / lost.plm.shard).unlink()
+    teacher.encoded.clear()
+    prepare(out, [SplitInput("train", *read_kaldi_dir(train))], teacher=teacher, options=options)
+    assert teacher.encoded == []
+    again = SplitReader(out / "train")
+    original = records[lost.id.removeprefix("sp1.1-")]
+    np.testing.assert_array_equal(again.plm_features(lost), reader.plm_features(original))
+
+
 def test_front_end_option_is_recorded_and_followed_with_lang(tmp_path: Path) -> None:
     from data.store import read_frontend
 
