@@ -149,6 +149,11 @@ def feature_key(pitch: bool, front: str) -> str:
     return key
 
 
+def is_speed_copy(item: dict) -> bool:
+    """Whether an item (or a kept utterance) is a speed-perturbed copy made by `speed_perturbed`."""
+    return item.get("speed", 1.0) != 1.0
+
+
 def fingerprint(items: list[dict], max_duration: float | None, extra: str = "") -> str:
     """Hash (40 hex digits) of what a shard's content depends on: its items, `max_duration` and `extra`
     (the `feature_key`)."""
@@ -156,7 +161,7 @@ def fingerprint(items: list[dict], max_duration: float | None, extra: str = "") 
     h.update(json.dumps([_FEATURE_VERSION, max_duration, extra], sort_keys=True).encode())
     for it in items:
         key = [it["id"], it["audio"], it["start"], it["end"], it["text"], it["speaker"]]
-        if it.get("speed", 1.0) != 1.0:  # (so that shards prepared before speed perturbation stay valid)
+        if is_speed_copy(it):  # (so that shards prepared before speed perturbation stay valid)
             key.append(it["speed"])
         h.update(json.dumps(key, ensure_ascii=False).encode())
     return h.hexdigest()
@@ -236,7 +241,7 @@ def featurise_shard(task: dict) -> dict:
                 "num_frames": int(feats.shape[0]),
             }
         )
-        if it.get("speed", 1.0) != 1.0:  # the PLM cache copies a speed copy's rows from its original's
+        if is_speed_copy(it):  # the PLM cache copies a speed copy's rows from its original's
             kept[-1]["speed"] = float(it["speed"])
     offsets = write_shard(split_dir / FEATS_DIR / shard_name(index), arrays, feature_dim(pitch))
     for k, off in zip(kept, offsets, strict=True):

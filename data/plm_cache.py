@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from data.feature_shards import PARTS_DIR, read_part
+from data.feature_shards import PARTS_DIR, is_speed_copy, read_part
 from data.features import CMVNStats
 from data.progress import ProgressSink
 from data.store import PLM_DIR, shard_name, shard_rows, write_json_atomic, write_plm_info, write_shard
@@ -77,12 +77,12 @@ def build_plm_cache(
                 stored.add(split_dir / PLM_DIR / shard_name(index), part, entries)
             else:
                 todo.append((split_name, index, entries, fp))
-    todo.sort(key=lambda t: any(_is_copy(e) for e in t[2]))  # originals first: their copies then reuse them
+    todo.sort(key=lambda t: any(is_speed_copy(e) for e in t[2]))  # originals first; copies then reuse them
     task_id = progress.add_task("PLM cache", total=sum(len(e) for _, _, e, _ in todo))
     for split_name, index, entries, fp in todo:
         split_dir = out_dir / split_name
-        copied = {e["text"]: stored.lookup(e["text"]) for e in entries if _is_copy(e)}
-        reuse = [_is_copy(e) and copied[e["text"]] is not None for e in entries]
+        copied = {e["text"]: stored.lookup(e["text"]) for e in entries if is_speed_copy(e)}
+        reuse = [is_speed_copy(e) and copied[e["text"]] is not None for e in entries]
         counts = collections.Counter(e["text"] for e, r in zip(entries, reuse, strict=True) if not r)
         progress.update(task_id, advance=sum(reuse))
         unique = list(counts)  # a shard's utterances of one transcript (several voices): encoded once
@@ -120,11 +120,6 @@ def build_plm_cache(
     for parts in out.values():
         parts.sort(key=lambda p: p["index"])
     return out
-
-
-def _is_copy(entry: dict) -> bool:
-    """Whether a kept utterance is a speed-perturbed copy (data.feature_shards marks them with "speed")."""
-    return entry.get("speed", 1.0) != 1.0
 
 
 class _StoredTranscripts:
