@@ -4,6 +4,7 @@ diagnostics that show whether a plan aligns (models.engine.diagnostics)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from models.engine import diagnostics
-from models.engine.config import TrainConfig, resolve_config
+from models.engine.config import ConfigError, TrainConfig, resolve_config
 from models.engine.schedule import kt_weight_at
 from models.engine.training import train
 from models.nn.encoder import ConformerCTC, ModelConfig
@@ -247,10 +248,25 @@ def test_ctc_head_on_the_adapter() -> None:
 
 def test_kt_weight_ramps_linearly() -> None:
     t = TrainConfig(kt_weight=2.0, kt_warmup_steps=10)
-    assert kt_weight_at(0, t) == pytest.approx(0.2)
-    assert kt_weight_at(4, t) == pytest.approx(1.0)
-    assert kt_weight_at(9, t) == pytest.approx(2.0) and kt_weight_at(500, t) == pytest.approx(2.0)
-    assert kt_weight_at(0, TrainConfig(kt_weight=2.0)) == 2.0
+    assert kt_weight_at(0, t, 1000) == pytest.approx(0.2)
+    assert kt_weight_at(4, t, 1000) == pytest.approx(1.0)
+    assert kt_weight_at(9, t, 1000) == pytest.approx(2.0) and kt_weight_at(500, t, 1000) == pytest.approx(2.0)
+    assert kt_weight_at(0, TrainConfig(kt_weight=2.0), 1000) == 2.0
+
+
+def test_kt_weight_decays_with_a_cosine_to_zero_at_the_last_step() -> None:
+    t = TrainConfig(kt_weight=2.0, warmup_steps=10, kt_decay="cosine")
+    # constant through the learning rate's warm-up, half at the middle of the rest, 0 at the last step
+    assert kt_weight_at(0, t, 110) == pytest.approx(2.0) and kt_weight_at(9, t, 110) == pytest.approx(2.0)
+    assert kt_weight_at(59, t, 110) == pytest.approx(1.0)
+    assert kt_weight_at(109, t, 110) == pytest.approx(0.0, abs=1e-12)
+    weights = [kt_weight_at(s, t, 110) for s in range(110)]
+    assert all(a >= b for a, b in itertools.pairwise(weights))
+    # the ramp still applies first: a ramp of 20 steps, step 4 is a quarter of the cosine-decayed weight
+    ramped = TrainConfig(kt_weight=2.0, warmup_steps=10, kt_decay="cosine", kt_warmup_steps=20)
+    assert kt_weight_at(4, ramped, 110) == pytest.approx(0.25 * kt_weight_at(4, t, 110))
+    with pytest.raises(ConfigError, match="kt_decay"):
+        resolve_config("tiny", overrides=["train.kt_decay=linear"])
 
 
 @pytest.mark.slow

@@ -80,6 +80,10 @@ class TrainConfig:
     kt_warmup_steps: int = 0
     """Ramp the transfer weight linearly from 0 to `kt_weight` over this many optimiser steps (0: no ramp),
     so that a fresh adapter on a converged encoder (--init-from) does not push random gradients into it."""
+    kt_decay: Literal["none", "cosine"] = "none"
+    """`cosine`: after the learning rate's warm-up the transfer weight falls with a cosine from `kt_weight`
+    to 0 at the run's last step (the transfer acts early and fades while the model anneals); `none` keeps
+    it constant. Applied after the `kt_warmup_steps` ramp."""
     grad_ratio: bool = True
     """Log ||d(lambda kt)/dh|| / ||d ctc/dh|| at the block feeding the adapter (metrics.jsonl `grad_ratio`,
     the progress line and the epoch line). Measured on the first batch of each logged step (every

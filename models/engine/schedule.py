@@ -1,5 +1,5 @@
 """Schedules over optimiser steps: the learning rate (warm-up, then noam / cosine / linear / constant) and
-the transfer weight's ramp."""
+the transfer weight's ramp and decay."""
 
 from __future__ import annotations
 
@@ -26,9 +26,17 @@ def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
     return floor + (t.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def kt_weight_at(step: int, t: TrainConfig) -> float:
-    """The transfer weight at optimiser step `step`: kt_weight, ramped linearly from 0 over the first
-    kt_warmup_steps steps (of this run, counted from its start) when that is set."""
-    if t.kt_warmup_steps <= 0:
-        return t.kt_weight
-    return t.kt_weight * min(1.0, (step + 1) / t.kt_warmup_steps)
+def kt_weight_at(step: int, t: TrainConfig, total_steps: int) -> float:
+    """The transfer weight at optimiser step `step` (0-based) of a run of `total_steps` steps: kt_weight,
+    ramped linearly from 0 over the first kt_warmup_steps steps when that is set, and with
+    `kt_decay: cosine` multiplied by a cosine from 1 (the end of the learning rate's warm-up) to 0 (the
+    last step)."""
+    s = step + 1
+    weight = t.kt_weight
+    if t.kt_warmup_steps > 0:
+        weight *= min(1.0, s / t.kt_warmup_steps)
+    if t.kt_decay == "cosine":
+        warm = max(t.warmup_steps, 0)
+        frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+        weight *= 0.5 * (1.0 + math.cos(math.pi * frac))
+    return weight

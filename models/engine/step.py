@@ -91,7 +91,7 @@ class StepMixin(TrainerBase):
             for k, v in kt.items():
                 if k != "plan" and isinstance(v, Tensor) and v.dim() == 0:
                     terms[k] = v
-            weight = kt_weight_at(self.step, self.cfg.train)
+            weight = kt_weight_at(self.step, self.cfg.train, self.total_steps)
             loss = ctc + weight * kt["kt"]
             if self._measure_grad_ratio():
                 self.grad_ratio = gradient_ratio_tensor(weight * kt["kt"], ctc, out["hidden"])
