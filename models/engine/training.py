@@ -194,10 +194,16 @@ class Trainer(TrainDataMixin, RunStateMixin, StepMixin, EvaluationMixin):
                     gc.collect()
                 dist.destroy_process_group()
 
-    def _run(self) -> TrainOutcome:
-        t = self.cfg.train
+    def load(self) -> None:
+        """Read the prepared folder (manifests, vocabulary, teacher features, the knowledge control) and build
+        the model, optimiser and loss; writes nothing. What `train()` does first; diagnostics that need the
+        trainer's batches and model without training call it alone."""
         self._load_data()
         self._build()
+
+    def _run(self) -> TrainOutcome:
+        t = self.cfg.train
+        self.load()
         self.total_steps = t.epochs * self.steps_per_epoch
         if self.dd.main:
             self.exp_dir.mkdir(parents=True, exist_ok=True)

@@ -163,12 +163,11 @@ def experiment_config(
 
 
 def _trainer(data: Path, cfg: ExperimentConfig, teacher: str, workdir: Path, console: Console) -> Trainer:
-    """A Trainer of `cfg` with gmot.teacher=`teacher`, its data loaded and its state built (`_load_data`,
-    `_build`); nothing is written (`workdir` is never created)."""
+    """A Trainer of `cfg` with gmot.teacher=`teacher`, its data loaded and its state built (`Trainer.load`);
+    nothing is written (`workdir` is never created)."""
     cfg = dataclasses.replace(cfg, gmot=dataclasses.replace(cfg.gmot, teacher=teacher))
     trainer = Trainer(data, workdir / teacher, cfg, device="cpu", console=console, progress=False)
-    trainer._load_data()
-    trainer._build()
+    trainer.load()
     return trainer
 
 
