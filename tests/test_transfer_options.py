@@ -270,6 +270,23 @@ def test_kt_weight_decays_with_a_cosine_to_zero_at_the_last_step() -> None:
 
 
 @pytest.mark.slow
+def test_distill_applies_the_decayed_transfer_weight(tiny_prepared: Path, tmp_path: Path) -> None:
+    sets = ["train.max_utts=4", "train.epochs=2", "train.log_interval=1", "train.warmup_steps=2",
+            "train.kt_decay=cosine", "train.kt_weight=2", "gmot.mode=fgw", "train.grad_ratio=false",
+            "train.align_max_utts=0"]  # fmt: skip
+    cfg = resolve_config("tiny", overrides=sets)
+    train(tiny_prepared, tmp_path / "exp", cfg, device="cpu", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["event"] == "train"]
+    total = steps[-1]["step"]
+    # loss = ctc + lambda * kt, logged per step: lambda is the schedule's value at that (0-based) step
+    weights = [(r["loss"] - r["ctc"]) / r["kt"] for r in steps]
+    want = [kt_weight_at(r["step"] - 1, cfg.train, total) for r in steps]
+    assert weights == pytest.approx(want, abs=1e-4)
+    assert want[0] == pytest.approx(2.0) and want[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.slow
 def test_distill_logs_the_gradient_ratio_and_the_dev_plan_scores(tiny_prepared: Path, tmp_path: Path) -> None:
     cfg = resolve_config(
         "tiny",

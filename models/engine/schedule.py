@@ -8,6 +8,12 @@ import math
 from models.engine.config import ExperimentConfig, TrainConfig
 
 
+def _decay_fraction(s: int, warm: int, total_steps: int) -> float:
+    """How far 1-based step `s` is through the decay that follows `warm` warm-up steps: 0 until the
+    warm-up ends, 1 at step `total_steps` and after."""
+    return min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+
+
 def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
     """Learning rate for optimiser step `step` (0-based): linear warm-up to train.lr, then train.schedule."""
     t = cfg.train
@@ -19,7 +25,7 @@ def lr_at(step: int, cfg: ExperimentConfig, total_steps: int) -> float:
         return t.lr
     if t.schedule == "noam":
         return t.lr * math.sqrt(max(warm, 1) / s)
-    frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+    frac = _decay_fraction(s, warm, total_steps)
     floor = t.min_lr_ratio * t.lr
     if t.schedule == "linear":
         return floor + (t.lr - floor) * (1.0 - frac)
@@ -36,7 +42,6 @@ def kt_weight_at(step: int, t: TrainConfig, total_steps: int) -> float:
     if t.kt_warmup_steps > 0:
         weight *= min(1.0, s / t.kt_warmup_steps)
     if t.kt_decay == "cosine":
-        warm = max(t.warmup_steps, 0)
-        frac = min(max((s - warm) / max(total_steps - warm, 1), 0.0), 1.0)
+        frac = _decay_fraction(s, max(t.warmup_steps, 0), total_steps)
         weight *= 0.5 * (1.0 + math.cos(math.pi * frac))
     return weight
