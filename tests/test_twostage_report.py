@@ -116,3 +116,17 @@ def test_main_writes_the_report_and_the_figure(tmp_path: Path) -> None:
     assert "At least one run did." in text and "Machine: cpu Test CPU." in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(png.parent.glob("*.tmp.png"))
+
+
+def test_control_no_folder_ran_warns_and_compares_only_the_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    starts = _write_starts(tmp_path / "u6000")
+    folders = _three_seeds(tmp_path, starts)
+    out = tmp_path / "twostage.md"
+    argv = [x for f in folders for x in ("--stage", str(f))]
+    assert twostage.main([*argv, "--control", "fgw-ramp", "--out", str(out)]) == 0
+    assert "warning: --control fgw-ramp: no folder ran it" in capsys.readouterr().err
+    text = out.read_text(encoding="utf-8")
+    assert "| fgw | baseline |" not in text and "| fgw | fgw-ramp |" not in text  # no pair without its control
+    assert "| fgw | start | 3 |" in text and "| baseline | start | 3 |" in text
