@@ -128,5 +128,6 @@ def test_control_no_folder_ran_warns_and_compares_only_the_starts(
     assert twostage.main([*argv, "--control", "fgw-ramp", "--out", str(out)]) == 0
     assert "warning: --control fgw-ramp: no folder ran it" in capsys.readouterr().err
     text = out.read_text(encoding="utf-8")
-    assert "| fgw | baseline |" not in text and "| fgw | fgw-ramp |" not in text  # no pair without its control
+    # no pair without its control
+    assert "| fgw | baseline |" not in text and "| fgw | fgw-ramp |" not in text
     assert "| fgw | start | 3 |" in text and "| baseline | start | 3 |" in text
