@@ -20,12 +20,9 @@ ARMS=${ARMS:-baseline,fgw-centred-tot,fgw-shuffle,fgw-random,fgw-random-units,fg
 VARIANTS=${VARIANTS:-}
 
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
-mkdir -p "$WORK"
-[ -d "$WORK/src" ] || git -C "$repo" worktree add --detach "$WORK/src" "$COMMIT"
-export PYTHONPATH=$WORK/src  # the worktree's gmot, not the venv's editable install
-cd "$WORK/src"
-ablation=benchmarks/ablation.py
-[ -f "$ablation" ] || ablation=recipes/transfer_study/ablation.py
+# shellcheck source=recipes/transfer_study/worktree.sh
+source "$repo/recipes/transfer_study/worktree.sh"
+study_worktree "$repo" "$WORK" "$COMMIT"  # WORK/src at COMMIT, PYTHONPATH, cd, $ablation
 
 # Leave OMP_NUM_THREADS unset here: the PLM cache depends on torch's thread count at rounding level, and
 # the archive's was made with the default (2 on the study's machine); see docs/usage.md.

@@ -25,12 +25,9 @@ EXTRA=${EXTRA:-}                 # more ablation.py options for every call (a sm
 repo=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 archive=${ARCHIVE:-$repo/recipes/transfer_study/results/budget}
 
-mkdir -p "$WORK"
-[ -d "$WORK/src" ] || git -C "$repo" worktree add --detach "$WORK/src" "$COMMIT"
-export PYTHONPATH=$WORK/src  # the worktree's gmot, not the venv's editable install
-cd "$WORK/src"
-ablation=benchmarks/ablation.py
-[ -f "$ablation" ] || ablation=recipes/transfer_study/ablation.py
+# shellcheck source=recipes/transfer_study/worktree.sh
+source "$repo/recipes/transfer_study/worktree.sh"
+study_worktree "$repo" "$WORK" "$COMMIT"  # WORK/src at COMMIT, PYTHONPATH, cd, $ablation
 
 # OMP_NUM_THREADS unset for the preparation: the PLM cache depends on torch's thread count at rounding
 # level, and the archive's was made with the default (docs/usage.md). Checked on 2026-12-04: data prepared
