@@ -38,7 +38,7 @@ study_worktree "$repo" "$WORK" "$COMMIT"  # WORK/src at COMMIT, PYTHONPATH, cd, 
 # the seeds archived by earlier sessions come back into the work folder, so that the collect covers them
 mkdir -p "$WORK/u6000/runs"
 for run in "$archive"/u6000/runs/*-seed*; do
-  [ -d "$run" ] && [ ! -e "$WORK/u6000/runs/$(basename "$run")" ] && cp -r "$run" "$WORK/u6000/runs/"
+  if [ -d "$run" ] && [ ! -e "$WORK/u6000/runs/$(basename "$run")" ]; then cp -r "$run" "$WORK/u6000/runs/"; fi
 done
 # shellcheck disable=SC2206
 scratch=(--from-scratch --epochs "$EPOCHS" --preset demo --jobs 2 --no-progress --runs baseline,fgw-centred-tot $EXTRA)
