@@ -77,9 +77,10 @@ def test_disturbance_rule_counts_transfer_arms_only(tmp_path: Path) -> None:
     stage = twostage.read_stage(_three_seeds(tmp_path, starts), None)
     rows, disturbed = twostage.disturbance_rows(stage)
     assert disturbed is True
-    assert "| fgw | 2 | 21.00 | 22.50 | +1.50 | **yes** |" in rows
-    assert "| fgw | 1 | 20.00 | 20.00 | +0.00 | no |" in rows
-    assert "| baseline | 3 | 19.00 | 21.00 | +2.00 | (control) |" in rows
+    assert "| fgw | 2 | 21.00 | 22.50 | +1.50 | +1.00 | **yes** |" in rows  # the baseline rose 0.50
+    assert "| fgw | 1 | 20.00 | 20.00 | +0.00 | -0.50 | no |" in rows
+    assert "| baseline | 3 | 19.00 | 21.00 | +2.00 |  | (control) |" in rows
+    assert "| fgw | 3 | 19.00 | 19.50 | +0.50 | -1.50 | no |" in rows
     calm = _write_stage(tmp_path / "calm", 1, starts, {"baseline": [0.25, 0.2], "fgw": [0.209, 0.19]})
     assert twostage.disturbance_rows(twostage.read_stage([calm], None))[1] is False  # +0.9: within the rule
 
