@@ -83,6 +83,14 @@ def test_disturbance_rule_counts_transfer_arms_only(tmp_path: Path) -> None:
     assert "| fgw | 3 | 19.00 | 19.50 | +0.50 | -1.50 | no |" in rows
     calm = _write_stage(tmp_path / "calm", 1, starts, {"baseline": [0.25, 0.2], "fgw": [0.209, 0.19]})
     assert twostage.disturbance_rows(twostage.read_stage([calm], None))[1] is False  # +0.9: within the rule
+    alone = _write_stage(tmp_path / "alone", 1, starts, {"fgw": [0.22, 0.19]})  # no control run for seed 1
+    assert (
+        "| fgw | 1 | 20.00 | 22.00 | +2.00 | n/a | **yes** |"
+        in twostage.disturbance_rows(twostage.read_stage([alone], None))[0]
+    )
+    rows, _ = twostage.disturbance_rows(stage, control="fgw")  # --control names the arm without the transfer
+    assert "| fgw | 2 | 21.00 | 22.50 | +1.50 |  | (control) |" in rows
+    assert "| baseline | 2 | 21.00 | 21.50 | +0.50 | -1.00 | no |" in rows
 
 
 def test_starts_from_an_archive_and_bad_folders(tmp_path: Path) -> None:

@@ -205,18 +205,18 @@ def comparison_rows(stage: Stage, control: str) -> list[str]:
     return lines
 
 
-def disturbance_rows(stage: Stage) -> tuple[list[str], bool]:
+def disturbance_rows(stage: Stage, control: str = BASELINE) -> tuple[list[str], bool]:
     """(Markdown: every run's dev CER after its first epoch against its start's, and whether a transfer arm
-    (any arm but the baseline) rose more than DISTURB_POINTS above it; whether any transfer arm did).
+    (any arm but the control) rose more than DISTURB_POINTS above it; whether any transfer arm did).
 
-    The column "beyond the control" (a transfer arm's rise less the same seed's baseline rise: what the
-    transfer added to the restart of the learning rate) is shown for reading only; the rule is the planned
-    one, on the rise itself."""
+    The column "beyond the control" (a transfer arm's rise less the same seed's control rise: what the
+    transfer added to the restart of the learning rate; n/a where that seed has no control run) is shown
+    for reading only; the rule is the planned one, on the rise itself."""
     lines = [
         "| arm | seed | start dev % | after epoch 1 % | change (points) | beyond the control | disturbed? |",
         "|---|---|---|---|---|---|---|",
     ]
-    rises = {}
+    rises: dict[tuple[str, int], tuple[float, float]] = {}  # (arm, seed) -> (dev after epoch 1, rise)
     for r in stage.runs:
         first = first_epoch_dev(r)
         if first is not None:
@@ -226,14 +226,14 @@ def disturbance_rows(stage: Stage) -> tuple[list[str], bool]:
         if (r.arm, r.seed) not in rises:
             continue
         first, rise = rises[r.arm, r.seed]
-        control = rises.get((BASELINE, r.seed))
-        if r.arm == BASELINE:
+        control_rise = rises.get((control, r.seed))
+        if r.arm == control:
             verdict, beyond = "(control)", ""
         else:
             disturbed = rise > DISTURB_POINTS
             any_disturbed |= disturbed
             verdict = "**yes**" if disturbed else "no"
-            beyond = "n/a" if control is None else f"{rise - control[1]:+.2f}"
+            beyond = "n/a" if control_rise is None else f"{rise - control_rise[1]:+.2f}"
         lines.append(
             f"| {r.arm} | {r.seed} | {100 * r.start_dev:.2f} | {100 * first:.2f} | {rise:+.2f} | {beyond} | "
             f"{verdict} |"
@@ -248,7 +248,7 @@ def report(stage: Stage, notes: str, title: str, control: str = BASELINE) -> str
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes.rstrip(), ""]
-    disturbance, disturbed = disturbance_rows(stage)
+    disturbance, disturbed = disturbance_rows(stage, control)
     lines += [
         f"Every arm continues its seed's start for {', '.join(map(str, steps))} more updates.",
         "CER: greedy CTC on the continued run's avg.pt (the start: its own avg.pt), mean over seeds with the",
@@ -274,7 +274,7 @@ def report(stage: Stage, notes: str, title: str, control: str = BASELINE) -> str
         "Rule, fixed before the runs: a transfer arm disturbs its start when its dev CER after the first",
         f"epoch is more than {DISTURB_POINTS:g} point above the start's. "
         + ("At least one run did." if disturbed else "No transfer run did."),
-        "The continued baseline's own rise (the learning rate starts again) is the control's row;",
+        f"`{control}`'s own rise (the learning rate starts again) is the control's row;",
         '"beyond the control" is a transfer arm\'s rise less it, for reading only: not part of the rule.',
         "",
         *disturbance,
