@@ -7,7 +7,7 @@ VENV ?= $(HOME)/.cache/gmot/venv-$(PIN_HASH)
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo_run
 
-.PHONY: venv sysdeps test test-fast lint demo clean
+.PHONY: venv venv-path sysdeps test test-fast lint demo clean
 
 # Debian packages: espeak-ng speaks the demo corpus; a CJK font lets plot-alignment label Mandarin tokens;
 # flac and sox decode the `flac ... |` and `sox ... |` entries of Kaldi wav.scp files (tested).
@@ -34,6 +34,10 @@ venv: sysdeps $(VENV)/.ready
 	@# outside the clone, where the current directory cannot shadow the installed mapping)
 	@(cd / && $(BIN)/python -c "import gmot_cli, pathlib, sys; sys.exit(pathlib.Path(gmot_cli.__file__).resolve().parents[1] != pathlib.Path('$(CURDIR)').resolve())") \
 	  || $(BIN)/pip install -q --no-deps -c constraints.txt -e .
+
+# where this clone's venv is (it need not exist yet): `source "$$(make -s venv-path)/bin/activate"`
+venv-path:
+	@echo $(VENV)
 
 test: venv
 	$(BIN)/ruff check .

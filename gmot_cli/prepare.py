@@ -51,7 +51,9 @@ class SharedOptions:
     plm: Annotated[
         str | None,
         typer.Option(
-            "--plm", help="PLM teacher: e5-small (default), a local model folder or a cached hub id."
+            "--plm",
+            help="PLM teacher: e5-small (default), a local model folder or a cached hub id; "
+            "untrained:SPEC is SPEC with random weights (a knowledge control).",
         ),
     ] = None
     plm_layer: Annotated[
