@@ -7,13 +7,16 @@ import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import soundfile
 
 if TYPE_CHECKING:  # torch is imported inside the functions so that `gmot --help` stays fast
+    import torch
     import torchaudio
+
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, "torch.Tensor")
 
 SAMPLE_RATE = 16_000
 NUM_MEL_BINS = 80
@@ -209,7 +212,7 @@ def _mirror_for_centred_frames(wave: np.ndarray, t: int) -> np.ndarray:
     return np.pad(wave, (lead, max(tail, 0)), mode="symmetric")
 
 
-def apply_cmvn(feats, mean, std):
+def apply_cmvn(feats: ArrayOrTensor, mean: ArrayOrTensor, std: ArrayOrTensor) -> ArrayOrTensor:
     """Global CMVN: (feats - mean) / std.
 
     feats (T, 80) or (B, T, 80), mean and std (80,); works for numpy arrays and torch tensors alike

@@ -47,7 +47,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
     """Write a JSON file (UTF-8, indented) atomically."""
     write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=1) + "\n")
 

@@ -17,6 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,11 @@ from models.engine import diagnostics
 from models.engine.checkpoint import LoadedModel
 from models.nn.ctc import greedy_ctc
 from models.tasks.decoding import padded_batch
+
+if TYPE_CHECKING:  # matplotlib and the transfer's config are imported where they are used
+    from matplotlib.figure import Figure
+
+    from models.nn.transfer_loss import GMOTConfig
 
 CJK_FONT_NAMES = (
     "Noto Sans CJK SC",
@@ -104,7 +110,7 @@ def _checkpoint_plm_info(loaded: LoadedModel) -> PLMInfo | None:
     return PLMInfo.from_json(raw, f"checkpoint {loaded.path}: plm") if raw else None
 
 
-def gmot_config_of(loaded: LoadedModel):
+def gmot_config_of(loaded: LoadedModel) -> GMOTConfig:
     """The checkpoint's GMOTConfig (config["gmot"]), defaults where the checkpoint has none."""
     from models.nn.transfer_loss import GMOTConfig
 
@@ -246,7 +252,7 @@ def _safe_text(text: str, cjk_font: str | None) -> str:
     return "".join("\u25a1" if ord(ch) >= 0x2E80 else ch for ch in text)
 
 
-def draw_alignment(data: AlignmentData, cjk_font: str | None = "auto"):
+def draw_alignment(data: AlignmentData, cjk_font: str | None = "auto") -> Figure:
     """Draw `data` and return the matplotlib Figure (not saved).
 
     Layout: one heatmap per plan (x: encoder frames with seconds, y: PLM tokens), all on one colour scale
@@ -361,7 +367,7 @@ def _draw_char_strip(ax, data: AlignmentData, n: int, font: str | None) -> None:
         ax.text((start + end - 1) / 2, 0.5, _safe_text(ch, font), ha="center", va="center", fontsize=size)
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Save a figure atomically; the format follows the extension (.png at 150 dpi, .svg, .pdf)."""
     import matplotlib.pyplot as plt
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from torch import Tensor
 from data.features import FRAME_SHIFT_S, apply_cmvn, feature_width_mismatch
 from data.vocab import Vocabulary
 from models.engine.diagnostics import ctc_token_spans
-from models.tasks.search import BeamSearchDecoder, DecodingError
+from models.tasks.search import BeamSearchDecoder, CTCDecoder, DecodingError
 
 
 @dataclass
@@ -71,7 +71,9 @@ def batches_by_frames(lengths: Sequence[int], max_frames: int) -> list[list[int]
     return batches
 
 
-def padded_batch(feats: Sequence[np.ndarray], mean: Tensor, std: Tensor, device: str | torch.device):
+def padded_batch(
+    feats: Sequence[np.ndarray], mean: Tensor, std: Tensor, device: str | torch.device
+) -> tuple[Tensor, Tensor]:
     """Raw feature arrays (T_i, F) -> CMVN-normalised zero-padded (B, T_max, F) tensor and (B,) lengths.
 
     Raises DecodingError when F is not the width of the CMVN statistics (data prepared with or without
@@ -97,10 +99,10 @@ def transcribe(
     cmvn_mean: Tensor,
     cmvn_std: Tensor,
     utterances: Sequence[Utterance],
-    decoder,
+    decoder: CTCDecoder,
     batch_frames: int = 20000,
     device: str | torch.device = "cpu",
-    progress=None,
+    progress: Callable[[int], object] | None = None,
     nbest: int = 1,
     timestamps: bool = True,
 ) -> list[Hypothesis]:

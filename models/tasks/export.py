@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import tempfile
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -316,7 +317,7 @@ def compare_with_sherpa(
     return SherpaComparison(len(wavs), differing, ours_s, sherpa_s)
 
 
-def onnxruntime_module():
+def onnxruntime_module() -> types.ModuleType:
     """The onnxruntime module, or ExportError with the install hint."""
     try:
         import onnxruntime

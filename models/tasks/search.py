@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
 from models.nn.ctc import BLANK_ID, greedy_ctc
+
+if TYPE_CHECKING:  # flashlight is imported where a beam search is built
+    from flashlight.lib.text.decoder.kenlm import KenLM
+
+CTCDecoder = Callable[[Tensor, Tensor], list[list[int]]]
+"""log_probs (B, T, V), lengths (B,) -> the label ids of each item's best hypothesis."""
 
 METHODS = ("greedy", "beam")
 
@@ -50,7 +57,7 @@ def quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def load_kenlm(path: Path, vocab: Sequence[str]):
+def load_kenlm(path: Path, vocab: Sequence[str]) -> KenLM:
     """Load a KenLM model (ARPA text or KenLM binary) over `vocab`'s units for flashlight.
 
     Raises DecodingError naming the file when it is missing, unreadable or not an n-gram model (KenLM also
@@ -167,7 +174,7 @@ def make_decoder(
     beam_size: int = 10,
     lm_path: Path | None = None,
     lm_weight: float = 0.0,
-):
+) -> CTCDecoder:
     """A callable (log_probs (B,T,V), lengths (B,)) -> list[list[int]] for `method` ("greedy" or "beam").
 
     An LM is only used by beam search; asking greedy for one raises DecodingError.
