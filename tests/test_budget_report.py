@@ -4,7 +4,10 @@ and the figure."""
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,24 @@ def test_cli_writes_report_and_figure_and_refuses_bad_folders(tmp_path: Path) ->
         budget_report.main(["--budget", str(a), "--out", str(out)])
     with pytest.raises(SystemExit, match=r"ablation\.json not found"):
         budget_report.main(["--budget", str(tmp_path / "none"), "--out", str(out)])
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_budget_reports_script_rebuilds_every_report_and_figure_from_the_archive(tmp_path: Path) -> None:
+    """budget_reports.sh reads only what is committed: every budget, the two-stage seeds, the diagnostics.
+    Written elsewhere (REPORTS, FIGURES), the committed files are left alone."""
+    env = os.environ | {"REPORTS": str(tmp_path / "r"), "FIGURES": str(tmp_path / "f")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this interpreter as `python`
+    script = ROOT / "recipes" / "transfer_study" / "budget_reports.sh"
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True)
+    report = (tmp_path / "r" / "budget.md").read_text(encoding="utf-8")
+    for updates in ("656", "1968", "6068"):
+        assert f"| {updates} | baseline |" in report, f"budget {updates} missing from budget.md"
+    twostage = (tmp_path / "r" / "twostage.md").read_text(encoding="utf-8")
+    seeds = sorted(p.name for p in (ROOT / "recipes/transfer_study/results/budget/twostage").glob("seed*"))
+    assert seeds and all(f"| {s.removeprefix('seed')} | baseline-{s} |" in twostage for s in seeds)
+    for figure in ("budget_curve", "twostage", "budget_diagnostics", "budget_diagnostics_u6000"):
+        assert (tmp_path / "f" / f"{figure}.png").stat().st_size > 10_000, figure
