@@ -35,9 +35,12 @@ study_worktree "$repo" "$WORK" "$COMMIT"  # WORK/src at COMMIT, PYTHONPATH, cd, 
 [ -f "$WORK/data/prepare_report.json" ] ||
   env -u OMP_NUM_THREADS python -m gmot_cli prepare demo "$WORK/data" --seed 0 --voices-per-sentence 2 --jobs 2
 
-# the seeds archived by earlier sessions come back into the work folder, so that the collect covers them
+# the other seeds archived by earlier sessions come back into the work folder, so that the collect covers
+# them; this seed's own runs do not (the archive has no checkpoints, and the two-stage start is its avg.pt),
+# so on a machine without them they train again, bit for bit the archived runs
 mkdir -p "$WORK/u6000/runs"
 for run in "$archive"/u6000/runs/*-seed*; do
+  [ "${run##*-seed}" = "$SEED" ] && continue
   if [ -d "$run" ] && [ ! -e "$WORK/u6000/runs/$(basename "$run")" ]; then cp -r "$run" "$WORK/u6000/runs/"; fi
 done
 # shellcheck disable=SC2206
