@@ -5,7 +5,8 @@
 #
 # - results/budget.md and docs/budget_curve.png: CER against the budget (656, 1,968 and 6,068 updates), the
 #   paired gains, the real teacher against its shuffle control, the stopping rule; top: results/budget_notes.md;
-# - results/twostage.md and docs/twostage.png: the two-stage continuation of every archived seed;
+# - results/twostage.md and docs/twostage.png: the two-stage continuation of every archived seed; top:
+#   results/twostage_notes.md;
 # - docs/budget_diagnostics.png (the 1,968-update runs) and docs/budget_diagnostics_u6000.png (the
 #   6,068-update runs): the transfer's logged diagnostics over training.
 # REPORTS=DIR and FIGURES=DIR write elsewhere (a preview that leaves the committed files alone).
@@ -26,7 +27,7 @@ python "$study/budget_report.py" --budget "$archive/attribution/3840" --budget "
 stages=()
 for folder in "$archive"/budget/twostage/seed*; do stages+=(--stage "$folder"); done
 python "$study/twostage_report.py" "${stages[@]}" --starts "$archive/budget/u6000" \
-  --out "$reports/twostage.md" --plot "$figures/twostage.png"
+  --notes "$archive/twostage_notes.md" --out "$reports/twostage.md" --plot "$figures/twostage.png"
 
 python "$study/plot_diagnostics.py" "$figures/budget_diagnostics.png" "$archive"/budget/u2000/runs/*
 python "$study/plot_diagnostics.py" "$figures/budget_diagnostics_u6000.png" "$archive"/budget/u6000/runs/*
