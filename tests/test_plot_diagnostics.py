@@ -51,3 +51,23 @@ def test_a_folder_without_metrics_is_refused_by_name(tmp_path: Path) -> None:
     pd = _module()
     with pytest.raises(SystemExit, match=r"no metrics\.jsonl"):
         pd.main([str(tmp_path / "x.png"), str(tmp_path)])
+
+
+def test_the_title_is_the_one_given_and_dev_cer_is_drawn_in_percent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pd = _module()
+    runs = [_run(tmp_path / "fgw-seed1", True)]
+    seen: dict[str, object] = {}
+    real_savefig = pd.plt.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen["title"] = fig._suptitle.get_text() if fig._suptitle else ""
+        dev = next(ax for ax in fig.axes if ax.get_title() == "dev CER %")
+        seen["dev"] = list(dev.lines[0].get_ydata())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(pd.plt.Figure, "savefig", spy)
+    assert pd.main([str(tmp_path / "d.png"), str(runs[0]), "--title", "6,068 updates, seeds 21-23"]) == 0
+    assert seen["title"] == "6,068 updates, seeds 21-23"
+    assert seen["dev"] == [60.0]

@@ -29,5 +29,8 @@ for folder in "$archive"/budget/twostage/seed*; do stages+=(--stage "$folder"); 
 python "$study/twostage_report.py" "${stages[@]}" --starts "$archive/budget/u6000" \
   --notes "$archive/twostage_notes.md" --out "$reports/twostage.md" --plot "$figures/twostage.png"
 
-python "$study/plot_diagnostics.py" "$figures/budget_diagnostics.png" "$archive"/budget/u2000/runs/*
-python "$study/plot_diagnostics.py" "$figures/budget_diagnostics_u6000.png" "$archive"/budget/u6000/runs/*
+python "$study/plot_diagnostics.py" "$figures/budget_diagnostics.png" "$archive"/budget/u2000/runs/* \
+  --title "The transfer's diagnostics over training: 1,968 updates from scratch, seeds 21-25"
+python "$study/plot_diagnostics.py" "$figures/budget_diagnostics_u6000.png" "$archive"/budget/u6000/runs/* \
+  --title "The transfer's diagnostics over training: 6,068 updates from scratch, seeds $(
+    find "$archive/budget/u6000/runs" -maxdepth 1 -name 'baseline-seed*' | sed 's/.*seed//' | sort -n | paste -sd, - | sed 's/,/, /g')"

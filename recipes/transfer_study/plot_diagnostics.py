@@ -24,7 +24,7 @@ from models.engine import run_log
 
 STEP_PANELS = (("ctc", "CTC loss"), ("kt", "transfer term kt"), ("grad_ratio", "gradient ratio"),
                ("plan_entropy", "plan entropy / uniform"))  # fmt: skip
-EPOCH_PANELS = (("dev_cer", "dev CER"), ("align_lift", "dev plan lift"), ("align_order", "dev plan order"))
+EPOCH_PANELS = (("dev_cer", "dev CER %"), ("align_lift", "dev plan lift"), ("align_order", "dev plan order"))
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -44,9 +44,12 @@ def arm_of(run_dir: Path) -> str:
     return name.rsplit("-seed", 1)[0] if "-seed" in name else name
 
 
-def plot(run_dirs: list[Path], out: Path) -> list[str]:
-    """Draw the panels for `run_dirs` into `out` (written through a temporary file); returns the arms in
-    legend order."""
+PERCENT = {"dev_cer"}  # logged as a fraction, drawn in %
+
+
+def plot(run_dirs: list[Path], out: Path, title: str = "") -> list[str]:
+    """Draw the panels for `run_dirs` into `out` (written through a temporary file) under `title`; returns
+    the arms in legend order."""
     arms = list(dict.fromkeys(arm_of(d) for d in run_dirs))
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     panels = len(STEP_PANELS) + len(EPOCH_PANELS)
@@ -57,19 +60,24 @@ def plot(run_dirs: list[Path], out: Path) -> list[str]:
         colour = colours[arm_of(run_dir)]
         for ax, (key, _) in zip(flat, STEP_PANELS + EPOCH_PANELS, strict=False):
             rows = train if (key, _) in STEP_PANELS else epochs
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            scale = 100.0 if key in PERCENT else 1.0
+            points = [(r["step"], scale * r[key]) for r in rows if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), color=colour, alpha=0.7, lw=1,
                         marker="o" if rows is epochs else None, ms=3)  # fmt: skip
-    for ax, (key, title) in zip(flat, STEP_PANELS + EPOCH_PANELS, strict=False):
-        ax.set_title(title, fontsize=10)
+    for ax, (key, panel_title) in zip(flat, STEP_PANELS + EPOCH_PANELS, strict=False):
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("update")
         if key in ("ctc", "kt", "grad_ratio"):
             ax.set_yscale("log")
     for ax in flat[panels:]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=colours[a], label=a) for a in arms]
-    fig.legend(handles=handles, loc="lower right", fontsize=9, frameon=False)
+    legend_ax = flat[panels] if len(flat) > panels else flat[-1]
+    legend_ax.legend(handles=handles, loc="center", fontsize=10, frameon=False,
+                     title=f"{len(run_dirs)} runs: a line each, a colour an arm")  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     out = Path(out)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
@@ -84,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="the figure to write (.png)")
     ap.add_argument("runs", type=Path, nargs="+", help="experiment folders (ARM-seedS from ablation.py)")
+    ap.add_argument("--title", default="", help="a title over the panels (e.g. the budget and the seeds)")
     args = ap.parse_args(argv)
-    arms = plot(args.runs, args.out)
+    arms = plot(args.runs, args.out, args.title)
     print(f"wrote {args.out}: {len(args.runs)} run(s) of {len(arms)} arm(s): {', '.join(arms)}")
     return 0
 
