@@ -29,8 +29,11 @@ for folder in "$archive"/budget/twostage/seed*; do stages+=(--stage "$folder"); 
 python "$study/twostage_report.py" "${stages[@]}" --starts "$archive/budget/u6000" \
   --notes "$archive/twostage_notes.md" --out "$reports/twostage.md" --plot "$figures/twostage.png"
 
+seeds_in() {  # seeds_in RUNS_DIR: the seeds of its baseline runs, "21, 22, 23"
+  find "$1" -maxdepth 1 -name 'baseline-seed*' | sed 's/.*seed//' | sort -n | paste -sd, - | sed 's/,/, /g'
+}
+title="The transfer's diagnostics over training"
 python "$study/plot_diagnostics.py" "$figures/budget_diagnostics.png" "$archive"/budget/u2000/runs/* \
-  --title "The transfer's diagnostics over training: 1,968 updates from scratch, seeds 21-25"
+  --title "$title: 1,968 updates from scratch, seeds $(seeds_in "$archive/budget/u2000/runs")"
 python "$study/plot_diagnostics.py" "$figures/budget_diagnostics_u6000.png" "$archive"/budget/u6000/runs/* \
-  --title "The transfer's diagnostics over training: 6,068 updates from scratch, seeds $(
-    find "$archive/budget/u6000/runs" -maxdepth 1 -name 'baseline-seed*' | sed 's/.*seed//' | sort -n | paste -sd, - | sed 's/,/, /g')"
+  --title "$title: 6,068 updates from scratch, seeds $(seeds_in "$archive/budget/u6000/runs")"
